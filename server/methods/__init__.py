@@ -1,0 +1,31 @@
+"""Adapter families: the math, one module per family, behind a registry.
+
+Importing this package registers every family.
+"""
+
+from . import dct, ether, hut, lora, surm  # noqa: F401  (registration side effect)
+from .adapter import Adapter, matches_target, parse_config
+from .base import AdapterError, AdapterMethod, ConfigError, MethodConfig, ParamSpec, WeightsError
+from .batched import Group, adapted_forward, batched_linear, merge_into, restore, stack_prepared
+from .registry import available_methods, get_method, method_for_peft_type
+
+__all__ = [
+    "Adapter",
+    "AdapterError",
+    "AdapterMethod",
+    "ConfigError",
+    "Group",
+    "MethodConfig",
+    "ParamSpec",
+    "WeightsError",
+    "adapted_forward",
+    "available_methods",
+    "batched_linear",
+    "get_method",
+    "matches_target",
+    "merge_into",
+    "method_for_peft_type",
+    "parse_config",
+    "restore",
+    "stack_prepared",
+]

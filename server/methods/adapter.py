@@ -1,0 +1,128 @@
+"""An adapter in memory, its files on disk, and its validation against a base model.
+
+File layout (PEFT's convention, see docs/adapter-format.md):
+
+    <folder>/adapter_config.json        {"peft_type": "LORA" | "HUT" | "ETHER" | "DCT" | "SURM", ...}
+    <folder>/adapter_model.safetensors  base_model.model.<module path>.<tensor name>
+
+Loading parses JSON and safetensors only: nothing is ever unpickled or imported.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .base import AdapterMethod, ConfigError, MethodConfig, WeightsError
+from .registry import method_for_peft_type
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+
+def matches_target(module_name: str, target_modules: list[str] | str) -> bool:
+    """PEFT's rule: a string is a full regex match; a list matches the name or its last parts."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) for t in target_modules)
+
+
+def parse_config(raw: object) -> tuple[AdapterMethod, MethodConfig]:
+    if not isinstance(raw, dict):
+        raise ConfigError("config", "adapter_config.json must be a JSON object")
+    method = method_for_peft_type(raw.get("peft_type"))
+    return method, method.parse_config(raw)
+
+
+@dataclass
+class Adapter:
+    """One adapter: its family, config and tensors per adapted module path."""
+
+    method: AdapterMethod
+    config: MethodConfig
+    modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # module path -> (out, in)
+
+    @property
+    def family(self) -> str:
+        return self.method.name
+
+    def trainable_count(self) -> int:
+        return sum(self.method.trainable_count(self.config, *self.shapes[p]) for p in self.modules)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for m in self.modules.values() for t in m.values())
+
+    # ---- files ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{KEY_PREFIX}{path}.{self.method.tensor_suffix(name)}": t.detach().contiguous().cpu()
+            for path, tensors in sorted(self.modules.items())
+            for name, t in sorted(tensors.items())
+        }
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = self.config.model_dump(mode="json")
+        (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        save_file(self.state_dict(), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def load(cls, folder: str | Path, module_shapes: Mapping[str, tuple[int, int]]) -> Adapter:
+        folder = Path(folder)
+        try:
+            raw = json.loads((folder / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError("config", f"adapter_config.json is not valid JSON ({e.msg})") from None
+        method, cfg = parse_config(raw)
+        tensors = load_file(str(folder / WEIGHTS_NAME))
+        return cls.from_state_dict(method, cfg, tensors, module_shapes)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        method: AdapterMethod,
+        cfg: MethodConfig,
+        tensors: Mapping[str, torch.Tensor],
+        module_shapes: Mapping[str, tuple[int, int]],
+    ) -> Adapter:
+        """Group tensors by module and check every name, shape and dtype against the base model."""
+        targets = {p: s for p, s in module_shapes.items() if matches_target(p, cfg.target_modules)}
+        if not targets:
+            raise ConfigError("target_modules", f"{cfg.target_modules!r} matches no linear layer of the base model")
+        expected: dict[str, tuple[str, str]] = {}
+        for path, (out_f, in_f) in targets.items():
+            cfg.check_shape(path, out_f, in_f)
+            for pname, spec in method.param_specs(cfg, out_f, in_f).items():
+                expected[f"{KEY_PREFIX}{path}.{method.tensor_suffix(pname)}"] = (path, pname)
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            if key not in expected:
+                raise WeightsError(key, "unexpected tensor (not a parameter of this family on a targeted module)")
+            path, pname = expected[key]
+            out_f, in_f = targets[path]
+            spec = method.param_specs(cfg, out_f, in_f)[pname]
+            if tuple(t.shape) != spec.shape:
+                raise WeightsError(key, f"shape {list(t.shape)} != expected {list(spec.shape)}")
+            if spec.kind == "int32":
+                if t.dtype not in (torch.int32, torch.int64):
+                    raise WeightsError(key, f"dtype {t.dtype} must be int32")
+            elif t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise WeightsError(key, f"dtype {t.dtype} not allowed (float32, float16, bfloat16)")
+            elif not torch.isfinite(t).all():
+                raise WeightsError(key, "contains NaN or Inf")
+            modules.setdefault(path, {})[pname] = t
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise WeightsError(missing[0], f"missing tensor ({len(missing)} missing in all)")
+        for path, params in modules.items():
+            method.check_params(cfg, path, params, *targets[path])
+        return cls(method, cfg, modules, dict(targets))

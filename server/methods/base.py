@@ -1,0 +1,203 @@
+"""The interface every adapter family implements.
+
+An adapter family ("method") is a stateless object registered by name. It knows, for one
+``nn.Linear`` with weight ``W [out, in]`` and optional bias:
+
+* its configuration (a pydantic model, parsed from ``adapter_config.json``) and the tensors
+  an adapter stores for that linear (``param_specs``);
+* how to initialise those tensors (``init_params``: identity, the paper's training init, or
+  random non-zero values for tests and benchmarks);
+* the slow, explicit dense reference ``W' = f(W, params)`` used as the test oracle
+  (``reference_weight``) and the fast merge (``merged_weight``);
+* the batched on-the-fly path. Adapters of one family whose configs give the same
+  ``signature`` share a slot table: per-slot tensors produced by ``prepare`` and stacked along
+  dim 0. For a group of token rows that use this family, each row naming its own slot, the
+  family contributes up to three row-local steps around the one shared base GEMM
+  (see ``server.methods.batched.batched_linear``):
+
+      x_rows  <- pre(x_rows)                 input-side transforms (ETHER in, HUT b)
+      y       =  x' @ W.T                    one GEMM shared by every row of the batch
+      y_rows  <- post(y_rows)                output-side transforms (ETHER out, HUT a, γ)
+      y_rows  += delta(x_rows)               additive updates (LoRA, DCT, SURM, HUT rank>1, β)
+
+  ``slots`` is a LongTensor with one slot index per row, or ``None`` meaning every row uses
+  entry 0 of a one-entry table (the training path: no gather, broadcasting instead).
+
+Everything in ``prepare``/``pre``/``post``/``delta`` is differentiable, so training runs the
+same code as serving (``server.methods.batched.adapted_forward``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+InitMode = Literal["identity", "train", "random"]
+
+
+class AdapterError(ValueError):
+    """A problem with an adapter's config or tensors. ``where`` names the field/tensor/limit."""
+
+    def __init__(self, where: str, message: str):
+        self.where = where
+        super().__init__(f"{where}: {message}")
+
+
+class ConfigError(AdapterError):
+    pass
+
+
+class WeightsError(AdapterError):
+    pass
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One stored tensor of an adapter for one linear layer."""
+
+    shape: tuple[int, ...]
+    trainable: bool = True
+    # "float" tensors follow the model/adapter float dtype; "int32" ones are indices (DCT positions).
+    kind: Literal["float", "int32"] = "float"
+
+
+class MethodConfig(BaseModel):
+    """Fields common to every family; each family subclasses this with its own fields.
+
+    Unknown fields are rejected (allowlist): nothing in a config can import code or point
+    at files.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    peft_type: str
+    target_modules: list[str] | str
+    base_model_name_or_path: str | None = None
+    # Harmless bookkeeping fields that PEFT (and we) write; accepted and ignored.
+    task_type: str | None = None
+    inference_mode: bool = True
+    revision: str | None = None
+    format_version: int = 1
+
+    def check_shape(self, module: str, out_f: int, in_f: int) -> None:
+        """Raise ConfigError if this config cannot adapt a ``[out_f, in_f]`` linear."""
+
+
+def per_row(t: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+    """Per-row view of a stacked slot tensor ``t [S, ...]``.
+
+    With ``slots`` given: ``t[slots]`` of shape ``[R, ...]``. With ``slots=None`` (one-entry
+    table, every row uses it): ``t[:1]`` of shape ``[1, ...]``, which broadcasts over rows.
+    """
+    return t[:1] if slots is None else t.index_select(0, slots)
+
+
+class AdapterMethod(ABC):
+    """Base class of an adapter family. Subclasses are stateless; register one instance."""
+
+    name: ClassVar[str]  # registry key, lower case: "lora", "hut", "ether", "dct", "surm"
+    peft_type: ClassVar[str]  # value of ``peft_type`` in adapter_config.json
+    config_cls: ClassVar[type[MethodConfig]]
+    has_identity_init: ClassVar[bool] = True
+
+    # ---- configuration -------------------------------------------------------------------
+    def parse_config(self, raw: dict) -> MethodConfig:
+        try:
+            return self.config_cls.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            raise ConfigError(loc, err["msg"]) from None
+
+    @abstractmethod
+    def param_specs(self, cfg: MethodConfig, out_f: int, in_f: int) -> dict[str, ParamSpec]:
+        """Names and shapes of the tensors stored for one ``[out_f, in_f]`` linear."""
+
+    def trainable_count(self, cfg: MethodConfig, out_f: int, in_f: int) -> int:
+        n = 0
+        for spec in self.param_specs(cfg, out_f, in_f).values():
+            if spec.trainable:
+                size = 1
+                for d in spec.shape:
+                    size *= d
+                n += size
+        return n
+
+    def check_params(
+        self, cfg: MethodConfig, module: str, params: dict[str, torch.Tensor], out_f: int, in_f: int
+    ) -> None:
+        """Value checks beyond shape and dtype (e.g. DCT positions in range and unique)."""
+
+    def tensor_suffix(self, pname: str) -> str:
+        """Name of a parameter inside the safetensors file, after the module path."""
+        return pname
+
+    # ---- initialisation ------------------------------------------------------------------
+    @abstractmethod
+    def init_params(
+        self,
+        cfg: MethodConfig,
+        weight: torch.Tensor,
+        mode: InitMode,
+        generator: torch.Generator,
+    ) -> dict[str, torch.Tensor]:
+        """Fresh parameters for the linear whose (frozen) weight is ``weight [out, in]``.
+
+        ``identity``: W' == W exactly (raise ConfigError where the family has none);
+        ``train``: the paper's initialisation for training; ``random``: every tensor random and
+        non-zero (tests, benchmarks). Float tensors are float32 on ``weight.device``.
+        """
+
+    # ---- dense forms ---------------------------------------------------------------------
+    @abstractmethod
+    def reference_weight(
+        self, cfg: MethodConfig, params: dict[str, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Slow, obviously-correct ``(W', b')`` built with explicit dense matrices (test oracle)."""
+
+    def merged_weight(
+        self, cfg: MethodConfig, params: dict[str, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fast ``(W', b')`` for merging. Defaults to the reference."""
+        return self.reference_weight(cfg, params, weight, bias)
+
+    # ---- batched on-the-fly path ---------------------------------------------------------
+    @abstractmethod
+    def signature(self, cfg: MethodConfig, out_f: int, in_f: int) -> Hashable:
+        """Adapters of this family with equal signatures share one slot table on a layer."""
+
+    @abstractmethod
+    def prepare(
+        self, cfg: MethodConfig, params: dict[str, torch.Tensor], weight: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per-slot serving tensors (normalised vectors, spectra, padded indices, ...).
+
+        Shapes depend only on ``signature``; every adapter with that signature produces the
+        same names and shapes. Must be differentiable w.r.t. ``params``.
+        """
+
+    def serving_cost(self, sig: Hashable) -> Literal["cheap", "gemm"]:
+        """``gemm`` if on-the-fly needs extra full GEMMs (HUT rank>1): serve merged instead."""
+        return "cheap"
+
+    # Each hook gets the rows of one group and returns the new rows (pre/post) or the
+    # addition (delta). Return None from a hook the signature does not use.
+    def pre(self, sig: Hashable, x: torch.Tensor, table: dict, slots: torch.Tensor | None):
+        return None
+
+    def post(self, sig: Hashable, y: torch.Tensor, table: dict, slots: torch.Tensor | None):
+        return None
+
+    def delta(
+        self, sig: Hashable, x: torch.Tensor, table: dict, slots: torch.Tensor | None, weight: torch.Tensor
+    ):
+        return None
+
+    def hooks(self, sig: Hashable) -> frozenset[str]:
+        """Which of ``pre``, ``post``, ``delta`` this signature uses (lets the engine skip work)."""
+        return frozenset({"pre", "post", "delta"})

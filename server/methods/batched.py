@@ -1,0 +1,123 @@
+"""The batched adapted linear: one shared base GEMM, each family's row-local work around it.
+
+A *group* is the set of token rows of one step that use one (family, signature) slot table.
+``rows`` are the row indices in the flattened ``[N, in]`` activations, ``slots`` the slot of
+each of those rows in the group's table. Groups are built once per step by the engine and
+passed down explicitly; nothing here keeps state between calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import AdapterMethod, MethodConfig
+
+
+@dataclass
+class Group:
+    method: AdapterMethod
+    sig: Hashable
+    table: dict[str, torch.Tensor]  # name -> [S, ...] stacked per-slot tensors
+    rows: torch.Tensor | None  # [R] long, or None = every row of the batch
+    slots: torch.Tensor | None  # [R] long, or None = every row uses entry 0
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t.index_select(0, rows)
+
+
+def batched_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: Sequence[Group]
+) -> torch.Tensor:
+    """``y[i] = x[i] W_i'^T + b_i'`` where row i's adapter is given by its group (or none)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if not groups:
+        return F.linear(x, weight, bias)
+
+    hooks = [g.method.hooks(g.sig) for g in groups]
+    xin = x2
+    for g, h in zip(groups, hooks, strict=True):
+        if "pre" in h:
+            new = g.method.pre(g.sig, _take(x2, g.rows), g.table, g.slots)
+            if g.rows is None:
+                xin = new
+            else:
+                if xin is x2:
+                    xin = x2.clone()
+                xin = xin.index_copy(0, g.rows, new)
+    y = F.linear(xin, weight)
+    for g, h in zip(groups, hooks, strict=True):
+        if "post" in h:
+            new = g.method.post(g.sig, _take(y, g.rows), g.table, g.slots)
+            y = new if g.rows is None else y.index_copy(0, g.rows, new)
+    for g, h in zip(groups, hooks, strict=True):
+        if "delta" in h:
+            d = g.method.delta(g.sig, _take(x2, g.rows), g.table, g.slots, weight)
+            if g.rows is None:
+                y = y + d
+            else:
+                y = y.index_add(0, g.rows, d.to(y.dtype))
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], weight.shape[0])
+
+
+def stack_prepared(prepared: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack per-adapter ``prepare`` outputs (same signature) into a slot table."""
+    return {k: torch.stack([p[k] for p in prepared]) for k in prepared[0]}
+
+
+def adapted_forward(
+    method: AdapterMethod,
+    cfg: MethodConfig,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Training forward for one adapter on every row: autograd flows into ``params`` only."""
+    out_f, in_f = weight.shape
+    sig = method.signature(cfg, out_f, in_f)
+    table = {k: v.unsqueeze(0) for k, v in method.prepare(cfg, params, weight).items()}
+    return batched_linear(x, weight, bias, [Group(method, sig, table, None, None)])
+
+
+@dataclass
+class MergeUndo:
+    """Pristine copies of what a merge overwrote; restoring from them is bit-exact."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    had_bias: bool
+
+
+@torch.no_grad()
+def merge_into(linear: torch.nn.Linear, method: AdapterMethod, cfg: MethodConfig, params: dict) -> MergeUndo:
+    """Write ``W'`` (and ``b'``) into ``linear`` in place; returns what ``restore`` needs."""
+    w = linear.weight
+    undo = MergeUndo(w.detach().clone(), None if linear.bias is None else linear.bias.detach().clone(),
+                     linear.bias is not None)
+    p32 = {k: (v.float() if v.is_floating_point() else v) for k, v in params.items()}
+    b32 = None if linear.bias is None else linear.bias.float()
+    new_w, new_b = method.merged_weight(cfg, p32, w.float(), b32)
+    w.copy_(new_w.to(w.dtype))
+    if new_b is not None:
+        if linear.bias is None:
+            linear.bias = torch.nn.Parameter(new_b.to(w.dtype), requires_grad=False)
+        else:
+            linear.bias.copy_(new_b.to(w.dtype))
+    return undo
+
+
+@torch.no_grad()
+def restore(linear: torch.nn.Linear, undo: MergeUndo) -> None:
+    linear.weight.copy_(undo.weight)
+    if undo.had_bias:
+        linear.bias.copy_(undo.bias)
+    else:
+        linear.bias = None

@@ -1,0 +1,50 @@
+"""The one table of (family, config) cases every contract test runs over.
+
+Shapes mimic a transformer layer at toy size: square attention, GQA k/v (out < in), MLP up
+(out > in) and down (in > out). Every config must be valid on every shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SHAPES: dict[str, tuple[int, int]] = {
+    "q_proj": (24, 24),
+    "k_proj": (8, 24),
+    "up_proj": (48, 24),
+    "down_proj": (24, 48),
+}
+MODULE_SHAPES = {f"model.layers.0.{'self_attn' if n[0] in 'qk' else 'mlp'}.{n}": s for n, s in SHAPES.items()}
+TARGETS = list(SHAPES)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    family: str
+    config: dict
+
+    def raw_config(self) -> dict:
+        peft_type = self.family.upper()
+        return {"peft_type": peft_type, "target_modules": TARGETS, **self.config}
+
+
+CASES = [
+    Case("lora-r4", "lora", {"r": 4, "lora_alpha": 8}),
+    Case("lora-r4-rslora", "lora", {"r": 4, "lora_alpha": 8, "use_rslora": True}),
+    Case("hut-r1", "hut", {"r": 1}),
+    Case("hut-r1-scale-shift", "hut", {"r": 1, "use_scale_shift": True}),
+    Case("hut-r3", "hut", {"r": 3}),
+    Case("hut-r3-scale-shift", "hut", {"r": 3, "use_scale_shift": True}),
+    Case("ether-in-1", "ether", {"variant": "ether", "side": "in", "n_blocks": 1}),
+    Case("ether-out-4", "ether", {"variant": "ether", "side": "out", "n_blocks": 4}),
+    Case("ether-auto-2", "ether", {"variant": "ether", "side": "auto", "n_blocks": 2}),
+    Case("etherplus-in-4", "ether", {"variant": "etherplus", "side": "in", "n_blocks": 4}),
+    Case("etherplus-out-1", "ether", {"variant": "etherplus", "side": "out", "n_blocks": 1}),
+    Case("etherplus-both-4", "ether", {"variant": "etherplus", "side": "both", "n_blocks": 4}),
+    Case("dct-n20", "dct", {"n_frequency": 20, "scaling": 2.0}),
+    Case("surm-circulant", "surm", {"variant": "circulant", "alpha": 1.5}),
+    Case("surm-toeplitz", "surm", {"variant": "toeplitz", "alpha": 0.5}),
+    Case("surm-kronecker-4", "surm", {"variant": "kronecker", "kron_factor": 4, "alpha": 1.0}),
+]
+CASE_IDS = [c.id for c in CASES]
