@@ -1,0 +1,151 @@
+"""Wrapped target linears and the per-step adapter binding.
+
+``AdaptedLinear`` replaces each target ``nn.Linear`` once at load. It holds no adapter state:
+each forward reads the *step binding* of the calling thread, a ``StepBinding`` built once per
+step by the engine (or the trainer) and bound with ``bind(...)`` around the model call. With no
+binding, or a binding that touches no adapter on this layer, the layer is exactly the base
+linear (same op, same cost).
+
+Why a context variable rather than a forward argument: Hugging Face models do not pass extra
+arguments down to their MLP linears. A ``ContextVar`` is per thread, so a fine-tune job
+training in one thread and the serving loop in another never see each other's binding, and
+nothing on the layers is ever mutated ("no active adapter").
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.methods import AdapterMethod, Group, MethodConfig, adapted_forward, batched_linear
+
+from .slots import SlotPool
+
+
+class StepBinding:
+    """What one forward pass applies. Subclasses decide per module path."""
+
+    def apply(self, path: str, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class PoolRows:
+    pool: SlotPool
+    rows: torch.Tensor  # [R] token rows (flattened batch*time) using this pool
+    slots: torch.Tensor  # [R] slot of each row in the pool
+
+
+@dataclass
+class MergedRows:
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # path -> (W', b')
+    rows: torch.Tensor | None  # None = every row of the step
+
+
+@dataclass
+class ServeBinding(StepBinding):
+    """A serving step: rows grouped by slot pool (on the fly) and by merged adapter."""
+
+    pools: list[PoolRows] = field(default_factory=list)
+    merged: list[MergedRows] = field(default_factory=list)
+
+    def apply(self, path: str, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        if len(self.merged) == 1 and self.merged[0].rows is None and not self.pools:
+            w = self.merged[0].weights.get(path)  # the whole step is one merged adapter
+            return base(x) if w is None else F.linear(x, w[0], w[1])
+        groups = [
+            Group(pr.pool.method, pr.pool.sigs[path], pr.pool.tables[path], pr.rows, pr.slots)
+            for pr in self.pools
+            if path in pr.pool.tables
+        ]
+        merged = [m for m in self.merged if path in m.weights]
+        if not groups and not merged:
+            return base(x)
+        y = batched_linear(x, base.weight, base.bias, groups)
+        if merged:
+            x2 = x.reshape(-1, x.shape[-1])
+            y2 = y.reshape(-1, y.shape[-1])
+            for m in merged:  # grouped by merged adapter, one GEMM each
+                w, b = m.weights[path]
+                y2 = y2.index_copy(0, m.rows, F.linear(x2.index_select(0, m.rows), w, b))
+            y = y2.reshape(y.shape)
+        return y
+
+
+@dataclass
+class TrainBinding(StepBinding):
+    """A training step: one adapter on every row, parameters with autograd."""
+
+    method: AdapterMethod
+    config: MethodConfig
+    params: dict[str, dict[str, torch.Tensor]]  # path -> name -> tensor (requires_grad)
+
+    def apply(self, path: str, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        p = self.params.get(path)
+        if p is None:
+            return base(x)
+        return adapted_forward(self.method, self.config, p, x, base.weight, base.bias)
+
+
+_BINDING: ContextVar[StepBinding | None] = ContextVar("facet_step_binding", default=None)
+
+
+@contextlib.contextmanager
+def bind(binding: StepBinding | None):
+    token = _BINDING.set(binding)
+    try:
+        yield
+    finally:
+        _BINDING.reset(token)
+
+
+class AdaptedLinear(nn.Module):
+    def __init__(self, base: nn.Linear, path: str):
+        super().__init__()
+        self.base = base
+        self.path = path
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some HF code reads .weight of projections (dtype checks)
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        binding = _BINDING.get()
+        if binding is None:
+            return self.base(x)
+        return binding.apply(self.path, x, self.base)
+
+    def extra_repr(self) -> str:
+        return f"path={self.path}"
+
+
+def wrap_linears(model: nn.Module, target_modules: list[str]) -> dict[str, AdaptedLinear]:
+    """Replace every ``nn.Linear`` whose name matches a target suffix. Returns path -> wrapper."""
+    from server.methods import matches_target
+
+    found = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and matches_target(name, target_modules)
+    ]
+    wrapped = {}
+    for name, mod in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = AdaptedLinear(mod, name)
+        setattr(parent, child, wrapper)
+        wrapped[name] = wrapper
+    if not wrapped:
+        raise ValueError(f"no linear layer of the model matches target modules {target_modules}")
+    return wrapped

@@ -1,0 +1,144 @@
+"""The serving engine: one resident base model, many adapters, one forward pass per step.
+
+    engine = Engine(load_base_model(settings), settings)
+    engine.add_adapter("my-lora", Adapter.load(folder, engine.base.module_shapes))
+    engine.start()                       # background engine thread
+    req = engine.submit(prompt_ids, SamplingParams(max_new_tokens=32), adapter_id="my-lora")
+    for event in req.sink: ...           # TokenEvent ... FinishEvent
+
+Adapters are registered in memory here (``add_adapter``) or resolved through an injected
+``source`` (the adapter store). Requests pin the *version* current when they are submitted: the
+generator's adapter key is ``(adapter_id, version)``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+
+from transformers.cache_utils import DynamicCache
+
+from server.methods import Adapter
+from server.settings import Settings
+
+from .adapted_linear import bind
+from .generator import Generator, hf_forward
+from .loader import BaseModel
+from .policy import StepPlanner
+from .requests import EventSink, GenerationRequest, SamplingParams
+from .residency import Residency
+
+AdapterKey = tuple[str, int]
+
+
+class UnknownAdapter(KeyError):
+    pass
+
+
+class Engine:
+    def __init__(
+        self,
+        base: BaseModel,
+        settings: Settings,
+        source: Callable[[AdapterKey], Adapter] | None = None,
+        current_version: Callable[[str], int | None] | None = None,
+    ):
+        self.base = base
+        self.settings = settings
+        self._registry: dict[str, tuple[int, Adapter]] = {}
+        self._source = source or self._from_registry
+        self._current_version = current_version or self._registry_version
+        self.residency = Residency(
+            base.modules,
+            self._source,
+            device_bytes=settings.device_adapter_bytes,
+            host_bytes=settings.host_adapter_bytes,
+            merged_bytes=settings.merged_cache_bytes,
+        )
+        self.planner = StepPlanner(self.residency, base.device, settings.merge_after_steps)
+        plain = hf_forward(base.model)
+
+        def forward(input_ids, attention_mask, position_ids, past_key_values, adapter_keys):
+            binding = self.planner.plan(adapter_keys, input_ids.shape[1])
+            with bind(binding):
+                return plain(input_ids, attention_mask, position_ids, past_key_values, adapter_keys)
+
+        max_len = getattr(base.model.config, "max_position_embeddings", None)
+        self.generator = Generator(
+            forward,
+            base.tokenizer,
+            base.eos_token_ids,
+            max_batch_size=settings.max_batch_size,
+            max_tokens_per_step=settings.max_tokens_per_step,
+            device=base.device,
+            max_seq_len=max_len,
+            cache_factory=lambda: DynamicCache(config=base.model.config),
+        )
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ---- adapters registered in memory (tests, benchmarks, offline use) ----------------------
+    def add_adapter(self, adapter_id: str, adapter: Adapter) -> AdapterKey:
+        version = self._registry.get(adapter_id, (0, None))[0] + 1
+        old = self._registry.get(adapter_id)
+        self._registry[adapter_id] = (version, adapter)
+        if old is not None:
+            self.residency.forget((adapter_id, old[0]))
+        return (adapter_id, version)
+
+    def _from_registry(self, key: AdapterKey) -> Adapter:
+        entry = self._registry.get(key[0])
+        if entry is None or entry[0] != key[1]:
+            raise UnknownAdapter(key[0])
+        return entry[1]
+
+    def _registry_version(self, adapter_id: str) -> int | None:
+        entry = self._registry.get(adapter_id)
+        return None if entry is None else entry[0]
+
+    def resolve(self, adapter_id: str | None) -> AdapterKey | None:
+        """The key (id, current version) a new request for ``adapter_id`` will use."""
+        if adapter_id is None:
+            return None
+        version = self._current_version(adapter_id)
+        if version is None:
+            raise UnknownAdapter(adapter_id)
+        return (adapter_id, version)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        adapter_id: str | None = None,
+        sink: EventSink | None = None,
+    ) -> GenerationRequest:
+        key = self.resolve(adapter_id)
+        if key is not None:
+            self.residency.get_host(key)  # load (once) before queueing: errors surface to the caller
+        kwargs = {} if sink is None else {"sink": sink}
+        req = GenerationRequest(
+            prompt_token_ids=list(prompt_token_ids), params=params or SamplingParams(), adapter_key=key, **kwargs
+        )
+        self.generator.submit(req)
+        return req
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.generator.run_forever, args=(self._stop,), daemon=True,
+                                        name="facet-engine")
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self.generator.wake()
+        self._thread.join()
+        self._thread = None
+
+    def pin(self, key: Hashable) -> None:
+        self.residency.pinned.add(key)

@@ -1,0 +1,333 @@
+"""Continuous batching: one engine thread steps a running batch while requests come and go.
+
+One ``Generator.step()``:
+
+1. finish cancelled requests (waiting or running) with ``"cancelled"``; they consume no more
+   compute from this step on;
+2. admit waiting requests strictly FIFO (adapter keys play no part) while the batch has room
+   (``max_batch_size``) and the prefill fits ``max_tokens_per_step``;
+3. prefill the newcomers as one left-padded batch and sample their first token;
+4. run one decode step for the sequences that were already running and sample their next token;
+5. stream events, finish sequences on EOS / ``max_new_tokens`` / stop string, drop them from the
+   batch at once, and merge the surviving newcomers into the running batch.
+
+Threading: ``submit`` (and ``GenerationRequest.cancel``) may be called from any thread;
+``step`` / ``run_forever`` run on a single engine thread, which alone touches the batch and emits
+events. ``run_forever`` sleeps on a condition variable while there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from server.engine.kv_batch import ForwardFn, RunningBatch
+from server.engine.requests import (
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    IncrementalDetokenizer,
+    StopStringBuffer,
+    TokenEvent,
+    TokenizerLike,
+)
+from server.engine.sampling import SamplingTensors, make_generator, sample
+
+log = logging.getLogger(__name__)
+
+
+def hf_forward(model: torch.nn.Module) -> ForwardFn:
+    """The plain forward for a Hugging Face causal LM (adapter keys ignored).
+
+    Asks the model for the last position's logits only (``logits_to_keep=1``) when it supports
+    that: the generator never reads the others, and ``[B, T, V]`` logits of a long prefill are big.
+    """
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+    def forward(
+        input_ids: torch.Tensor,  # [B, T]
+        attention_mask: torch.Tensor,  # [B, L_past + T]
+        position_ids: torch.Tensor,  # [B, T]
+        past_key_values: DynamicCache,
+        adapter_keys: list[Hashable],
+    ) -> torch.Tensor:  # [B, T, V]
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=True,
+            **extra,
+        )
+        return out.logits
+
+    return forward
+
+
+@dataclass
+class StepStats:
+    """What one ``step()`` did (for metrics)."""
+
+    batch_size: int  # sequences that got a forward this step (prefilled + decoded)
+    prefill_tokens: int  # real prompt tokens prefilled (padding excluded)
+    decode_tokens: int  # sequences decoded (one token each)
+    step_seconds: float
+    admitted: int = 0
+    finished: int = 0
+    num_running: int = 0  # after the step
+    num_waiting: int = 0  # after the step
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """Engine-side state of one admitted request (satisfies ``kv_batch.BatchSequence``)."""
+
+    request: GenerationRequest
+    detok: IncrementalDetokenizer
+    text: StopStringBuffer
+    rng: torch.Generator | None  # None for greedy requests
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def adapter_key(self) -> Hashable:
+        return self.request.adapter_key
+
+
+class Generator:
+    """Continuous-batching generation over an injected ``forward`` (see ``kv_batch.ForwardFn``).
+
+    ``max_tokens_per_step`` bounds a step's prefill in *padded* tokens (rows × longest prompt),
+    which is what the prefill forward computes; a prompt longer than the budget is admitted alone.
+    ``max_seq_len`` (optional) rejects longer prompts and ends generation with ``"length"`` when
+    prompt + completion reaches it. ``cache_factory`` makes the empty cache of each prefill
+    (e.g. ``lambda: DynamicCache(config=model.config)``).
+    """
+
+    def __init__(
+        self,
+        forward: ForwardFn,
+        tokenizer: TokenizerLike,
+        eos_token_ids: Iterable[int],
+        max_batch_size: int = 16,
+        max_tokens_per_step: int = 2048,
+        device: torch.device | str = "cpu",
+        *,
+        max_seq_len: int | None = None,
+        cache_factory: Callable[[], DynamicCache] = DynamicCache,
+        idle_wait_s: float = 0.5,
+    ) -> None:
+        if max_batch_size < 1 or max_tokens_per_step < 1:
+            raise ValueError("max_batch_size and max_tokens_per_step must be >= 1")
+        self.forward = forward
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.max_batch_size = max_batch_size
+        self.max_tokens_per_step = max_tokens_per_step
+        self.device = torch.device(device)
+        self.max_seq_len = max_seq_len
+        self.cache_factory = cache_factory
+        self.idle_wait_s = idle_wait_s
+        self._waiting: deque[GenerationRequest] = deque()
+        self._cond = threading.Condition()
+        self._running: RunningBatch[_Sequence] = self._new_batch()
+
+    def _new_batch(self) -> RunningBatch[_Sequence]:
+        return RunningBatch(self.forward, self.device, self.cache_factory)
+
+    # ----------------------------------------------------------------------------- public API
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue ``request`` (thread-safe). Impossible requests finish at once with ``"error"``."""
+        n = len(request.prompt_token_ids)
+        if self.max_seq_len is not None and n >= self.max_seq_len:
+            msg = f"prompt has {n} tokens; the maximum sequence length is {self.max_seq_len}"
+            request.emit(FinishEvent("error", "", n, 0, msg))
+            return
+        with self._cond:
+            self._waiting.append(request)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Wake ``run_forever`` (e.g. right after setting its stop event)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def run_forever(self, stop_event: threading.Event) -> None:
+        """Step until ``stop_event`` is set; sleep on a condition while idle. Aborts leftovers on exit."""
+        while not stop_event.is_set():
+            with self._cond:
+                while not self._waiting and not len(self._running) and not stop_event.is_set():
+                    self._cond.wait(timeout=self.idle_wait_s)
+            if stop_event.is_set():
+                break
+            try:
+                self.step()
+            except Exception as exc:  # a bug, not a model error: fail the batch, keep serving
+                log.exception("generator step failed")
+                self._fail(list(self._running.seqs), exc)
+                self._running = self._new_batch()
+        self.abort_all("generator stopped")
+
+    def abort_all(self, message: str) -> None:
+        """Finish every waiting and running request with ``"error"``."""
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for req in waiting:
+            req.emit(FinishEvent("error", "", len(req.prompt_token_ids), 0, message))
+        self._fail(list(self._running.seqs), RuntimeError(message))
+        self._running = self._new_batch()
+
+    def step(self) -> StepStats:
+        """One scheduling iteration (engine thread only)."""
+        t0 = time.perf_counter()
+        finished = self._drop_cancelled()
+        admitted = self._admit()
+
+        newcomers = self._new_batch()
+        prefill_tokens = 0
+        if admitted:
+            seqs = [self._start(r) for r in admitted]
+            prefill_tokens = sum(len(r.prompt_token_ids) for r in admitted)
+            try:
+                logits = newcomers.prefill(seqs)  # [N, V]
+                finished += self._sample_and_emit(newcomers, logits)
+            except Exception as exc:
+                log.exception("prefill failed")
+                finished += self._fail(seqs, exc)
+                newcomers = self._new_batch()
+
+        decode_tokens = len(self._running)
+        if decode_tokens:
+            try:
+                logits = self._running.decode()  # [B, V]
+                finished += self._sample_and_emit(self._running, logits)
+            except Exception as exc:
+                log.exception("decode failed")
+                finished += self._fail(list(self._running.seqs), exc)
+                self._running = self._new_batch()
+
+        self._running.concat(newcomers)
+        return StepStats(
+            batch_size=len(admitted) + decode_tokens,
+            prefill_tokens=prefill_tokens,
+            decode_tokens=decode_tokens,
+            step_seconds=time.perf_counter() - t0,
+            admitted=len(admitted),
+            finished=finished,
+            num_running=len(self._running),
+            num_waiting=len(self._waiting),
+        )
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _drop_cancelled(self) -> int:
+        with self._cond:
+            cancelled = [r for r in self._waiting if r.cancelled]
+            if cancelled:
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
+        for req in cancelled:
+            req.emit(FinishEvent("cancelled", "", len(req.prompt_token_ids), 0))
+        keep = []
+        for i, seq in enumerate(self._running.seqs):
+            if seq.request.cancelled:
+                self._finish(seq, "cancelled")
+            else:
+                keep.append(i)
+        n_running = len(self._running)
+        self._running.filter(keep)
+        return len(cancelled) + n_running - len(keep)
+
+    def _admit(self) -> list[GenerationRequest]:
+        """Pop waiting requests in arrival order while they fit (batch rows and prefill budget)."""
+        room = self.max_batch_size - len(self._running)
+        out: list[GenerationRequest] = []
+        longest = 0
+        with self._cond:
+            while self._waiting and len(out) < room:
+                n = max(longest, len(self._waiting[0].prompt_token_ids))
+                if out and (len(out) + 1) * n > self.max_tokens_per_step:
+                    break  # FIFO: never skip ahead to a smaller request
+                out.append(self._waiting.popleft())
+                longest = n
+        return out
+
+    def _start(self, req: GenerationRequest) -> _Sequence:
+        p = req.params
+        rng = None if p.greedy else make_generator(p.seed, self.device)
+        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
+        return _Sequence(request=req, detok=detok, text=StopStringBuffer(p.stop), rng=rng)
+
+    def _sample_and_emit(self, batch: RunningBatch[_Sequence], logits: torch.Tensor) -> int:
+        """Sample a token per row of ``batch``, stream it, drop finished rows; return how many finished."""
+        seqs = batch.seqs
+        st = SamplingTensors.from_params([s.request.params for s in seqs], [s.rng for s in seqs], self.device)
+        out = sample(logits, st)
+        batch.set_next_tokens(out.token_ids)
+        tokens = out.token_ids.tolist()
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else [None] * len(seqs)
+        keep = []
+        for i, (seq, tok, lp) in enumerate(zip(seqs, tokens, logprobs, strict=True)):
+            if self._advance(seq, tok, lp):
+                keep.append(i)
+        batch.filter(keep)
+        return len(seqs) - len(keep)
+
+    def _advance(self, seq: _Sequence, token: int, logprob: float | None) -> bool:
+        """Record ``token`` for ``seq`` and emit its events; return whether the sequence continues."""
+        seq.generated.append(token)
+        params = seq.request.params
+        reason: FinishReason | None = None
+        if token in self.eos_token_ids:
+            reason = "eos"
+        elif len(seq.generated) >= params.max_new_tokens:
+            reason = "length"
+        elif (
+            self.max_seq_len is not None
+            and len(seq.prompt_token_ids) + len(seq.generated) >= self.max_seq_len
+        ):
+            reason = "length"
+        delta = "" if reason == "eos" else seq.detok.push(token)
+        if reason is not None:
+            delta += seq.detok.flush()
+        text, hit_stop = seq.text.add(delta, final=reason is not None)
+        if hit_stop:
+            reason = "stop"
+        seq.request.emit(TokenEvent(token, text, logprob if params.logprobs else None))
+        if reason is None:
+            return True
+        self._finish(seq, reason)
+        return False
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None) -> None:
+        req = seq.request
+        req.emit(
+            FinishEvent(reason, seq.text.final_text, len(req.prompt_token_ids), len(seq.generated), error)
+        )
+
+    def _fail(self, seqs: list[_Sequence], exc: BaseException) -> int:
+        """Finish the still-unfinished ``seqs`` with ``"error"``; return how many that was."""
+        pending = [s for s in seqs if not s.request.finished]
+        for seq in pending:
+            self._finish(seq, "error", f"{type(exc).__name__}: {exc}")
+        return len(pending)

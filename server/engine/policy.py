@@ -1,0 +1,91 @@
+"""Per-step adapter metadata and the merge policy (described in docs/engine.md).
+
+Given the adapter key of every sequence in a step, ``StepPlanner.plan`` returns the binding the
+wrapped linears apply:
+
+1. No adapter in the step: no binding at all (plain model, plain cost).
+2. Every sequence uses one adapter A, and A is *hot* (it filled ``merge_after_steps`` whole
+   steps) or needs GEMMs on the fly (HUT rank > 1): A's merged weights are used for the whole
+   step (created on first need if the merged budget allows): plain-model cost.
+3. Otherwise, per adapter: "gemm"-cost adapters (HUT rank > 1) use merged weights grouped by
+   adapter when the merged budget allows; every other adapter is applied on the fly from its
+   device slot, rows grouped by slot pool.
+
+The plan is built once per step in the engine thread and passed down explicitly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from .adapted_linear import MergedRows, PoolRows, ServeBinding
+from .residency import Residency
+
+
+class StepPlanner:
+    def __init__(self, residency: Residency, device: torch.device, merge_after_steps: int = 4):
+        self.residency = residency
+        self.device = device
+        self.merge_after_steps = merge_after_steps
+        self._whole_steps: dict[Hashable, int] = defaultdict(int)
+
+    def _cost(self, key: Hashable) -> str:
+        adapter = self.residency.get_host(key)
+        costs = {
+            adapter.method.serving_cost(adapter.method.signature(adapter.config, *adapter.shapes[p]))
+            for p in adapter.modules
+        }
+        return "gemm" if "gemm" in costs else "cheap"
+
+    def plan(self, keys: Sequence[Hashable | None], tokens_per_row: int) -> ServeBinding | None:
+        present = list(dict.fromkeys(k for k in keys if k is not None))
+        if not present:
+            return None
+        res = self.residency
+        merging = res.merged_bytes > 0
+        if merging and len(present) == 1 and None not in keys:
+            key = present[0]
+            self._whole_steps[key] += 1
+            hot = self._whole_steps[key] >= self.merge_after_steps or self._cost(key) == "gemm"
+            entry = res.merged_entry(key, create=hot)
+            if entry is not None:
+                return ServeBinding(merged=[MergedRows(entry.weights, None)])
+
+        rows_of: dict[Hashable, list[int]] = defaultdict(list)
+        for b, k in enumerate(keys):
+            if k is not None:
+                rows_of[k].append(b)
+        merged: list[MergedRows] = []
+        on_the_fly = []
+        for k in present:
+            entry = res.merged_entry(k, create=merging and self._cost(k) == "gemm")
+            if entry is not None:
+                merged.append(MergedRows(entry.weights, self._token_rows(rows_of[k], tokens_per_row)))
+            else:
+                on_the_fly.append(k)
+        # Phase 1: install everything this step needs (evictions happen only here; the step's
+        # own adapters are protected by a reference while installing).
+        for k in on_the_fly:
+            res.acquire(k)
+        try:
+            entries = {k: res.device_entry(k) for k in on_the_fly}
+        finally:
+            for k in on_the_fly:
+                res.release(k)
+        # Phase 2: slots are now stable; group rows by pool.
+        by_pool: dict[int, tuple] = {}
+        for k in on_the_fly:
+            e = entries[k]
+            rows = self._token_rows(rows_of[k], tokens_per_row)
+            pool_rows, pool_slots, _ = by_pool.setdefault(id(e.pool), ([], [], e.pool))
+            pool_rows.append(rows)
+            pool_slots.append(torch.full_like(rows, e.slot))
+        pools = [PoolRows(pool, torch.cat(r), torch.cat(s)) for r, s, pool in by_pool.values()]
+        return ServeBinding(pools, merged)
+
+    def _token_rows(self, seq_rows: list[int], t: int) -> torch.Tensor:
+        b = torch.tensor(seq_rows, dtype=torch.long, device=self.device)
+        return (b[:, None] * t + torch.arange(t, device=self.device)).reshape(-1)

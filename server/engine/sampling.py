@@ -1,0 +1,122 @@
+"""Vectorised next-token selection for a batch with per-row settings.
+
+Shapes: ``B`` rows (sequences), ``V`` vocabulary entries. ``logits`` is ``[B, V]``, the model's
+raw scores for the next token of each row.
+
+Per row:
+
+* ``temperature == 0`` — greedy: ``argmax`` of the raw logits. All greedy rows are handled in one
+  vectorised ``argmax``; they never touch a random generator.
+* otherwise — scale by ``1 / temperature``, keep the ``top_k`` best tokens (``0`` = all), then
+  the smallest set whose probability reaches ``top_p`` (the best token is always kept), and draw
+  one token with the row's own ``torch.Generator``. Filtering is vectorised over the sampled
+  rows; only the noise draw loops over them (each row has its own generator). The draw is the
+  exponential race ``argmax(p / E)``, ``E ~ Exp(1)`` i.i.d. per vocabulary entry, which picks
+  token ``i`` with probability ``p_i`` — what ``torch.multinomial(p, 1)`` does internally. A row's
+  draw consumes exactly ``V`` numbers from its generator per step, so the same seed and the same
+  prompt give the same tokens whatever else shares the batch.
+
+Log-probabilities (when any row asks) are ``log_softmax`` of the *raw* logits, i.e. the model's
+own distribution before temperature / top-k / top-p. This is the quantity that is comparable
+across requests and settings (what a scorer or an evaluation wants); it is not the probability
+with which the token was actually drawn under a modified distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.requests import SamplingParams
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
+    """A private generator for one request: seeded if ``seed`` is given, else from OS entropy."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row settings as device tensors (all ``[B]``) plus one generator slot per row."""
+
+    temperature: torch.Tensor  # [B] float32, 0 = greedy
+    top_k: torch.Tensor  # [B] int64, 0 = off
+    top_p: torch.Tensor  # [B] float32, 1 = off
+    generators: list[torch.Generator | None]  # [B]; None for greedy rows (or: use the global RNG)
+    want_logprobs: bool
+    sampled_rows: list[int]  # host-side: rows with temperature > 0 (no device sync to find them)
+    needs_filter: bool  # host-side: some sampled row uses top-k or top-p
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        device: torch.device | str,
+    ) -> SamplingTensors:
+        if len(params) != len(generators):
+            raise ValueError("need one generator slot per row")
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            generators=list(generators),
+            want_logprobs=any(p.logprobs for p in params),
+            sampled_rows=sampled,
+            needs_filter=any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in sampled),
+        )
+
+
+@dataclass
+class SampleOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None  # [B] float32: log p_model(token) (raw logits), or None if not asked
+
+
+def apply_top_k_top_p(
+    scaled: torch.Tensor,  # [S, V] temperature-scaled logits
+    top_k: torch.Tensor,  # [S] int64, 0 = off
+    top_p: torch.Tensor,  # [S] float32, 1 = off
+) -> torch.Tensor:
+    """Return ``scaled`` with filtered-out entries set to ``-inf`` (``[S, V]``)."""
+    vocab = scaled.shape[-1]
+    k = torch.where((top_k <= 0) | (top_k > vocab), torch.full_like(top_k, vocab), top_k)  # [S]
+    sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)  # [S, V]
+    ranks = torch.arange(vocab, device=scaled.device)  # [V]
+    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)  # [S, V], sorted order
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better tokens
+    drop = mass_before >= top_p[:, None]  # rank 0 has mass_before 0 < top_p: always kept
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(scaled, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+
+
+def sample(logits: torch.Tensor, st: SamplingTensors) -> SampleOutput:
+    """Pick one token per row of ``logits`` ``[B, V]`` according to ``st``."""
+    logits = logits.float()
+    token_ids = logits.argmax(dim=-1)  # [B]; final for greedy rows
+    sampled_rows = st.sampled_rows
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=logits.device)  # [S]
+        scaled = logits[rows] / st.temperature[rows, None]  # [S, V]
+        if st.needs_filter:
+            scaled = apply_top_k_top_p(scaled, st.top_k[rows], st.top_p[rows])
+        probs = scaled.softmax(dim=-1)  # [S, V]
+        noise = torch.empty_like(probs)  # [S, V] i.i.d. Exp(1), each row from its own generator
+        for j, row in enumerate(sampled_rows):
+            noise[j].exponential_(generator=st.generators[row])
+        # filtered tokens (p == 0) must never win, even against a (rare) zero noise draw (0/0 = nan)
+        drawn = torch.where(probs > 0, probs / noise, -1.0).argmax(dim=-1)  # [S]
+        token_ids = token_ids.index_copy(0, rows, drawn)
+    logprobs = None
+    if st.want_logprobs:
+        logprobs = logits.log_softmax(dim=-1).gather(-1, token_ids[:, None]).squeeze(-1)  # [B]
+    return SampleOutput(token_ids=token_ids, logprobs=logprobs)

@@ -1,0 +1,308 @@
+"""sDCTFT: a sparse spectrum of the weight update in the orthonormal 2-D DCT domain (peft_type "DCT").
+
+PyTorch layout: ``W [out, in]``, ``y = x W^T + b``. ``C_N`` is the orthonormal DCT-II matrix,
+``C_N[k, m] = s_k cos(pi (m + 1/2) k / N)`` with ``s_0 = sqrt(1/N)``, ``s_k = sqrt(2/N)`` (``C C^T = I``).
+
+    W' = W + alpha * C_out^T S C_in,    S [out, in] zero except S[u_j, v_j] = c_j  (j < n)
+       = W + alpha * sum_j c_j * outer(C_out[u_j], C_in[v_j])
+
+Stored per adapted linear: ``dct_coef [n]`` (trainable ``c``), ``dct_rows [n]`` and ``dct_cols [n]``
+(int32 positions ``u``, ``v``). Positions are chosen once, at training init, by ``select_positions``
+from the pretrained weight's spectrum; serving never re-derives them.
+
+On the fly (a mixed batch): ``x_hat = x C_in^T`` (the DCT of each row, shared by every row),
+``z[u_j] += c_j * x_hat[v_j]`` per row with its slot's positions, ``dy = alpha * z C_out``. Both
+transforms run as length-2N real FFTs (cheaper than the dense GEMMs at SmolLM2 sizes):
+
+    x C_N^T [k] = s_k Re(e^{-i pi k/2N} rfft(x, 2N)[k])
+    z C_N   [m] = irfft(H, 2N)[m],  H[k] = N s_k (2 if k == 0 else 1) e^{i pi k/2N} z[k]
+
+Scale: ``C`` is orthonormal, so ``||Delta W||_F = alpha ||c||`` and ``c`` is in the units of the
+weight's spectrum. The default ``scaling = 1`` with Adam at lr ~1e-3..1e-2 is the sane range;
+FourierFT's (scale 300, lr 0.05, ifft2 normalised by 1/(out*in)) moves Delta W by about as much as
+``scaling = 300 / sqrt(2 out in)`` here (0.05 at 4096x4096, 0.37 at 576x576).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from functools import lru_cache
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from .adapter import KEY_PREFIX
+from .base import AdapterMethod, ConfigError, InitMode, MethodConfig, ParamSpec, WeightsError, per_row
+from .registry import register_method
+
+PAD_MULTIPLE = 128  # serving pads n to a multiple of this, so adapters of nearby n share a slot table
+
+
+class DCTConfig(MethodConfig):
+    peft_type: str = "DCT"
+    n_frequency: int = Field(700, ge=1, description="n: trained spectral coefficients per adapted linear")
+    scaling: float = Field(1.0, description="alpha in W' = W + alpha * C_out^T S C_in")
+    delta: float = Field(0.7, ge=0.0, le=1.0, description="share of each band taken by top energy")
+    n_bands: int = Field(3, ge=1, le=64, description="frequency bands by distance from the DC corner")
+    selection_seed: int = Field(42, ge=0, lt=2**63, description="seed of the random share of positions")
+    dct_norm: Literal["ortho"] = "ortho"
+
+    @field_validator("peft_type")
+    @classmethod
+    def _is_dct(cls, v: str) -> str:
+        if v.upper() != "DCT":
+            raise ValueError(f"peft_type must be 'DCT' for this family, got {v!r}")
+        return "DCT"
+
+    @field_validator("scaling")
+    @classmethod
+    def _scaling_ok(cls, v: float) -> float:
+        if not math.isfinite(v) or v == 0.0:
+            raise ValueError(f"scaling must be finite and non-zero, got {v}")
+        return v
+
+    def check_shape(self, module: str, out_f: int, in_f: int) -> None:
+        if self.n_frequency > out_f * in_f:
+            raise ConfigError(
+                "n_frequency",
+                f"n_frequency={self.n_frequency} exceeds out*in={out_f}*{in_f}={out_f * in_f} of {module}",
+            )
+
+
+# ---- transforms (cached constants are pure functions of N, device, dtype) -----------------------
+
+
+@lru_cache(maxsize=64)
+def dct_matrix(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Orthonormal DCT-II matrix ``C [n, n]``, ``C[k, m] = s_k cos(pi (m + 1/2) k / n)``."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    m = torch.arange(n, dtype=torch.float64)[None, :]
+    c = torch.cos(math.pi * (m + 0.5) * k / n) * math.sqrt(2.0 / n)
+    c[0] = math.sqrt(1.0 / n)
+    return c.to(device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=64)
+def _twiddles(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fwd [n, 2], inv [n, 2])``: (re, im) factors of the FFT forms in the module docstring."""
+    k = torch.arange(n, dtype=torch.float64)
+    s = torch.full((n,), math.sqrt(2.0 / n), dtype=torch.float64)
+    s[0] = math.sqrt(1.0 / n)
+    rot = torch.stack([torch.cos(math.pi * k / (2 * n)), torch.sin(math.pi * k / (2 * n))], dim=-1)  # [n, 2]
+    fwd = s[:, None] * rot
+    inv = (n * s * torch.where(k == 0, 2.0, 1.0))[:, None] * rot
+    return fwd.to(device=device, dtype=dtype), inv.to(device=device, dtype=dtype)
+
+
+def dct_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x C_N^T`` for ``x [..., N]`` (orthonormal DCT-II of each row) by one real FFT of length 2N."""
+    n = x.shape[-1]
+    fwd, _ = _twiddles(n, x.device, x.dtype)
+    spec = torch.view_as_real(torch.fft.rfft(x, n=2 * n))[..., :n, :]  # [..., n, 2]
+    return (spec * fwd).sum(-1)
+
+
+def idct_rows(z: torch.Tensor) -> torch.Tensor:
+    """``z C_N`` for ``z [..., N]`` (orthonormal inverse DCT of each row) by one real IFFT of length 2N."""
+    n = z.shape[-1]
+    _, inv = _twiddles(n, z.device, z.dtype)
+    h = torch.view_as_complex(z.unsqueeze(-1) * inv)  # [..., n] complex; irfft zero-pads bin n
+    return torch.fft.irfft(h, n=2 * n)[..., :n]
+
+
+# ---- position selection (training init only) --------------------------------------------------
+
+
+def band_index(out_f: int, in_f: int, n_bands: int) -> torch.Tensor:
+    """Band of every position, ``[out, in]`` long: band b holds ``b D/B < d <= (b+1) D/B``.
+
+    ``d = sqrt(u^2 + v^2)`` from the DC corner, ``D = sqrt((out-1)^2 + (in-1)^2)`` (the largest d);
+    band 0 also holds d = 0. Decided in exact integer arithmetic (``B^2 d^2 <= (b+1)^2 D^2``), so
+    positions exactly on a boundary fall in the lower band.
+    """
+    u = torch.arange(out_f, dtype=torch.int64)[:, None]
+    v = torch.arange(in_f, dtype=torch.int64)[None, :]
+    d2 = u * u + v * v  # [out, in]
+    big_d2 = (out_f - 1) ** 2 + (in_f - 1) ** 2
+    if big_d2 == 0:
+        return torch.zeros(out_f, in_f, dtype=torch.int64)
+    b = (torch.ceil(n_bands * torch.sqrt(d2.double() / big_d2)).long() - 1).clamp(0, n_bands - 1)
+    lhs = n_bands * n_bands * d2
+    b = b + (lhs > (b + 1) ** 2 * big_d2).long()  # float estimate one too low
+    b = b - ((b > 0) & (lhs <= b * b * big_d2)).long()  # or one too high
+    return b.clamp(0, n_bands - 1)
+
+
+def band_quotas(sizes: list[int], n: int) -> list[int]:
+    """How many positions each band gives: ``n // B`` each, the last band the remainder.
+
+    A band with fewer positions than asked gives all it has and passes the shortfall to the next
+    band; what is still missing after the last band is taken from the spare room of the bands
+    before it, highest first.
+    """
+    n_bands = len(sizes)
+    if n > sum(sizes):
+        raise ValueError(f"n={n} exceeds the {sum(sizes)} positions of the matrix")
+    asked = [n // n_bands] * (n_bands - 1) + [n - (n_bands - 1) * (n // n_bands)]
+    take, carry = [], 0
+    for size, want in zip(sizes, asked, strict=True):
+        take.append(min(size, want + carry))
+        carry = want + carry - take[-1]
+    for b in reversed(range(n_bands)):
+        extra = min(carry, sizes[b] - take[b])
+        take[b] += extra
+        carry -= extra
+    return take
+
+
+def select_positions(
+    weight: torch.Tensor, n: int, delta: float = 0.7, n_bands: int = 3, seed: int = 42
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sDCTFT's selection: per band, the top ``ceil(delta * k_b)`` positions by spectral energy of the
+    pretrained ``weight`` and ``k_b - ceil(delta * k_b)`` uniformly at random (seeded) among the rest
+    of the band; ``k_b`` from ``band_quotas``. Deterministic for a seed on any device (computed on
+    the CPU in float64; energy ties go to the lower flat index). Returns ``(rows, cols)``, int32
+    ``[n]`` on ``weight.device``, sorted by (row, col).
+    """
+    out_f, in_f = weight.shape
+    cpu = torch.device("cpu")
+    w = weight.detach().to(cpu, torch.float64)
+    energy = (dct_matrix(out_f, cpu, torch.float64) @ w @ dct_matrix(in_f, cpu, torch.float64).T).square()
+    energy = energy.flatten()  # [out * in]
+    band = band_index(out_f, in_f, n_bands).flatten()
+    takes = band_quotas(torch.bincount(band, minlength=n_bands).tolist(), n)
+    gen = torch.Generator(device=cpu).manual_seed(seed)
+    picked = []
+    for b, k in enumerate(takes):  # a loop over the (few) bands, at training init only
+        members = (band == b).nonzero().squeeze(1)
+        order = members[torch.sort(energy[members], descending=True, stable=True).indices]
+        n_top = min(k, math.ceil(delta * k - 1e-9))  # tolerance: 0.7 * 10 -> 7, not 8
+        rest = order[n_top:]
+        picked += [order[:n_top], rest[torch.randperm(rest.numel(), generator=gen)[: k - n_top]]]
+    flat = torch.cat(picked).sort().values
+    return (flat // in_f).to(weight.device, torch.int32), (flat % in_f).to(weight.device, torch.int32)
+
+
+# ---- the family ------------------------------------------------------------------------------
+
+
+class DCTMethod(AdapterMethod):
+    name = "dct"
+    peft_type = "DCT"
+    config_cls = DCTConfig
+
+    def param_specs(self, cfg: DCTConfig, out_f: int, in_f: int) -> dict[str, ParamSpec]:
+        n = cfg.n_frequency
+        return {
+            "dct_coef": ParamSpec((n,)),
+            "dct_rows": ParamSpec((n,), trainable=False, kind="int32"),
+            "dct_cols": ParamSpec((n,), trainable=False, kind="int32"),
+        }
+
+    def check_params(
+        self, cfg: DCTConfig, module: str, params: dict[str, torch.Tensor], out_f: int, in_f: int
+    ) -> None:
+        rows, cols = params["dct_rows"].long(), params["dct_cols"].long()
+        for pname, idx, size, side in (("dct_rows", rows, out_f, "out"), ("dct_cols", cols, in_f, "in")):
+            bad = (idx < 0) | (idx >= size)
+            if bad.any():
+                j = int(bad.nonzero()[0])
+                raise WeightsError(
+                    f"{KEY_PREFIX}{module}.{pname}",
+                    f"position {j} is {int(idx[j])}, outside [0, {size}) ({side}_features of {module})",
+                )
+        flat = rows * in_f + cols
+        if torch.unique(flat).numel() != flat.numel():
+            raise WeightsError(f"{KEY_PREFIX}{module}.dct_rows", f"duplicate (row, col) positions in {module}")
+
+    def init_params(
+        self, cfg: DCTConfig, weight: torch.Tensor, mode: InitMode, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        out_f, in_f = weight.shape
+        cfg.check_shape("weight", out_f, in_f)
+        n, dev = cfg.n_frequency, weight.device
+        if mode in ("identity", "train"):
+            rows, cols = select_positions(weight, n, cfg.delta, cfg.n_bands, cfg.selection_seed)
+            return {"dct_coef": torch.zeros(n, device=dev), "dct_rows": rows, "dct_cols": cols}
+        if mode != "random":
+            raise ConfigError("init", f"unknown init mode {mode!r}")
+        gd = generator.device
+        flat = torch.randperm(out_f * in_f, generator=generator, device=gd)[:n]
+        # ||Delta W||_F = |alpha| ||c||: aim at ~0.3 ||W||_F, every |c_j| in [0.5, 1.5] x the typical size.
+        w_rms = float(weight.detach().float().square().mean().sqrt().clamp_min(1e-3))
+        size = 0.3 * w_rms * math.sqrt(out_f * in_f / n) / abs(cfg.scaling)
+        mag = 0.5 + torch.rand(n, generator=generator, device=gd)
+        sign = torch.randint(0, 2, (n,), generator=generator, device=gd) * 2 - 1
+        return {
+            "dct_coef": (size * mag * sign).to(dev, torch.float32),
+            "dct_rows": (flat // in_f).to(dev, torch.int32),
+            "dct_cols": (flat % in_f).to(dev, torch.int32),
+        }
+
+    def reference_weight(
+        self, cfg: DCTConfig, params: dict[str, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out_f, in_f = weight.shape
+
+        def cosine_basis(n: int) -> torch.Tensor:  # C[k, m], straight from the formula, float64
+            k = torch.arange(n, dtype=torch.float64, device=weight.device)[:, None]
+            m = torch.arange(n, dtype=torch.float64, device=weight.device)[None, :]
+            s = torch.where(k == 0, math.sqrt(1.0 / n), math.sqrt(2.0 / n))
+            return s * torch.cos(math.pi * (m + 0.5) * k / n)
+
+        c_out, c_in = cosine_basis(out_f), cosine_basis(in_f)
+        u, v = params["dct_rows"].long(), params["dct_cols"].long()
+        coef = params["dct_coef"].to(torch.float64)
+        # Delta W = sum_j c_j outer(C_out[u_j], C_in[v_j])
+        delta_w = torch.einsum("j,jo,ji->oi", coef, c_out[u], c_in[v])
+        return (weight.double() + cfg.scaling * delta_w).to(weight.dtype), bias
+
+    def merged_weight(
+        self, cfg: DCTConfig, params: dict[str, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out_f, in_f = weight.shape
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        spec = torch.zeros(out_f, in_f, device=weight.device, dtype=dtype)  # dense S
+        idx = (params["dct_rows"].long(), params["dct_cols"].long())
+        spec = spec.index_put(idx, cfg.scaling * params["dct_coef"].to(dtype), accumulate=True)
+        # alpha C_out^T S C_in as two fast 1-D inverse DCTs: along out (columns of S), then along in.
+        delta_w = idct_rows(idct_rows(spec.T.contiguous()).T.contiguous())  # [in,out] -> [out,in]
+        return (weight + delta_w).to(weight.dtype), bias
+
+    # ---- serving -------------------------------------------------------------------------
+    def signature(self, cfg: DCTConfig, out_f: int, in_f: int) -> Hashable:
+        return ("dct", out_f, in_f, -(-cfg.n_frequency // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+    def prepare(
+        self, cfg: DCTConfig, params: dict[str, torch.Tensor], weight: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        n_pad = self.signature(cfg, *weight.shape)[3]
+        coef = params["dct_coef"]
+        coef = coef.to(torch.promote_types(coef.dtype, torch.float32)) * cfg.scaling  # alpha folded in
+        pad = n_pad - coef.shape[0]  # padding: c = 0 at position (0, 0), harmless
+        vu = torch.stack([params["dct_cols"].long(), params["dct_rows"].long()])  # [2, n]: (v, u)
+        return {
+            "coef": torch.nn.functional.pad(coef, (0, pad)),  # [n_pad]
+            "vu": torch.nn.functional.pad(vu, (0, pad)),  # [2, n_pad]
+        }
+
+    def hooks(self, sig: Hashable) -> frozenset[str]:
+        return frozenset({"delta"})
+
+    def delta(
+        self, sig: Hashable, x: torch.Tensor, table: dict, slots: torch.Tensor | None, weight: torch.Tensor
+    ) -> torch.Tensor:
+        _, out_f, _, n_pad = sig
+        rows = x.shape[0]
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        x_hat = dct_rows(x.to(dtype))  # [R, in], shared by every slot
+        vu = per_row(table["vu"], slots)  # [R|1, 2, n_pad]: (col v, row u)
+        cols, out_pos = vu[:, 0].expand(rows, n_pad), vu[:, 1].expand(rows, n_pad)
+        terms = x_hat.gather(1, cols) * per_row(table["coef"], slots).to(dtype)  # [R, n_pad]
+        z = torch.zeros(rows, out_f, device=x.device, dtype=dtype).scatter_add_(1, out_pos, terms)
+        return idct_rows(z).to(x.dtype)  # [R, out]
+
+
+register_method(DCTMethod())

@@ -1,0 +1,222 @@
+"""LoRA (compatibility family), loading folders written by PEFT's ``save_pretrained`` unchanged.
+
+PyTorch layout: ``W [out, in]``, ``y = x Wᵀ + b``. With ``A = lora_A [r, in]`` and
+``B = lora_B [out, r]``:
+
+    W' = W + s · B A,      s = lora_alpha / r   (or lora_alpha / √r with use_rslora)
+    Δy = s · (x Aᵀ) Bᵀ     (on the fly; the bias is untouched)
+
+Files follow PEFT: tensors ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` and
+an ``adapter_config.json`` with every key PEFT 0.21 writes. Keys that would change the math
+(DoRA, rank/alpha patterns, biases, modules_to_save, layer selection, weight-modifying inits,
+...) are rejected by name; bookkeeping keys (dropout, task_type, peft_version, ...) are accepted
+and ignored. ``auto_mapping`` (PEFT records the base model class there) is accepted as data
+and never acted on: nothing in a config is imported.
+
+Init: ``train``/``identity`` as PEFT (A Kaiming-uniform, i.e. U(±1/√in), B = 0); ``random``
+draws B too, scaled so that ``s·BA`` is about 0.3× the scale of W.
+
+Mixed batches: ``prepare`` folds ``s`` into ``Bᵀ [r, out]``. With few slot entries
+(``S·r <= DENSE_MAX_RANK``) the update is two dense GEMMs over the concatenated factors of all
+slots with a per-row one-hot mask (3 ops, no gathers); otherwise each row gathers its own factors
+and two batched matmuls do shrink and expand (the gathered-einsum form was slower).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field, FiniteFloat, field_validator
+from pydantic_core import PydanticCustomError
+
+from .base import AdapterMethod, InitMode, MethodConfig, ParamSpec, per_row
+from .registry import register_method
+
+# Keys PEFT writes whose only accepted values are the "feature off" ones, and why.
+_OFF: dict[str, str] = {
+    "use_dora": "DoRA adds a magnitude vector and a column norm",
+    "rank_pattern": "per-module ranks",
+    "alpha_pattern": "per-module alphas",
+    "modules_to_save": "fully fine-tuned extra modules",
+    "fan_in_fan_out": "transposed (Conv1D) weights",
+    "layers_to_transform": "layer selection beyond target_modules",
+    "layers_pattern": "layer selection beyond target_modules",
+    "exclude_modules": "module exclusion",
+    "lora_bias": "a bias on lora_B",
+    "use_qalora": "QA-LoRA pooling",
+    "use_bdlora": "block-diagonal factors",
+    "layer_replication": "replicated layers",
+    "trainable_token_indices": "trained embedding rows",
+    "target_parameters": "adapting nn.Parameters",
+    "alora_invocation_tokens": "activated LoRA (token-dependent)",
+    "arrow_config": "Arrow routing",
+    "megatron_config": "Megatron parallel layers",
+    "loftq_config": "LoftQ (modifies the base weights)",
+    "corda_config": "CorDA (modifies the base weights)",
+    "lora_ga_config": "LoRA-GA (modifies the base weights)",
+    "kasa_config": "KaSA (truncates the base weights)",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA (sampled factors)",
+}
+# init_lora_weights values whose saved factors apply to the untouched base weight.
+_PLAIN_INITS = {"gaussian", "eva", "orthogonal", "mica"}
+DENSE_MAX_RANK = 32  # S·r up to which the masked dense form beats per-row gathers (measured on CPU)
+
+
+def _refuse(message: str) -> PydanticCustomError:
+    """A validation error whose message is shown as is (no "Value error, " prefix)."""
+    return PydanticCustomError("unsupported", "{message}", {"message": message})
+
+
+class LoraConfig(MethodConfig):
+    r: int = Field(8, ge=1)
+    lora_alpha: FiniteFloat = 8.0
+    use_rslora: bool = False
+    # Accepted, ignored (training-time or bookkeeping only).
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init_lora_weights: bool | str = True
+    peft_version: str | None = None
+    qalora_group_size: int = 16
+    ensure_weight_tying: bool = False
+    eva_config: dict[str, Any] | None = None  # EVA only chooses the init; the factors are plain LoRA
+    auto_mapping: dict[str, str] | None = None  # PEFT's base-class hint; never imported here
+    bias: str = "none"
+    megatron_core: str | None = "megatron.core"
+    # Must be "off" (see _OFF).
+    use_dora: Any = False
+    rank_pattern: Any = Field(default_factory=dict)
+    alpha_pattern: Any = Field(default_factory=dict)
+    modules_to_save: Any = None
+    fan_in_fan_out: Any = False
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
+    exclude_modules: Any = None
+    lora_bias: Any = False
+    use_qalora: Any = False
+    use_bdlora: Any = None
+    layer_replication: Any = None
+    trainable_token_indices: Any = None
+    target_parameters: Any = None
+    alora_invocation_tokens: Any = None
+    arrow_config: Any = None
+    megatron_config: Any = None
+    loftq_config: Any = Field(default_factory=dict)
+    corda_config: Any = None
+    lora_ga_config: Any = None
+    kasa_config: Any = None
+    velora_config: Any = None
+    monteclora_config: Any = None
+
+    @field_validator(*_OFF)
+    @classmethod
+    def _must_be_off(cls, v: Any, info) -> Any:
+        if v not in (None, False, {}, []):
+            raise _refuse(f"{info.field_name}={v!r} is not supported ({_OFF[info.field_name]})")
+        return v
+
+    @field_validator("bias")
+    @classmethod
+    def _bias_none(cls, v: str) -> str:
+        if v != "none":
+            raise _refuse(f"bias={v!r} is not supported (trained biases); only 'none'")
+        return v
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _plain_init(cls, v: bool | str) -> bool | str:
+        if isinstance(v, str) and v.lower() not in _PLAIN_INITS:
+            raise _refuse(
+                f"init_lora_weights={v!r} is not supported: it modifies the base weights; convert the "
+                "adapter with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) first"
+            )
+        return v
+
+    @field_validator("auto_mapping")
+    @classmethod
+    def _auto_mapping_shape(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and set(v) != {"base_model_class", "parent_library"}:
+            raise _refuse(f"auto_mapping may only hold base_model_class and parent_library, got {sorted(v)}")
+        return v
+
+    @field_validator("megatron_core")
+    @classmethod
+    def _megatron_core_default(cls, v: str | None) -> str | None:
+        if v not in (None, "megatron.core"):
+            raise _refuse(f"megatron_core={v!r} is not supported (only the default 'megatron.core')")
+        return v
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoraMethod(AdapterMethod):
+    name: ClassVar[str] = "lora"
+    peft_type: ClassVar[str] = "LORA"
+    config_cls: ClassVar[type[MethodConfig]] = LoraConfig
+
+    def param_specs(self, cfg: LoraConfig, out_f: int, in_f: int) -> dict[str, ParamSpec]:
+        return {"lora_A": ParamSpec((cfg.r, in_f)), "lora_B": ParamSpec((out_f, cfg.r))}
+
+    def tensor_suffix(self, pname: str) -> str:
+        return f"{pname}.weight"  # PEFT: lora_A.weight / lora_B.weight (adapter name stripped)
+
+    def init_params(
+        self, cfg: LoraConfig, weight: torch.Tensor, mode: InitMode, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        out_f, in_f = weight.shape
+        dev = weight.device
+        bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=√5), as PEFT and nn.Linear
+        a = (torch.rand(cfg.r, in_f, generator=generator, device=dev) * 2 - 1) * bound
+        if mode == "random":
+            # (s·BA)_ij has std ≈ s·√r·σ_B·bound/√3; aim at 0.3 × std(W).
+            w_std = weight.float().std().clamp_min(1e-3).item()
+            sigma_b = 0.3 * w_std / (max(abs(cfg.scaling), 1e-3) * math.sqrt(cfg.r) * bound / math.sqrt(3))
+            b = torch.randn(out_f, cfg.r, generator=generator, device=dev) * sigma_b
+        else:
+            b = torch.zeros(out_f, cfg.r, device=dev)
+        return {"lora_A": a, "lora_B": b}
+
+    def reference_weight(self, cfg: LoraConfig, params, weight, bias):
+        a, b = params["lora_A"], params["lora_B"]
+        delta = torch.zeros_like(weight)
+        for k in range(cfg.r):  # ΔW = Σ_k B[:, k] ⊗ A[k, :]
+            delta += torch.outer(b[:, k], a[k, :])
+        return weight + cfg.scaling * delta, bias
+
+    def merged_weight(self, cfg: LoraConfig, params, weight, bias):
+        return torch.addmm(weight, params["lora_B"], params["lora_A"], alpha=cfg.scaling), bias
+
+    # ---- serving -------------------------------------------------------------------------
+    def signature(self, cfg: LoraConfig, out_f: int, in_f: int) -> Hashable:
+        return ("lora", cfg.r)  # the scaling is folded into the slot tensors
+
+    def prepare(self, cfg: LoraConfig, params, weight):
+        return {
+            "A": params["lora_A"].to(weight.dtype),  # [r, in]
+            "Bt": (params["lora_B"].T * cfg.scaling).to(weight.dtype),  # [r, out], scaled
+        }
+
+    def hooks(self, sig: Hashable) -> frozenset[str]:
+        return frozenset({"delta"})
+
+    def delta(self, sig, x, table, slots, weight):
+        a, bt = table["A"], table["Bt"]  # [S, r, in], [S, r, out]
+        n_slots, r, in_f = a.shape
+        if slots is None:  # training: one adapter on every row
+            return (x @ a[0].T) @ bt[0]
+        rows = x.shape[0]
+        if n_slots * r <= DENSE_MAX_RANK:
+            # h [R, S·r] over every slot's factors; keep each row's own r columns; expand densely.
+            h = (x @ a.reshape(n_slots * r, in_f).T).view(rows, n_slots, r)
+            mask = (slots[:, None] == torch.arange(n_slots, device=slots.device)).to(h.dtype)  # [R, S]
+            return (h * mask[:, :, None]).view(rows, n_slots * r) @ bt.reshape(n_slots * r, -1)
+        a_rows, bt_rows = per_row(a, slots), per_row(bt, slots)  # [R, r, in], [R, r, out]
+        h = torch.bmm(x.unsqueeze(1), a_rows.transpose(1, 2))  # [R, 1, r]
+        return torch.bmm(h, bt_rows).view(rows, -1)  # [R, out]
+
+
+register_method(LoraMethod())

@@ -1,0 +1,243 @@
+"""SURM: Structured Unrestricted-Rank Matrices (arXiv 2406.17740) as an additive update.
+
+PyTorch layout: ``W [out, in]``, ``y = x Wᵀ + b``. The adapted layer is ``W' = W + α·ΔW`` with
+``ΔW`` one of three structured matrices (``N = max(out, in)``; non-square layers use the
+top-left ``[out, in]`` block of the ``N × N`` matrix, METHODS.md §4.4):
+
+* ``circulant``: ``ΔW = circ(c)[:out, :in]``, ``circ(c)[i, j] = c[(i − j) mod N]`` (first
+  COLUMN = c), ``c = r1 ⊙ r2`` (``surm_r1``, ``surm_r2`` [N], both trainable).
+  On the fly: ``Δy = irfft(rfft(x, n=N) ⊙ rfft(α·c), n=N)[:out]`` (FFT of x shared by all rows,
+  only the pointwise product uses the row's slot spectrum).
+* ``toeplitz``: ``ΔW = (T(b) T(a))[:out, :in]``, ``T(a)[i, j] = a[|i − j|]`` (symmetric
+  Toeplitz, ``surm_a``, ``surm_b`` [N]). On the fly: each ``T(v)`` is the top-left block of a
+  circulant of length ``L ≥ 2N − 1`` whose first column is ``[v0..v_{N−1}, 0.., v_{N−1}..v1]``;
+  that column is symmetric, so its spectrum is real. Two FFT products, truncated to N between.
+* ``kronecker``: ``ΔW = B ⊗ A`` (``torch.kron``), ``A = surm_kron_A [f, in/f]``,
+  ``B = surm_kron_B [out/f, f]``, ``f = kron_factor`` dividing in and out. On the fly, with
+  ``X = x.view(f, in/f)``: ``(B ⊗ A) x = (B X Aᵀ).reshape(out)`` (row ``p·f + r`` of ΔW is
+  ``B[p, :] ⊗ A[r, :]``).
+
+Init (identity = train, one factor zero): circulant r1 ~ N(0, 0.02), r2 = 0; toeplitz
+a ~ N(0, 0.02), b = 0; kronecker A Kaiming-uniform, B = 0. FFTs always run in float32 (bf16
+has no FFT); α is folded into the prepared slot tensors, so it is not part of the signature.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import FiniteFloat, model_validator
+
+from .base import AdapterMethod, ConfigError, InitMode, MethodConfig, ParamSpec, per_row
+from .registry import register_method
+
+Variant = Literal["circulant", "toeplitz", "kronecker"]
+
+
+class SurmConfig(MethodConfig):
+    variant: Variant = "circulant"
+    alpha: FiniteFloat = 1.0
+    kron_factor: int | None = None  # f; required for (and only for) the kronecker variant
+
+    @model_validator(mode="after")
+    def _check_kron_factor(self) -> SurmConfig:
+        if self.variant == "kronecker":
+            if self.kron_factor is None:
+                raise ValueError("kron_factor is required for variant='kronecker'")
+            if self.kron_factor < 1:
+                raise ValueError(f"kron_factor must be >= 1, got {self.kron_factor}")
+        elif self.kron_factor is not None:
+            raise ValueError(f"kron_factor is only used by variant='kronecker', not {self.variant!r}")
+        return self
+
+    def check_shape(self, module: str, out_f: int, in_f: int) -> None:
+        if self.variant == "kronecker":
+            _kron_dims(self.kron_factor, out_f, in_f, module)
+
+
+def _kron_dims(f: int, out_f: int, in_f: int, module: str = "the linear") -> tuple[int, int]:
+    for name, dim in (("in_features", in_f), ("out_features", out_f)):
+        if dim % f:
+            raise ConfigError("kron_factor", f"kron_factor={f} does not divide {name}={dim} of {module}")
+    return out_f // f, in_f // f
+
+
+def _toeplitz_len(n: int) -> int:
+    """Smallest 5-smooth length >= 2n - 1 (fast FFT sizes; 2n always qualifies when n is smooth)."""
+    m = max(2 * n - 1, 1)
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class SurmMethod(AdapterMethod):
+    name: ClassVar[str] = "surm"
+    peft_type: ClassVar[str] = "SURM"
+    config_cls: ClassVar[type[MethodConfig]] = SurmConfig
+
+    # ---- configuration -------------------------------------------------------------------
+    def param_specs(self, cfg: SurmConfig, out_f: int, in_f: int) -> dict[str, ParamSpec]:
+        n = max(out_f, in_f)
+        if cfg.variant == "circulant":
+            return {"surm_r1": ParamSpec((n,)), "surm_r2": ParamSpec((n,))}
+        if cfg.variant == "toeplitz":
+            return {"surm_a": ParamSpec((n,)), "surm_b": ParamSpec((n,))}
+        f = cfg.kron_factor
+        out_b, in_a = _kron_dims(f, out_f, in_f, f"a [{out_f}, {in_f}] linear")
+        return {"surm_kron_A": ParamSpec((f, in_a)), "surm_kron_B": ParamSpec((out_b, f))}
+
+    # ---- initialisation ------------------------------------------------------------------
+    def init_params(
+        self, cfg: SurmConfig, weight: torch.Tensor, mode: InitMode, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        out_f, in_f = weight.shape
+        specs = self.param_specs(cfg, out_f, in_f)
+        dev = weight.device
+
+        def randn(shape: tuple[int, ...], std: float) -> torch.Tensor:
+            return (torch.randn(shape, generator=generator, dtype=torch.float32) * std).to(dev)
+
+        def uniform(shape: tuple[int, ...], bound: float) -> torch.Tensor:
+            u = torch.rand(shape, generator=generator, dtype=torch.float32) * 2 - 1
+            return (u * bound).to(dev)
+
+        (n1, s1), (n2, s2) = specs.items()  # (trainable factor, zero factor at init)
+        if mode in ("identity", "train"):
+            if cfg.variant == "kronecker":  # A Kaiming-uniform (a=√5 → bound 1/√fan_in), B = 0
+                first = uniform(s1.shape, 1.0 / math.sqrt(s1.shape[1]))
+            else:
+                first = randn(s1.shape, 0.02)
+            return {n1: first, n2: torch.zeros(s2.shape, dtype=torch.float32, device=dev)}
+        if mode != "random":
+            raise ConfigError("init", f"unknown init mode {mode!r}")
+        # Random, non-zero; ΔW entries ~0.3x the scale of W (toeplitz entries sum N products).
+        w_std = float(weight.detach().float().std()) if weight.numel() > 1 else 1.0
+        target = 0.3 * (w_std if math.isfinite(w_std) and w_std > 0 else 1.0)
+        if cfg.variant == "toeplitz":
+            target /= math.sqrt(max(out_f, in_f))
+        std = math.sqrt(target)
+        return {n1: randn(s1.shape, std), n2: randn(s2.shape, std)}
+
+    # ---- dense forms ---------------------------------------------------------------------
+    def reference_weight(
+        self,
+        cfg: SurmConfig,
+        params: dict[str, torch.Tensor],
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Explicit dense matrices: column j of circ(c) is c rolled down by j; column j of T(a)
+        is ``[a_j, .., a_1, a_0, a_1, .., a_{N−1−j}]``; Kronecker by ``torch.kron``."""
+        out_f, in_f = weight.shape
+        n = max(out_f, in_f)
+        p = {k: v.float() for k, v in params.items()}
+        if cfg.variant == "circulant":
+            c = p["surm_r1"] * p["surm_r2"]
+            full = torch.stack([torch.roll(c, j) for j in range(n)], dim=1)  # [N, N]
+        elif cfg.variant == "toeplitz":
+
+            def toeplitz(a: torch.Tensor) -> torch.Tensor:
+                cols = [torch.cat([a[1 : j + 1].flip(0), a[: n - j]]) for j in range(n)]
+                return torch.stack(cols, dim=1)  # [N, N], T[i, j] = a[|i - j|]
+
+            full = toeplitz(p["surm_b"]) @ toeplitz(p["surm_a"])
+        else:
+            full = torch.kron(p["surm_kron_B"], p["surm_kron_A"])  # [out, in]
+        return weight + cfg.alpha * full[:out_f, :in_f].to(weight.dtype), bias
+
+    def merged_weight(
+        self,
+        cfg: SurmConfig,
+        params: dict[str, torch.Tensor],
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out_f, in_f = weight.shape
+        n = max(out_f, in_f)
+        dev = weight.device
+        p = {k: v.float() for k, v in params.items()}
+        if cfg.variant == "kronecker":
+            a, b = p["surm_kron_A"], p["surm_kron_B"]  # [f, in/f], [out/f, f]
+            # (p, r, q, s) -> ΔW[p·f + r, q·(in/f) + s] = B[p, q] · A[r, s]
+            dw = (b[:, None, :, None] * a[None, :, None, :]).reshape(out_f, in_f)
+        else:
+            diff = torch.arange(out_f, device=dev)[:, None] - torch.arange(in_f, device=dev)[None, :]
+            if cfg.variant == "circulant":
+                dw = (p["surm_r1"] * p["surm_r2"])[diff % n]  # gather c[(i − j) mod N]
+            else:
+                rows = torch.arange(n, device=dev)
+                t_b = p["surm_b"][(rows[:out_f, None] - rows[None, :]).abs()]  # [out, N]
+                t_a = p["surm_a"][(rows[:, None] - rows[None, :in_f]).abs()]  # [N, in]
+                dw = t_b @ t_a
+        return weight + cfg.alpha * dw.to(weight.dtype), bias
+
+    # ---- batched on-the-fly path ---------------------------------------------------------
+    def signature(self, cfg: SurmConfig, out_f: int, in_f: int) -> Hashable:
+        return (cfg.variant, out_f, in_f, cfg.kron_factor if cfg.variant == "kronecker" else None)
+
+    def prepare(
+        self, cfg: SurmConfig, params: dict[str, torch.Tensor], weight: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        out_f, in_f = weight.shape
+        n = max(out_f, in_f)
+        p = {k: v.float() for k, v in params.items()}
+        if cfg.variant == "circulant":
+            c = cfg.alpha * (p["surm_r1"] * p["surm_r2"])
+            return {"spec": torch.view_as_real(torch.fft.rfft(c, n=n))}  # [N//2 + 1, 2]
+        if cfg.variant == "toeplitz":
+            length = _toeplitz_len(n)
+
+            def spectrum(v: torch.Tensor) -> torch.Tensor:  # real: the embedding column is symmetric
+                col = torch.cat([v, v.new_zeros(length - 2 * n + 1), v[1:].flip(0)])  # [L]
+                return torch.fft.rfft(col).real  # [L//2 + 1]
+
+            return {"spec": torch.stack([spectrum(p["surm_a"]), cfg.alpha * spectrum(p["surm_b"])])}
+        # One table tensor [in + out] = [A.flatten(), α·B.flatten()]: a single gather per step.
+        return {"AB": torch.cat([p["surm_kron_A"].flatten(), cfg.alpha * p["surm_kron_B"].flatten()])}
+
+    def hooks(self, sig: Hashable) -> frozenset[str]:
+        return frozenset({"delta"})
+
+    def delta(
+        self, sig: Hashable, x: torch.Tensor, table: dict, slots: torch.Tensor | None, weight: torch.Tensor
+    ) -> torch.Tensor:
+        variant, out_f, in_f, f = sig
+        n = max(out_f, in_f)
+        xf = x.to(_compute_dtype(x))  # [R, in]
+        if variant == "circulant":
+            spec = torch.view_as_complex(per_row(table["spec"], slots).float())  # [R|1, N//2+1]
+            dy = torch.fft.irfft(torch.fft.rfft(xf, n=n) * spec, n=n)[..., :out_f]
+        elif variant == "toeplitz":
+            length = _toeplitz_len(n)
+            spec = per_row(table["spec"], slots).float()  # [R|1, 2, L//2+1]
+            u = torch.fft.irfft(torch.fft.rfft(xf, n=length) * spec[:, 0], n=length)[..., :n]  # T(a) x
+            dy = torch.fft.irfft(torch.fft.rfft(u, n=length) * spec[:, 1], n=length)[..., :out_f]
+        else:
+            ab = per_row(table["AB"], slots).to(xf.dtype)  # [R|1, in + out]
+            a = ab[:, :in_f].unflatten(1, (f, in_f // f))  # [R|1, f, in/f]
+            b = ab[:, in_f:].unflatten(1, (out_f // f, f))  # [R|1, out/f, f]
+            xm = xf.reshape(-1, f, in_f // f)  # [R, f, in/f]
+            if f * (in_f + out_f) <= 2 * out_f * in_f // f:
+                y = b @ (xm @ a.transpose(-1, -2))  # [R, out/f, f]
+            else:
+                y = (b @ xm) @ a.transpose(-1, -2)
+            dy = y.reshape(-1, out_f)  # [R, out], index p·f + r
+        return dy.to(x.dtype)
+
+    def serving_cost(self, sig: Hashable) -> Literal["cheap", "gemm"]:
+        return "cheap"
+
+
+register_method(SurmMethod())

@@ -1,0 +1,64 @@
+"""All server settings, read in one place: environment variables ``FACET_*`` and CLI flags.
+
+Build one ``Settings`` at start-up and pass it down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACET_", extra="forbid")
+
+    # ---- base model ----
+    model: str = Field(DEFAULT_MODEL, description="'smollm2-135m-instruct' (offline default), a local folder or a hub id")
+    device: str | None = Field(None, description="cuda / cpu; default: cuda when available")
+    dtype: str | None = Field(None, description="float32 / bfloat16 / float16; default: bf16 on CUDA, fp32 on CPU")
+    data_dir: Path = Field(Path("var"), description="model cache, adapter store, job data")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="linear layers wrapped for adapters (name suffixes)",
+    )
+
+    # ---- engine ----
+    max_batch_size: int = Field(64, ge=1, description="running sequences per step")
+    max_tokens_per_step: int = Field(4096, ge=16, description="prefill + decode tokens in one step")
+    device_adapter_bytes: int = Field(256 << 20, ge=0, description="byte budget of device slot tables")
+    host_adapter_bytes: int = Field(1 << 30, ge=0, description="byte budget of the host adapter LRU")
+    merged_cache_bytes: int = Field(0, ge=0, description="byte budget of merged-weight copies (0 = off)")
+    merge_after_steps: int = Field(4, ge=1, description="whole steps on one adapter before it is served merged")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+
+    # ---- http ----
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = field.annotation
+        if kind is list[str]:
+            parser.add_argument(flag, nargs="+", default=None, help=field.description)
+        else:
+            parser.add_argument(flag, default=None, help=field.description)
+
+
+def settings_from_cli(argv: list[str] | None = None) -> Settings:
+    """Environment first, then CLI flags on top."""
+    parser = argparse.ArgumentParser(prog="facet")
+    add_cli_args(parser)
+    ns = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(ns).items() if v is not None}
+    return Settings(**overrides)
