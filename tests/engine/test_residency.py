@@ -56,6 +56,8 @@ def test_pinned_adapters_are_never_evicted(setup):
     one.device_entry(0)
     res = Residency(base.modules, source, device_bytes=4 * one.device_used, host_bytes=1 << 30)
     res.pinned.update({0, 1})
+    res.device_entry(0)
+    res.device_entry(1)
     for i in range(30):
         res.device_entry(i)
         assert "device" in res.tier_of(0) and "device" in res.tier_of(1)
