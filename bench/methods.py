@@ -100,12 +100,20 @@ def main() -> None:
                     args.repeats,
                 )
             ratios[sname] = t_ad / t_base
-        results.append({"family": label, "config": raw, "time_ratio": ratios, "device_bytes_per_adapter": nbytes})
+        results.append(
+            {"family": label, "config": raw, "time_ratio": ratios, "device_bytes_per_adapter": nbytes}
+        )
         print(f"{label:22s} " + " ".join(f"{ratios[s]:16.3f}x" for s in SHAPES) + f" {nbytes:14,d}")
     out = Path(__file__).parent / "results" / "methods.json"
     out.parent.mkdir(exist_ok=True)
-    meta = {"threads": args.threads, "rows": args.rows, "adapters": args.adapters, "torch": torch.__version__,
-            "machine": platform.machine(), "repeats": args.repeats}
+    meta = {
+        "threads": args.threads,
+        "rows": args.rows,
+        "adapters": args.adapters,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "repeats": args.repeats,
+    }
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, ensure_ascii=False))
     print(f"wrote {out}")
 

@@ -18,9 +18,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FACET_", extra="forbid")
 
     # ---- base model ----
-    model: str = Field(DEFAULT_MODEL, description="'smollm2-135m-instruct' (offline default), a local folder or a hub id")
+    model: str = Field(
+        DEFAULT_MODEL, description="'smollm2-135m-instruct' (offline default), a local folder or a hub id"
+    )
     device: str | None = Field(None, description="cuda / cpu; default: cuda when available")
-    dtype: str | None = Field(None, description="float32 / bfloat16 / float16; default: bf16 on CUDA, fp32 on CPU")
+    dtype: str | None = Field(
+        None, description="float32 / bfloat16 / float16; default: bf16 on CUDA, fp32 on CPU"
+    )
     data_dir: Path = Field(Path("var"), description="model cache, adapter store, job data")
     target_modules: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -33,7 +37,9 @@ class Settings(BaseSettings):
     device_adapter_bytes: int = Field(256 << 20, ge=0, description="byte budget of device slot tables")
     host_adapter_bytes: int = Field(1 << 30, ge=0, description="byte budget of the host adapter LRU")
     merged_cache_bytes: int = Field(0, ge=0, description="byte budget of merged-weight copies (0 = off)")
-    merge_after_steps: int = Field(4, ge=1, description="whole steps on one adapter before it is served merged")
+    merge_after_steps: int = Field(
+        4, ge=1, description="whole steps on one adapter before it is served merged"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
 
     # ---- http ----

@@ -83,7 +83,7 @@ class Engine:
         old = self._registry.get(adapter_id)
         self._registry[adapter_id] = (version, adapter)
         if old is not None:
-            self.residency.forget((adapter_id, old[0]))
+            self.forget(adapter_id, old[0])
         return (adapter_id, version)
 
     def _from_registry(self, key: AdapterKey) -> Adapter:
@@ -114,22 +114,40 @@ class Engine:
         sink: EventSink | None = None,
     ) -> GenerationRequest:
         key = self.resolve(adapter_id)
-        if key is not None:
-            self.residency.get_host(key)  # load (once) before queueing: errors surface to the caller
         kwargs = {} if sink is None else {"sink": sink}
         req = GenerationRequest(
-            prompt_token_ids=list(prompt_token_ids), params=params or SamplingParams(), adapter_key=key, **kwargs
+            prompt_token_ids=list(prompt_token_ids),
+            params=params or SamplingParams(),
+            adapter_key=key,
+            **kwargs,
         )
+        if key is not None:
+            # The request holds its version until it finishes: a delete or re-upload meanwhile
+            # never changes what it runs, and memory is freed after the last user ends.
+            self.residency.acquire(key)
+            req.on_finish.append(lambda: self.residency.release(key))
+            try:
+                self.residency.get_host(key)  # load once, before queueing: errors reach the caller
+            except BaseException:
+                self.residency.release(key)
+                raise
         self.generator.submit(req)
         return req
+
+    def forget(self, adapter_id: str, version: int) -> None:
+        """The store deleted or replaced this version: no new request gets it; memory is freed
+        once the requests still using it end."""
+        self.residency.forget((adapter_id, version))
+        self.generator.wake()
 
     # ---- engine thread ---------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self.generator.run_forever, args=(self._stop,), daemon=True,
-                                        name="facet-engine")
+        self._thread = threading.Thread(
+            target=self.generator.run_forever, args=(self._stop,), daemon=True, name="facet-engine"
+        )
         self._thread.start()
 
     def stop(self) -> None:

@@ -189,7 +189,7 @@ class Generator:
         self.abort_all("generator stopped")
 
     def abort_all(self, message: str) -> None:
-        """Finish every waiting and running request with ``"error"``."""
+        """Finish every waiting and running request with ``"error"`` (engine thread, or engine stopped)."""
         with self._cond:
             waiting = list(self._waiting)
             self._waiting.clear()
@@ -205,10 +205,9 @@ class Generator:
         admitted = self._admit()
 
         newcomers = self._new_batch()
-        prefill_tokens = 0
+        prefill_tokens = sum(len(r.prompt_token_ids) for r in admitted)
         if admitted:
             seqs = [self._start(r) for r in admitted]
-            prefill_tokens = sum(len(r.prompt_token_ids) for r in admitted)
             try:
                 logits = newcomers.prefill(seqs)  # [N, V]
                 finished += self._sample_and_emit(newcomers, logits)
@@ -227,7 +226,12 @@ class Generator:
                 finished += self._fail(list(self._running.seqs), exc)
                 self._running = self._new_batch()
 
-        self._running.concat(newcomers)
+        try:
+            self._running.concat(newcomers)
+        except Exception as exc:  # e.g. the forward produced caches of different layouts
+            log.exception("merging the prefilled batch failed")
+            finished += self._fail(self._running.seqs + newcomers.seqs, exc)
+            self._running = self._new_batch()
         return StepStats(
             batch_size=len(admitted) + decode_tokens,
             prefill_tokens=prefill_tokens,

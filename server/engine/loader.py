@@ -63,8 +63,12 @@ def load_base_model(settings: Settings) -> BaseModel:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     model.to(device).eval()
     model.requires_grad_(False)
-    return wrap_model(settings.model if settings.model == DEFAULT_MODEL else Path(source).name or source,
-                      model, tokenizer, settings.target_modules)
+    return wrap_model(
+        settings.model if settings.model == DEFAULT_MODEL else Path(source).name or source,
+        model,
+        tokenizer,
+        settings.target_modules,
+    )
 
 
 def wrap_model(name: str, model: nn.Module, tokenizer, target_modules: list[str]) -> BaseModel:

@@ -42,9 +42,11 @@ def find_gguf() -> Path:
 
 
 def cache_is_complete(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file() and (
-        folder / "tokenizer.json"
-    ).is_file()
+    return (
+        (folder / "model.safetensors").is_file()
+        and (folder / "config.json").is_file()
+        and (folder / "tokenizer.json").is_file()
+    )
 
 
 def provision_default_model(cache_root: Path) -> Path:

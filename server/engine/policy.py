@@ -41,6 +41,7 @@ class StepPlanner:
         return "gemm" if "gemm" in costs else "cheap"
 
     def plan(self, keys: Sequence[Hashable | None], tokens_per_row: int) -> ServeBinding | None:
+        self.residency.apply_drops()
         present = list(dict.fromkeys(k for k in keys if k is not None))
         if not present:
             return None

@@ -184,6 +184,8 @@ class GenerationRequest:
     arrival_time: float = field(default_factory=time.monotonic)
     _cancel_flag: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _finished: bool = field(default=False, init=False, repr=False)
+    # Called once, after the FinishEvent is delivered (the engine releases the adapter version here).
+    on_finish: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
@@ -208,6 +210,9 @@ class GenerationRequest:
         if isinstance(event, FinishEvent):
             self._finished = True
         self.sink.emit(event)
+        if isinstance(event, FinishEvent):
+            for callback in self.on_finish:
+                callback()
 
 
 # ----------------------------------------------------------------------------------------- text
@@ -233,13 +238,15 @@ class IncrementalDetokenizer:
         self._ids: list[int] = list(prompt_token_ids[-context:]) if context > 0 else []
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        self._prefix_text = self._decode(self._ids)
+        self._prefix_text: str | None = None  # decode(ids[prefix_offset:read_offset]), computed lazily
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True) if ids else ""
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (possibly ``""``)."""
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._ids)
         self._ids.append(token_id)
         new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) > len(self._prefix_text) and not new_text.endswith("\ufffd"):
@@ -252,8 +259,9 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Text still pending (e.g. a trailing incomplete character, as U+FFFD) at the end of a sequence."""
+        prefix_text = self._prefix_text if self._prefix_text is not None else self._decode(self._ids)
         new_text = self._decode(self._ids[self._prefix_offset :])
-        delta = new_text[len(self._prefix_text) :] if len(new_text) > len(self._prefix_text) else ""
+        delta = new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
         self._prefix_offset = self._read_offset = len(self._ids)
         self._prefix_text = ""
         return delta

@@ -82,6 +82,9 @@ class Residency:
         self._pools: dict[Hashable, SlotPool] = {}
         self._merged: OrderedDict[AdapterKey, MergedEntry] = OrderedDict()
         self._refs: dict[AdapterKey, int] = {}
+        self._refs_lock = threading.Lock()
+        self._forgotten: set[AdapterKey] = set()  # deleted/replaced, dropped when the last user ends
+        self._drop_queue: list[AdapterKey] = []  # device/merged drops for the engine thread
         self.pinned: set[AdapterKey] = set()
 
     # ---- host tier (any thread) ------------------------------------------------------------
@@ -128,24 +131,46 @@ class Residency:
             self.stats.evictions["host"] += 1
 
     def forget(self, key: AdapterKey) -> None:
-        """Drop every copy of ``key`` that no running request uses (adapter deleted/replaced)."""
+        """``key`` was deleted or replaced: drop every copy now, or when its last request ends."""
+        self.pinned.discard(key)
+        with self._refs_lock:
+            if self._refs.get(key):
+                self._forgotten.add(key)
+                return
+        self._drop_all(key)
+
+    def _drop_all(self, key: AdapterKey) -> None:
         with self._host_lock:
             self._host.pop(key, None)
-        self.pinned.discard(key)
-        if not self._refs.get(key):
+            self._drop_queue.append(key)
+
+    def apply_drops(self) -> None:
+        """Engine thread: free the device slots and merged copies of forgotten adapters."""
+        with self._host_lock:
+            keys, self._drop_queue = self._drop_queue, []
+        for key in keys:
             self._drop_device(key)
             self._merged.pop(key, None)
 
-    # ---- references held by running requests (engine thread) -------------------------------
+    # ---- references held by requests (any thread) --------------------------------------------
     def acquire(self, key: AdapterKey) -> None:
-        self._refs[key] = self._refs.get(key, 0) + 1
+        with self._refs_lock:
+            self._refs[key] = self._refs.get(key, 0) + 1
 
     def release(self, key: AdapterKey) -> None:
-        n = self._refs.get(key, 0) - 1
-        if n <= 0:
+        with self._refs_lock:
+            n = self._refs.get(key, 0) - 1
+            if n > 0:
+                self._refs[key] = n
+                return
             self._refs.pop(key, None)
-        else:
-            self._refs[key] = n
+            drop = key in self._forgotten
+            self._forgotten.discard(key)
+        if drop:
+            self._drop_all(key)
+
+    def in_use(self, key: AdapterKey) -> int:
+        return self._refs.get(key, 0)
 
     # ---- device tier (engine thread) --------------------------------------------------------
     @property
@@ -177,7 +202,10 @@ class Residency:
         for path, params in adapter.modules.items():
             base = self.modules[path].base
             w = base.weight
-            p = {k: v.to(w.device, torch.float32 if v.is_floating_point() else v.dtype) for k, v in params.items()}
+            p = {
+                k: v.to(w.device, torch.float32 if v.is_floating_point() else v.dtype)
+                for k, v in params.items()
+            }
             out = adapter.method.prepare(adapter.config, p, w.float())
             prepared[path] = {
                 k: (v.to(w.dtype) if v.is_floating_point() else v).contiguous() for k, v in out.items()
@@ -200,10 +228,13 @@ class Residency:
             if self.device_used + needed <= self.device_bytes:
                 return
             victim = next(
-                (k for k in self._device if k != keep and k not in self.pinned and not self._refs.get(k)), None
+                (k for k in self._device if k != keep and k not in self.pinned and not self._refs.get(k)),
+                None,
             )
             if victim is None:
-                raise NoDeviceRoom(f"device adapter budget {self.device_bytes} B is full of pinned/in-use adapters")
+                raise NoDeviceRoom(
+                    f"device adapter budget {self.device_bytes} B is full of pinned/in-use adapters"
+                )
             self._drop_device(victim)
             self.stats.evictions["device"] += 1
 
@@ -232,13 +263,18 @@ class Residency:
             for path, params in adapter.modules.items():
                 base = self.modules[path].base
                 w = base.weight
-                p = {k: v.to(w.device, torch.float32 if v.is_floating_point() else v.dtype) for k, v in params.items()}
+                p = {
+                    k: v.to(w.device, torch.float32 if v.is_floating_point() else v.dtype)
+                    for k, v in params.items()
+                }
                 b = None if base.bias is None else base.bias.float()
                 w2, b2 = adapter.method.merged_weight(adapter.config, p, w.float(), b)
                 w2 = w2.to(w.dtype).contiguous()
                 b2 = None if b2 is None else b2.to(w.dtype)
                 weights[path] = (w2, b2)
-                nbytes += w2.numel() * w2.element_size() + (0 if b2 is None else b2.numel() * b2.element_size())
+                nbytes += w2.numel() * w2.element_size() + (
+                    0 if b2 is None else b2.numel() * b2.element_size()
+                )
         if nbytes > self.merged_bytes:
             return None
         while self._merged and sum(e.nbytes for e in self._merged.values()) + nbytes > self.merged_bytes:

@@ -27,8 +27,12 @@ class SlotPool:
         self.key = key
         self.method = method
         self.sigs = sigs
-        self._shapes = {p: {n: (t.shape, t.dtype, t.device) for n, t in ts.items()} for p, ts in example.items()}
-        self.bytes_per_slot = sum(t.numel() * t.element_size() for ts in example.values() for t in ts.values())
+        self._shapes = {
+            p: {n: (t.shape, t.dtype, t.device) for n, t in ts.items()} for p, ts in example.items()
+        }
+        self.bytes_per_slot = sum(
+            t.numel() * t.element_size() for ts in example.values() for t in ts.values()
+        )
         self.capacity = 0
         self.owners: list[Hashable] = []  # owners[slot] = adapter key
         self.tables: dict[str, dict[str, torch.Tensor]] = {}

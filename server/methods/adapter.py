@@ -97,16 +97,20 @@ class Adapter:
         """Group tensors by module and check every name, shape and dtype against the base model."""
         targets = {p: s for p, s in module_shapes.items() if matches_target(p, cfg.target_modules)}
         if not targets:
-            raise ConfigError("target_modules", f"{cfg.target_modules!r} matches no linear layer of the base model")
+            raise ConfigError(
+                "target_modules", f"{cfg.target_modules!r} matches no linear layer of the base model"
+            )
         expected: dict[str, tuple[str, str]] = {}
         for path, (out_f, in_f) in targets.items():
             cfg.check_shape(path, out_f, in_f)
-            for pname, spec in method.param_specs(cfg, out_f, in_f).items():
+            for pname in method.param_specs(cfg, out_f, in_f):
                 expected[f"{KEY_PREFIX}{path}.{method.tensor_suffix(pname)}"] = (path, pname)
         modules: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
             if key not in expected:
-                raise WeightsError(key, "unexpected tensor (not a parameter of this family on a targeted module)")
+                raise WeightsError(
+                    key, "unexpected tensor (not a parameter of this family on a targeted module)"
+                )
             path, pname = expected[key]
             out_f, in_f = targets[path]
             spec = method.param_specs(cfg, out_f, in_f)[pname]

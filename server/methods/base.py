@@ -132,6 +132,7 @@ class AdapterMethod(ABC):
         self, cfg: MethodConfig, module: str, params: dict[str, torch.Tensor], out_f: int, in_f: int
     ) -> None:
         """Value checks beyond shape and dtype (e.g. DCT positions in range and unique)."""
+        return None
 
     def tensor_suffix(self, pname: str) -> str:
         """Name of a parameter inside the safetensors file, after the module path."""
@@ -156,12 +157,20 @@ class AdapterMethod(ABC):
     # ---- dense forms ---------------------------------------------------------------------
     @abstractmethod
     def reference_weight(
-        self, cfg: MethodConfig, params: dict[str, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None
+        self,
+        cfg: MethodConfig,
+        params: dict[str, torch.Tensor],
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Slow, obviously-correct ``(W', b')`` built with explicit dense matrices (test oracle)."""
 
     def merged_weight(
-        self, cfg: MethodConfig, params: dict[str, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None
+        self,
+        cfg: MethodConfig,
+        params: dict[str, torch.Tensor],
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fast ``(W', b')`` for merging. Defaults to the reference."""
         return self.reference_weight(cfg, params, weight, bias)

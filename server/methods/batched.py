@@ -100,8 +100,11 @@ class MergeUndo:
 def merge_into(linear: torch.nn.Linear, method: AdapterMethod, cfg: MethodConfig, params: dict) -> MergeUndo:
     """Write ``W'`` (and ``b'``) into ``linear`` in place; returns what ``restore`` needs."""
     w = linear.weight
-    undo = MergeUndo(w.detach().clone(), None if linear.bias is None else linear.bias.detach().clone(),
-                     linear.bias is not None)
+    undo = MergeUndo(
+        w.detach().clone(),
+        None if linear.bias is None else linear.bias.detach().clone(),
+        linear.bias is not None,
+    )
     p32 = {k: (v.float() if v.is_floating_point() else v) for k, v in params.items()}
     b32 = None if linear.bias is None else linear.bias.float()
     new_w, new_b = method.merged_weight(cfg, p32, w.float(), b32)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import Field, field_validator
@@ -84,32 +84,76 @@ def dct_matrix(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
     return c.to(device=device, dtype=dtype)
 
 
+class _Plan(NamedTuple):
+    """Constants of the length-N real-FFT forms of the orthonormal DCT (Makhoul's reordering)."""
+
+    perm: torch.Tensor  # [N] long: rfft input x[perm] = (x0, x2, x4, ..., x5, x3, x1)
+    unperm: torch.Tensor  # [N] long: its inverse, applied to the irfft output
+    twiddle: torch.Tensor  # [N//2+1] complex: e^{-i pi k / 2N}
+    gsel: (
+        torch.Tensor
+    )  # [N] long: x C^T [v] = gscale[v] * P_flat[gsel[v]] (P_flat: real view of the spectrum)
+    gscale: torch.Tensor  # [N] float: +s_v (real part, v <= N/2) or -s_v (imag part of bin N - v)
+    sidx: torch.Tensor  # [2, N] long: z[u] lands in the (re, im) slots of bin min(u, N - u)
+    sfac: torch.Tensor  # [2, N] float: with these (re, im) factors, so that irfft gives z C
+
+
 @lru_cache(maxsize=64)
-def _twiddles(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(fwd [n, 2], inv [n, 2])``: (re, im) factors of the FFT forms in the module docstring."""
+def _plan(n: int, device: torch.device, dtype: torch.dtype) -> _Plan:
     k = torch.arange(n, dtype=torch.float64)
-    s = torch.full((n,), math.sqrt(2.0 / n), dtype=torch.float64)
+    s = torch.full_like(k, math.sqrt(2.0 / n))
     s[0] = math.sqrt(1.0 / n)
-    rot = torch.stack([torch.cos(math.pi * k / (2 * n)), torch.sin(math.pi * k / (2 * n))], dim=-1)  # [n, 2]
-    fwd = s[:, None] * rot
-    inv = (n * s * torch.where(k == 0, 2.0, 1.0))[:, None] * rot
-    return fwd.to(device=device, dtype=dtype), inv.to(device=device, dtype=dtype)
+    perm = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2).flip(0)])
+    bins = torch.arange(n // 2 + 1, dtype=torch.float64)
+    twiddle = torch.polar(torch.ones_like(bins), -math.pi * bins / (2 * n))
+    low = 2 * k <= n  # v <= N/2: real part of bin v; above: minus the imag part of bin N - v
+    gsel = torch.where(low, 2 * k, 2 * (n - k) + 1).long()
+    # z C = DCT-III of s*z: Makhoul's inverse puts zeta_u s_u z_u into bin u with e^{i pi u/2N} (u < N/2),
+    # into bin N - u with -i e^{i pi (N-u)/2N} (u > N/2), or bin N/2 with sqrt(2); zeta = N (u = 0), N/2.
+    base = torch.where(k == 0, 2.0, 1.0).double() * (n / 2.0) * s
+    theta = math.pi * torch.where(2 * k < n, k, n - k) / (2 * n)
+    re = torch.where(2 * k < n, torch.cos(theta), torch.where(2 * k == n, math.sqrt(2.0), torch.sin(theta)))
+    im = torch.where(2 * k < n, torch.sin(theta), torch.where(2 * k == n, 0.0, -torch.cos(theta)))
+    b = torch.where(2 * k <= n, k, n - k).long()
+    return _Plan(
+        perm=perm.to(device),
+        unperm=torch.argsort(perm).to(device),
+        twiddle=twiddle.to(device, torch.complex128 if dtype == torch.float64 else torch.complex64),
+        gsel=gsel.to(device),
+        gscale=torch.where(low, s, -s).to(device, dtype),
+        sidx=torch.stack([2 * b, 2 * b + 1]).to(device),
+        sfac=(base * torch.stack([re, im])).to(device, dtype),
+    )
+
+
+def _spectrum(x: torch.Tensor) -> torch.Tensor:
+    """``P_flat [..., 2(N//2+1)]``: the twiddled rfft of the reordered rows of ``x [..., N]``."""
+    n = x.shape[-1]
+    plan = _plan(n, x.device, x.dtype)
+    spec = torch.fft.rfft(x.index_select(-1, plan.perm)) * plan.twiddle  # [..., N//2+1] complex
+    return torch.view_as_real(spec).flatten(-2)
+
+
+def _from_bins(v_flat: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows ``[..., N]`` from their half spectrum ``v_flat [..., 2(N//2+1)]`` (inverse of the reordering)."""
+    plan = _plan(n, v_flat.device, v_flat.dtype)
+    bins = torch.view_as_complex(v_flat.unflatten(-1, (n // 2 + 1, 2)))
+    return torch.fft.irfft(bins, n=n).index_select(-1, plan.unperm)
 
 
 def dct_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x C_N^T`` for ``x [..., N]`` (orthonormal DCT-II of each row) by one real FFT of length 2N."""
-    n = x.shape[-1]
-    fwd, _ = _twiddles(n, x.device, x.dtype)
-    spec = torch.view_as_real(torch.fft.rfft(x, n=2 * n))[..., :n, :]  # [..., n, 2]
-    return (spec * fwd).sum(-1)
+    """``x C_N^T`` for ``x [..., N]``: the orthonormal DCT-II of each row (one length-N real FFT)."""
+    plan = _plan(x.shape[-1], x.device, x.dtype)
+    return _spectrum(x).index_select(-1, plan.gsel) * plan.gscale
 
 
 def idct_rows(z: torch.Tensor) -> torch.Tensor:
-    """``z C_N`` for ``z [..., N]`` (orthonormal inverse DCT of each row) by one real IFFT of length 2N."""
+    """``z C_N`` for ``z [..., N]``: the orthonormal inverse DCT of each row (one length-N real IFFT)."""
     n = z.shape[-1]
-    _, inv = _twiddles(n, z.device, z.dtype)
-    h = torch.view_as_complex(z.unsqueeze(-1) * inv)  # [..., n] complex; irfft zero-pads bin n
-    return torch.fft.irfft(h, n=2 * n)[..., :n]
+    plan = _plan(n, z.device, z.dtype)
+    terms = (z.unsqueeze(-2) * plan.sfac).flatten(-2)  # [..., 2N]: (re, im) contributions
+    v_flat = z.new_zeros(*z.shape[:-1], 2 * (n // 2 + 1)).index_add(-1, plan.sidx.flatten(), terms)
+    return _from_bins(v_flat, n)
 
 
 # ---- position selection (training init only) --------------------------------------------------
@@ -215,7 +259,9 @@ class DCTMethod(AdapterMethod):
                 )
         flat = rows * in_f + cols
         if torch.unique(flat).numel() != flat.numel():
-            raise WeightsError(f"{KEY_PREFIX}{module}.dct_rows", f"duplicate (row, col) positions in {module}")
+            raise WeightsError(
+                f"{KEY_PREFIX}{module}.dct_rows", f"duplicate (row, col) positions in {module}"
+            )
 
     def init_params(
         self, cfg: DCTConfig, weight: torch.Tensor, mode: InitMode, generator: torch.Generator
@@ -278,14 +324,21 @@ class DCTMethod(AdapterMethod):
     def prepare(
         self, cfg: DCTConfig, params: dict[str, torch.Tensor], weight: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        n_pad = self.signature(cfg, *weight.shape)[3]
+        """Per slot: ``pos [3, n_pad]`` = (gather index into the input spectrum, scatter indices of the
+        (re, im) output bin) and ``coef [2, n_pad]`` = alpha c_j times the fixed transform factors of
+        (v_j, u_j). Padding (c = 0, index 0) is harmless."""
+        out_f, in_f = weight.shape
+        n_pad = self.signature(cfg, out_f, in_f)[3]
         coef = params["dct_coef"]
-        coef = coef.to(torch.promote_types(coef.dtype, torch.float32)) * cfg.scaling  # alpha folded in
-        pad = n_pad - coef.shape[0]  # padding: c = 0 at position (0, 0), harmless
-        vu = torch.stack([params["dct_cols"].long(), params["dct_rows"].long()])  # [2, n]: (v, u)
+        ftype = torch.promote_types(coef.dtype, torch.float32)
+        p_in, p_out = _plan(in_f, weight.device, ftype), _plan(out_f, weight.device, ftype)
+        u, v = params["dct_rows"].long(), params["dct_cols"].long()
+        fac = p_in.gscale[v] * p_out.sfac[:, u]  # [2, n]
+        pad = n_pad - coef.shape[0]
+        pos = torch.cat([p_in.gsel[v][None], p_out.sidx[:, u]])  # [3, n]
         return {
-            "coef": torch.nn.functional.pad(coef, (0, pad)),  # [n_pad]
-            "vu": torch.nn.functional.pad(vu, (0, pad)),  # [2, n_pad]
+            "pos": torch.nn.functional.pad(pos, (0, pad)),  # [3, n_pad]
+            "coef": torch.nn.functional.pad(cfg.scaling * coef.to(ftype) * fac, (0, pad)),  # [2, n_pad]
         }
 
     def hooks(self, sig: Hashable) -> frozenset[str]:
@@ -297,12 +350,13 @@ class DCTMethod(AdapterMethod):
         _, out_f, _, n_pad = sig
         rows = x.shape[0]
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        x_hat = dct_rows(x.to(dtype))  # [R, in], shared by every slot
-        vu = per_row(table["vu"], slots)  # [R|1, 2, n_pad]: (col v, row u)
-        cols, out_pos = vu[:, 0].expand(rows, n_pad), vu[:, 1].expand(rows, n_pad)
-        terms = x_hat.gather(1, cols) * per_row(table["coef"], slots).to(dtype)  # [R, n_pad]
-        z = torch.zeros(rows, out_f, device=x.device, dtype=dtype).scatter_add_(1, out_pos, terms)
-        return idct_rows(z).to(x.dtype)  # [R, out]
+        spec = _spectrum(x.to(dtype))  # [R, 2(in//2+1)]: the DCT of every row, shared by all slots
+        pos = per_row(table["pos"], slots).expand(rows, 3, n_pad)
+        picked = spec.gather(1, pos[:, 0])  # [R, n_pad]: x_hat[v_j] up to the factor folded into coef
+        terms = picked.unsqueeze(1) * per_row(table["coef"], slots).to(dtype)  # [R, 2, n_pad]
+        bins = torch.zeros(rows, 2 * (out_f // 2 + 1), device=x.device, dtype=dtype)
+        bins.scatter_add_(1, pos[:, 1:].reshape(rows, 2 * n_pad), terms.reshape(rows, 2 * n_pad))
+        return _from_bins(bins, out_f).to(x.dtype)  # [R, out] = alpha z C_out
 
 
 register_method(DCTMethod())

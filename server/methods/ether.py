@@ -11,18 +11,19 @@ PyTorch layout: ``W [out, in]``, ``y = x Wᵀ + b``. On a chosen side of dimensi
 
 Since H is symmetric, the input side is ``y = (x H_in) Wᵀ + b``: a ``pre`` transform of each
 activation row; the output side is ``y = (x Wᵀ) H_out + b``: a ``post`` transform of each bias-free
-base-output row. Both act block by block on a row ``z`` (``z_k`` = its k-th length-b chunk)::
+base-output row. Both act block by block on a row ``z`` (``z_k`` = its k-th length-b chunk) through
+one symmetric rank-2 form, so that both variants share one serving layout::
 
-    z_k ← z_k + Σ_{j=0,1} c_kj (p_kj · z_k)      ETHER: p = (û, û), c = (−û, −û)
-                                                  ETHER+: p = (û, v̂), c = (−û, +v̂)
+    z_k ← z_k − ½ p1_k (p0_k · z_k) − ½ p0_k (p1_k · z_k)
+        ETHER:  (p0, p1) = (û, 2û)           −½(p1 p0ᵀ + p0 p1ᵀ) = −2ûûᵀ
+        ETHER+: (p0, p1) = (û − v̂, û + v̂)    −½(p1 p0ᵀ + p0 p1ᵀ) = −ûûᵀ + v̂v̂ᵀ
 
-so both variants share one serving layout (``prepare`` stores ``[p_0, p_1, c_0, c_1]`` per block,
-shape ``[n, 4, b]``) and one slot table per (sides, n_blocks, shape): a mixed batch of ETHER and
-ETHER+ adapters costs one group. The two rank-1 terms are formed separately and summed before
-being added to ``z``, so ETHER+ at ``v = −u`` returns ``z`` bit for bit. The merge applies the same
-transform to the rows of ``W`` (input side) and of ``Wᵀ`` (output side): two rank-1 updates per
-block, O(out·in) per side, H never materialised; ``reference_weight`` instead builds the dense
-``torch.block_diag`` matrices and multiplies (the test oracle).
+``prepare`` stores ``(p0, p1)`` per block (``[n, 2, b]``), and there is one slot table per
+(sides, n_blocks, shape): ETHER and ETHER+ adapters mix in one group. At the ETHER+ init
+``v = −u`` the vector ``p1 = û + v̂`` is exactly zero, so the output is ``z`` bit for bit. The
+merge applies the same transform to the rows of ``W`` (input side) and of ``Wᵀ`` (output side):
+two rank-1 updates per block, O(out·in) per side, H never materialised; ``reference_weight``
+instead builds the dense ``torch.block_diag`` matrices and multiplies (the test oracle).
 
 Config: ``variant`` "ether" | "etherplus"; ``side`` "in" | "out" | "both" (ETHER+ only: two-sided,
 the official code's recommended ``etherplusHH``) | "auto" (the smaller dimension, ties -> "in");
@@ -83,7 +84,9 @@ class EtherConfig(MethodConfig):
         for s in self.sides(out_f, in_f):
             label, d = dims[s]
             if d % self.n_blocks:
-                raise ConfigError("n_blocks", f"n_blocks={self.n_blocks} does not divide {label}={d} of {module}")
+                raise ConfigError(
+                    "n_blocks", f"n_blocks={self.n_blocks} does not divide {label}={d} of {module}"
+                )
             if d // self.n_blocks < 2:
                 raise ConfigError(
                     "n_blocks",
@@ -101,16 +104,19 @@ def _side_dim(side: Side, out_f: int, in_f: int) -> int:
     return in_f if side == "in" else out_f
 
 
-def _transform(z: torch.Tensor, pc: torch.Tensor) -> torch.Tensor:
-    """Rows of ``z [R, D]`` through the blocks; ``pc [R or 1, n, 4, b]`` holds p_0, p_1, c_0, c_1."""
+def _transform(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Rows of ``z [R, D]`` through the blocks: ``z_k - ½ p1 (p0 · z_k) - ½ p0 (p1 · z_k)``.
+
+    ``p [R or 1, n, 2, b]`` holds (p0, p1) per row (gathered slot) and block.
+    """
     r, d = z.shape
-    n, b = pc.shape[1], pc.shape[3]
-    if pc.dtype != z.dtype:
-        pc = pc.to(z.dtype)
-    pc = pc.expand(r, n, 4, b).reshape(r * n, 4, b)  # copies only when broadcasting one slot
-    s = torch.bmm(pc[:, :2], z.reshape(r * n, b, 1))  # [R*n, 2, 1]: p_j · z_k
-    t = s * pc[:, 2:]  # [R*n, 2, b]: c_j (p_j · z_k)
-    return z + (t[:, 0] + t[:, 1]).view(r, d)  # the two terms cancel exactly when v = -u
+    n, b = p.shape[1], p.shape[3]
+    if p.dtype != z.dtype:
+        p = p.to(z.dtype)
+    z3 = z.view(r, n, b)  # [R, n, b]: one chunk per block
+    s = (z3.unsqueeze(2) * p).sum(-1, keepdim=True)  # [R, n, 2, 1]: (p0 · z_k, p1 · z_k)
+    out = torch.addcmul(z3, s[:, :, 0], p[:, :, 1], value=-0.5)  # [R, n, b]
+    return out.addcmul_(s[:, :, 1], p[:, :, 0], value=-0.5).view(r, d)
 
 
 class EtherMethod(AdapterMethod):
@@ -134,7 +140,9 @@ class EtherMethod(AdapterMethod):
             norms = t.float().norm(dim=-1)
             if not (norms > 0).all():
                 k = int((norms <= 0).nonzero()[0, 0])
-                raise WeightsError(f"{module}.{pname}", f"block {k} is an all-zero vector (cannot be normalised)")
+                raise WeightsError(
+                    f"{module}.{pname}", f"block {k} is an all-zero vector (cannot be normalised)"
+                )
 
     # ---- initialisation ------------------------------------------------------------------
     def init_params(
@@ -165,7 +173,11 @@ class EtherMethod(AdapterMethod):
 
     # ---- dense forms ---------------------------------------------------------------------
     def reference_weight(
-        self, cfg: EtherConfig, params: dict[str, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None
+        self,
+        cfg: EtherConfig,
+        params: dict[str, torch.Tensor],
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         w = weight.double()
         out_f, in_f = weight.shape
@@ -186,7 +198,11 @@ class EtherMethod(AdapterMethod):
         return w.to(weight.dtype), bias
 
     def merged_weight(
-        self, cfg: EtherConfig, params: dict[str, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None
+        self,
+        cfg: EtherConfig,
+        params: dict[str, torch.Tensor],
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         table = self.prepare(cfg, params, weight)
         w = weight
@@ -208,11 +224,11 @@ class EtherMethod(AdapterMethod):
         table = {}
         for side in cfg.sides(out_f, in_f):
             u = F.normalize(params[f"ether_u_{side}"].float(), dim=-1)  # [n, b]
-            if cfg.variant == "etherplus":
+            if cfg.variant == "etherplus":  # −ûûᵀ + v̂v̂ᵀ = −½(a dᵀ + d aᵀ), d = û − v̂, a = û + v̂
                 v = F.normalize(params[f"ether_v_{side}"].float(), dim=-1)
-                table[side] = torch.stack([u, v, -u, v], dim=1)  # [n, 4, b]
-            else:
-                table[side] = torch.stack([u, u, -u, -u], dim=1)  # [n, 4, b]
+                table[side] = torch.stack([u - v, u + v], dim=1)  # [n, 2, b]
+            else:  # −2ûûᵀ = −½(2û ûᵀ + û 2ûᵀ)
+                table[side] = torch.stack([u, 2 * u], dim=1)  # [n, 2, b]
         return table
 
     def hooks(self, sig: Hashable) -> frozenset[str]:

@@ -19,7 +19,9 @@ def get_method(name: str) -> AdapterMethod:
     try:
         return _METHODS[name.lower()]
     except KeyError:
-        raise ConfigError("method", f"unknown adapter family {name!r}; known: {available_methods()}") from None
+        raise ConfigError(
+            "method", f"unknown adapter family {name!r}; known: {available_methods()}"
+        ) from None
 
 
 def method_for_peft_type(peft_type: object) -> AdapterMethod:

@@ -203,7 +203,10 @@ class SurmMethod(AdapterMethod):
                 col = torch.cat([v, v.new_zeros(length - 2 * n + 1), v[1:].flip(0)])  # [L]
                 return torch.fft.rfft(col).real  # [L//2 + 1]
 
-            return {"spec": torch.stack([spectrum(p["surm_a"]), cfg.alpha * spectrum(p["surm_b"])])}
+            spec = torch.stack([spectrum(p["surm_a"]), cfg.alpha * spectrum(p["surm_b"])])  # [2, L//2+1]
+            # Duplicated to [2, L//2+1, 2] to scale the (re, im) pairs of a real view: a dense
+            # elementwise product (broadcasting a size-1 last dim is several times slower on CPU).
+            return {"spec": torch.stack([spec, spec], dim=-1)}
         # One table tensor [in + out] = [A.flatten(), α·B.flatten()]: a single gather per step.
         return {"AB": torch.cat([p["surm_kron_A"].flatten(), cfg.alpha * p["surm_kron_B"].flatten()])}
 
@@ -221,9 +224,15 @@ class SurmMethod(AdapterMethod):
             dy = torch.fft.irfft(torch.fft.rfft(xf, n=n) * spec, n=n)[..., :out_f]
         elif variant == "toeplitz":
             length = _toeplitz_len(n)
-            spec = per_row(table["spec"], slots).float()  # [R|1, 2, L//2+1]
-            u = torch.fft.irfft(torch.fft.rfft(xf, n=length) * spec[:, 0], n=length)[..., :n]  # T(a) x
-            dy = torch.fft.irfft(torch.fft.rfft(u, n=length) * spec[:, 1], n=length)[..., :out_f]
+            spec = per_row(table["spec"], slots).float()  # [R|1, 2, L//2+1, 2], real spectra
+
+            def conv(v: torch.Tensor, k: int) -> torch.Tensor:  # circ_L(column k) v, real x real mul
+                vh = torch.view_as_real(torch.fft.rfft(v, n=length))  # [R, L//2+1, 2]
+                return torch.fft.irfft(torch.view_as_complex(vh * spec[:, k]), n=length)  # [R, L]
+
+            u = conv(xf, 0)  # T(a) x in u[:, :N]; the rest is wrap-around
+            u[..., n:] = 0  # truncate to N (in place: irfft's backward does not need its output)
+            dy = conv(u, 1)[..., :out_f]
         else:
             ab = per_row(table["AB"], slots).to(xf.dtype)  # [R|1, in + out]
             a = ab[:, :in_f].unflatten(1, (f, in_f // f))  # [R|1, f, in/f]

@@ -14,7 +14,9 @@ from server.settings import Settings
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def random_adapter(case_family: str, config: dict, shapes: dict, weights: dict, seed: int, scale: float = 0.3):
+def random_adapter(
+    case_family: str, config: dict, shapes: dict, weights: dict, seed: int, scale: float = 0.3
+):
     """An adapter with random non-zero parameters on every target module."""
     method = get_method(case_family)
     cfg = method.parse_config({"peft_type": case_family.upper(), "target_modules": TARGETS, **config})

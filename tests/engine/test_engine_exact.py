@@ -12,7 +12,9 @@ from tests.methods.cases import CASES
 from .helpers import greedy_alone, make_engine, merged_copy, random_adapter
 
 # Tiny Llama dims (hidden 32, kv 16, mlp 64) need block/factor sizes that divide them.
-ENGINE_CASES = [(c.family, {**c.config, **({"n_blocks": 2} if "n_blocks" in c.config else {})}) for c in CASES]
+ENGINE_CASES = [
+    (c.family, {**c.config, **({"n_blocks": 2} if "n_blocks" in c.config else {})}) for c in CASES
+]
 
 
 def _run(engine, plan, max_new):

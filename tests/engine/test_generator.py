@@ -1,9 +1,9 @@
 """Continuous batching: exactness against HF generate, seeds, stop strings, cancel, FIFO, logprobs.
 
 Two fakes keep this fast and offline: a tiny random ``LlamaForCausalLM`` (real attention, real
-DynamicCache) and an in-memory byte-level tokenizer (every byte is one token, so multi-byte
-characters and stop strings always span several tokens). Text tests use a scripted forward that
-emits a fixed token script per adapter key, so the text is known in advance.
+DynamicCache) and the in-memory byte-level tokenizer of ``test_sampling`` (every byte is one
+token, so multi-byte characters and stop strings always span several tokens). Text tests use a
+scripted forward that emits a fixed token script per adapter key, so the text is known in advance.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Hashable
+from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.cache_utils import DynamicCache
 
@@ -25,14 +25,13 @@ from server.engine.requests import (
     BlockingStream,
     FinishEvent,
     GenerationRequest,
-    IncrementalDetokenizer,
     SamplingParams,
-    StopStringBuffer,
     TokenEvent,
 )
 
-SPECIALS = ["<pad>", "<s>", "</s>"]
-EOS = 2
+from .test_sampling import byte_tokenizer
+
+EOS = 2  # "</s>" in byte_tokenizer()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,31 +45,16 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer without merges: ids 0-2 are specials, 3-258 are the 256 bytes."""
-    vocab = {t: i for i, t in enumerate(SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return byte_tokenizer()
 
 
 def _model(attn: str = "sdpa") -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=259,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,  # peaked logits: no near-ties for greedy comparisons
-        bos_token_id=1,
-        eos_token_id=EOS,
-        pad_token_id=0,
-        attn_implementation=attn,
-    )
+        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
+        initializer_range=0.2, attn_implementation=attn,  # peaked logits: no near-ties for greedy checks
+    )  # fmt: skip
     model = LlamaForCausalLM(cfg).eval()
     model.generation_config.eos_token_id = None
     return model
@@ -152,12 +136,9 @@ def test_greedy_continuous_batching_equals_generate_alone(attn: str, tokenizer) 
 
 
 def test_filter_trims_padding_columns(model) -> None:
-    class Seq:
-        def __init__(self, prompt: list[int]) -> None:
-            self.prompt_token_ids, self.adapter_key = prompt, None
-
-    batch: RunningBatch[Seq] = RunningBatch(hf_forward(model))
-    logits = batch.prefill([Seq([1, 2]), Seq(list(range(3, 13))), Seq([4, 5, 6])])
+    seq = lambda prompt: SimpleNamespace(prompt_token_ids=prompt, adapter_key=None)  # noqa: E731
+    batch: RunningBatch = RunningBatch(hf_forward(model))
+    logits = batch.prefill([seq([1, 2]), seq(list(range(3, 13))), seq([4, 5, 6])])
     assert logits.shape == (3, 259) and batch.seq_len == 10
     batch.set_next_tokens(logits.argmax(-1))
     batch.filter([2, 0])  # drop the long row: 7 columns are padding for everyone left
@@ -171,12 +152,10 @@ def test_non_dynamic_cache_is_a_clear_error(tokenizer) -> None:
     def forward(input_ids, attention_mask, position_ids, cache, keys):  # writes nothing to the cache
         return torch.zeros(*input_ids.shape, 259)
 
-    gen = Generator(forward, tokenizer, [EOS])
-    req = _req([1, 2, 3])
+    gen, req = Generator(forward, tokenizer, [EOS]), _req([1, 2, 3])
     gen.submit(req)
     _run(gen)
-    _, fin = _events(req)
-    assert fin.finish_reason == "error" and "UnsupportedCacheError" in (fin.error or "")
+    assert "UnsupportedCacheError" in (_events(req)[1].error or "")
 
 
 # ------------------------------------------------------------------------------------- seeds
@@ -309,12 +288,10 @@ def test_forward_errors_fail_the_batch_and_the_engine_goes_on(model, tokenizer) 
             raise RuntimeError("boom")
         return base(*args)
 
-    gen = Generator(forward, tokenizer, [])
-    bad = _req(PROMPTS[0])
+    gen, bad = Generator(forward, tokenizer, []), _req(PROMPTS[0])
     gen.submit(bad)
     _run(gen)
-    _, fin = _events(bad)
-    assert fin.finish_reason == "error" and "boom" in (fin.error or "")
+    assert _events(bad)[1].finish_reason == "error" and "boom" in (_events(bad)[1].error or "")
     fail["on"] = False
     good = _req(PROMPTS[0], max_new_tokens=4)
     gen.submit(good)
@@ -341,8 +318,10 @@ def test_run_forever_with_async_streams(model, tokenizer) -> None:
                 return tokens, event
         raise AssertionError("stream ended without a FinishEvent")
 
+    cases = [(PROMPTS[0], 5), (PROMPTS[2], 9), (PROMPTS[3], 3)]
+
     async def main() -> list[tuple[list[int], FinishEvent]]:
-        return await asyncio.gather(client(PROMPTS[0], 5), client(PROMPTS[2], 9), client(PROMPTS[3], 3))
+        return await asyncio.gather(*(client(p, n) for p, n in cases))
 
     try:
         results = asyncio.run(asyncio.wait_for(main(), timeout=60))
@@ -351,9 +330,7 @@ def test_run_forever_with_async_streams(model, tokenizer) -> None:
         gen.wake()
         thread.join(timeout=10)
     assert not thread.is_alive()
-    for (tokens, fin), (p, n) in zip(
-        results, [(PROMPTS[0], 5), (PROMPTS[2], 9), (PROMPTS[3], 3)], strict=True
-    ):
+    for (tokens, fin), (p, n) in zip(results, cases, strict=True):
         assert tokens == _reference(model, p, n, eos=None) and fin.finish_reason == "length"
 
 
@@ -387,33 +364,24 @@ def _scripted(tokenizer, texts: dict[Hashable, str]) -> Generator:
 
 
 def test_stop_strings_cut_text_and_deltas_never_leak(tokenizer) -> None:
-    texts = {
-        "stop": "héllo ST STOP world",
-        "two": "abc END xyz STOP",
-        "held": "tail ST",
-        "none": "naïve café 🙂 ok",
+    cases = {  # key: (script text, stop strings, expected final text, expected finish reason)
+        "stop": ("héllo ST STOP world", ["STOP"], "héllo ST ", "stop"),
+        "two": ("abc END xyz STOP", ["STOP", " END"], "abc", "stop"),
+        "held": ("tail ST", ["STOP"], "tail ST", "length"),  # held-back stop prefix released at the end
+        "none": ("naïve café 🙂 ok", [], "naïve café 🙂 ok", "eos"),
     }
-    gen = _scripted(tokenizer, texts)
-    reqs = {
-        "stop": _req([1, 1], "stop", max_new_tokens=100, stop=["STOP"]),
-        "two": _req([1, 1], "two", max_new_tokens=100, stop=["STOP", " END"]),
-        "held": _req([1, 1], "held", max_new_tokens=len(texts["held"].encode()), stop=["STOP"]),
-        "none": _req([1, 1], "none", max_new_tokens=100),
-    }
-    for r in reqs.values():
-        gen.submit(r)
+    gen = _scripted(tokenizer, {k: c[0] for k, c in cases.items()})
+    reqs = {}
+    for key, (text, stop, _, _) in cases.items():
+        n = len(text.encode()) if key == "held" else 100
+        reqs[key] = _req([1, 1], key, max_new_tokens=n, stop=stop)
+        gen.submit(reqs[key])
     _run(gen)
-    expected = {
-        "stop": ("héllo ST ", "stop"),
-        "two": ("abc", "stop"),
-        "held": ("tail ST", "length"),  # held-back prefix of a stop string is released at the end
-        "none": (texts["none"], "eos"),
-    }
     all_deltas = {}
     for key, req in reqs.items():
         tokens, fin = _events(req)
         deltas = all_deltas[key] = [e.text_delta for e in tokens]
-        assert (fin.text, fin.finish_reason) == expected[key]
+        assert (fin.text, fin.finish_reason) == cases[key][2:]
         assert "".join(deltas) == fin.text
         assert not any("\ufffd" in d for d in deltas)
         assert fin.completion_tokens == len(tokens)
@@ -421,25 +389,11 @@ def test_stop_strings_cut_text_and_deltas_never_leak(tokenizer) -> None:
     assert "ST " in all_deltas["stop"]
 
 
-def test_incremental_detokenizer_multibyte(tokenizer) -> None:
-    text = "añb€c🙂"
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    assert len(ids) == len(text.encode())  # one token per byte
-    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("x y", add_special_tokens=False))
-    deltas = [detok.push(i) for i in ids]
-    assert "".join(deltas) + detok.flush() == text
-    assert deltas[:3] == ["a", "", "ñ"] and deltas[-4:] == ["", "", "", "🙂"]
-    truncated = IncrementalDetokenizer(tokenizer, [])
-    partial = "".join(truncated.push(i) for i in ids[:-1])  # cut inside the emoji
-    assert partial == "añb€c" and truncated.flush() == "\ufffd"
-
-
-def test_stop_string_buffer_holds_back_prefixes() -> None:
-    buf = StopStringBuffer(["<|end|>", "###"])
-    assert buf.add("hello <|") == ("hello ", False)
-    assert buf.add("en") == ("", False)
-    assert buf.add("x #") == ("<|enx ", False)
-    assert buf.add("#") == ("", False)
-    assert buf.add("# tail") == ("", True)
-    assert buf.final_text == "hello <|enx "
-    assert StopStringBuffer([]).add("abc") == ("abc", False)
+def test_max_seq_len(model, tokenizer) -> None:
+    gen = _gen(model, tokenizer, max_seq_len=8)
+    too_long, capped = _req(list(range(3, 11))), _req([5, 6, 7], max_new_tokens=50)
+    gen.submit(too_long)
+    gen.submit(capped)
+    _run(gen)
+    assert _events(too_long)[1].finish_reason == "error" and gen.num_waiting == 0
+    assert _events(capped)[1].finish_reason == "length" and len(_tokens(capped)) == 5

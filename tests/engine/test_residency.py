@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from server.engine.residency import NoDeviceRoom, Residency
 from server.engine.loader import wrap_model
+from server.engine.residency import NoDeviceRoom, Residency
 
 from .helpers import TARGETS, random_adapter
 
@@ -19,7 +19,8 @@ def setup(tiny_llama):
     base = wrap_model("tiny", model, tok, TARGETS)
     weights = {p: m.base.weight for p, m in base.modules.items()}
     adapters = {
-        i: random_adapter("lora", {"r": 4, "lora_alpha": 8}, base.module_shapes, weights, seed=i) for i in range(40)
+        i: random_adapter("lora", {"r": 4, "lora_alpha": 8}, base.module_shapes, weights, seed=i)
+        for i in range(40)
     }
     calls = []
 
@@ -44,9 +45,11 @@ def test_device_budget_is_respected_and_eviction_frees(setup):
     assert sum(n for (tier, _), n in res.resident_counts().items() if tier == "device") <= 8
     for i in range(38):  # 2 of 8 left: the pool halves (shrinks at a quarter full)
         res.forget(i)
+    res.apply_drops()
     assert res.device_used == 4 * per_adapter
     for i in range(40):
         res.forget(i)
+    res.apply_drops()
     assert res.device_used == 0
 
 

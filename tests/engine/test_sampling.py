@@ -1,4 +1,4 @@
-"""Unit tests for server.engine.sampling and SamplingParams validation."""
+"""Unit tests for server.engine.sampling and the request-side helpers (params, detokeniser, stops)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
-from server.engine.requests import SamplingParams
+from server.engine.requests import IncrementalDetokenizer, SamplingParams, StopStringBuffer
 from server.engine.sampling import SamplingTensors, apply_top_k_top_p, make_generator, sample
 
 
@@ -168,3 +170,43 @@ def test_half_precision_logits_are_accepted() -> None:
     out = sample(logits, _tensors([SamplingParams(logprobs=True), SamplingParams(temperature=1.0, seed=1)]))
     assert out.token_ids.dtype == torch.int64 and out.logprobs is not None
     assert out.logprobs.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------- text
+
+SPECIALS = ["<pad>", "<s>", "</s>"]
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer without merges: ids 0-2 are specials, 3-258 the 256 bytes (one token each)."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_incremental_detokenizer_multibyte() -> None:
+    tokenizer = byte_tokenizer()
+    text = "añb€c🙂"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text.encode())  # one token per byte
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("x y", add_special_tokens=False))
+    deltas = [detok.push(i) for i in ids]
+    assert "".join(deltas) + detok.flush() == text
+    assert deltas[:3] == ["a", "", "ñ"] and deltas[-4:] == ["", "", "", "🙂"]
+    truncated = IncrementalDetokenizer(tokenizer, [])
+    partial = "".join(truncated.push(i) for i in ids[:-1])  # cut inside the emoji
+    assert partial == "añb€c" and truncated.flush() == "\ufffd"
+
+
+def test_stop_string_buffer_holds_back_prefixes() -> None:
+    buf = StopStringBuffer(["<|end|>", "###"])
+    assert buf.add("hello <|") == ("hello ", False)
+    assert buf.add("en") == ("", False)
+    assert buf.add("x #") == ("<|enx ", False)
+    assert buf.add("#") == ("", False)
+    assert buf.add("# tail") == ("", True)
+    assert buf.final_text == "hello <|enx "
+    assert StopStringBuffer([]).add("abc") == ("abc", False)

@@ -62,7 +62,7 @@ def test_mixed_batch_matches_reference_and_merge(shape_name):
     x = torch.randn(len(owners), shape[1], generator=g)
 
     by_sig: dict = {}
-    for a, (method, cfg, params) in enumerate(adapters):
+    for a, (method, cfg, _params) in enumerate(adapters):
         sig = method.signature(cfg, *shape)
         by_sig.setdefault((method.name, sig), []).append(a)
     groups = []
@@ -90,7 +90,9 @@ def test_mixed_batch_matches_reference_and_merge(shape_name):
 def test_training_forward_matches_reference(case, shape_name):
     method, cfg, weight, bias, params = _setup(case, SHAPES[shape_name], 1)
     x = torch.randn(2, 5, SHAPES[shape_name][1])
-    _close(adapted_forward(method, cfg, params, x, weight, bias), _ref_out(method, cfg, params, x, weight, bias))
+    _close(
+        adapted_forward(method, cfg, params, x, weight, bias), _ref_out(method, cfg, params, x, weight, bias)
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
