@@ -26,6 +26,7 @@ class Settings(BaseSettings):
         None, description="float32 / bfloat16 / float16; default: bf16 on CUDA, fp32 on CPU"
     )
     data_dir: Path = Field(Path("var"), description="model cache, adapter store, job data")
+    models_dir: Path | None = Field(None, description="base model cache; default: <data_dir>/models")
     target_modules: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="linear layers wrapped for adapters (name suffixes)",
@@ -45,10 +46,23 @@ class Settings(BaseSettings):
     # ---- http ----
     host: str = "127.0.0.1"
     port: int = 8000
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="cap on a JSON request body (413 above)")
+    max_upload_bytes: int = Field(
+        256 << 20, ge=1024, description="cap on an uploaded adapter_model.safetensors (413 above)"
+    )
+    max_prompt_tokens: int = Field(4096, ge=1, description="cap on prompt tokens (422 above)")
+    max_new_tokens: int = Field(2048, ge=1, description="cap on a request's max_new_tokens (422 above)")
+    max_queue: int = Field(256, ge=1, description="waiting requests; beyond it new ones get 429")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429 / 503")
+    api_keys: list[str] = Field(
+        [], description="'SCOPE:TOKEN' bearer keys, SCOPE = infer | admin; none = no auth"
+    )
+    api_keys_file: Path | None = Field(None, description="file of 'SCOPE:TOKEN' lines (# comments)")
+    shutdown_grace_s: int = Field(30, ge=0, description="seconds in-flight requests get on shutdown")
 
     @property
     def model_cache_dir(self) -> Path:
-        return self.data_dir / "models"
+        return self.models_dir if self.models_dir is not None else self.data_dir / "models"
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:

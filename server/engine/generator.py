@@ -302,7 +302,7 @@ class Generator:
         seq.generated.append(token)
         params = seq.request.params
         reason: FinishReason | None = None
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids and not params.ignore_eos:
             reason = "eos"
         elif len(seq.generated) >= params.max_new_tokens:
             reason = "length"

@@ -49,6 +49,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks need fixed-length outputs)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):

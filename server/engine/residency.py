@@ -86,6 +86,7 @@ class Residency:
         self._forgotten: set[AdapterKey] = set()  # deleted/replaced, dropped when the last user ends
         self._drop_queue: list[AdapterKey] = []  # device/merged drops for the engine thread
         self.pinned: set[AdapterKey] = set()
+        self.epoch = 0  # bumped whenever a slot or merged copy appears, moves or disappears
 
     # ---- host tier (any thread) ------------------------------------------------------------
     def get_host(self, key: AdapterKey) -> Adapter:
@@ -150,7 +151,8 @@ class Residency:
             keys, self._drop_queue = self._drop_queue, []
         for key in keys:
             self._drop_device(key)
-            self._merged.pop(key, None)
+            if self._merged.pop(key, None) is not None:
+                self.epoch += 1
 
     # ---- references held by requests (any thread) --------------------------------------------
     def acquire(self, key: AdapterKey) -> None:
@@ -192,6 +194,7 @@ class Residency:
         if pool is None:
             pool = self._pools[layout] = SlotPool(layout, adapter.method, sigs, prepared)
         slot = pool.add(key, prepared)
+        self.epoch += 1
         entry = self._device[key] = DeviceEntry(pool, slot, adapter.family)
         self.stats.device_installs += 1
         return entry
@@ -242,6 +245,7 @@ class Residency:
         entry = self._device.pop(key, None)
         if entry is None:
             return
+        self.epoch += 1
         moved = entry.pool.remove(entry.slot)
         if moved is not None:
             self._device[moved].slot = entry.slot
@@ -280,7 +284,9 @@ class Residency:
         while self._merged and sum(e.nbytes for e in self._merged.values()) + nbytes > self.merged_bytes:
             self._merged.popitem(last=False)
             self.stats.evictions["merged"] += 1
+            self.epoch += 1
         entry = self._merged[key] = MergedEntry(weights, nbytes)
+        self.epoch += 1
         self.stats.merges += 1
         return entry
 

@@ -59,7 +59,7 @@ def batched_linear(
         if "delta" in h:
             d = g.method.delta(g.sig, _take(x2, g.rows), g.table, g.slots, weight)
             if g.rows is None:
-                y = y + d
+                y = y + d.to(y.dtype)
             else:
                 y = y.index_add(0, g.rows, d.to(y.dtype))
     if bias is not None:

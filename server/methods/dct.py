@@ -12,15 +12,16 @@ from the pretrained weight's spectrum; serving never re-derives them.
 
 On the fly (a mixed batch): ``x_hat = x C_in^T`` (the DCT of each row, shared by every row),
 ``z[u_j] += c_j * x_hat[v_j]`` per row with its slot's positions, ``dy = alpha * z C_out``. Both
-transforms run as length-2N real FFTs (cheaper than the dense GEMMs at SmolLM2 sizes):
-
-    x C_N^T [k] = s_k Re(e^{-i pi k/2N} rfft(x, 2N)[k])
-    z C_N   [m] = irfft(H, 2N)[m],  H[k] = N s_k (2 if k == 0 else 1) e^{i pi k/2N} z[k]
+transforms run as one length-N real FFT each (Makhoul's even/odd reordering, see ``_plan``), which
+costs far less than the dense ``[N, N]`` GEMMs at SmolLM2 sizes; the gather reads, and the scatter
+writes, the half-spectra directly, with every per-position constant folded into the slot's
+coefficients by ``prepare``.
 
 Scale: ``C`` is orthonormal, so ``||Delta W||_F = alpha ||c||`` and ``c`` is in the units of the
-weight's spectrum. The default ``scaling = 1`` with Adam at lr ~1e-3..1e-2 is the sane range;
-FourierFT's (scale 300, lr 0.05, ifft2 normalised by 1/(out*in)) moves Delta W by about as much as
-``scaling = 300 / sqrt(2 out in)`` here (0.05 at 4096x4096, 0.37 at 576x576).
+weight's spectrum. Default ``scaling = 1`` (c starts at 0, so alpha only sets the effective step
+size: Adam moves Delta W by ~alpha*lr per coefficient and step). FourierFT's recipe (scale 300,
+lr 0.05, ifft2 normalised by 1/(out*in)) corresponds to ``scaling * lr = 15 / sqrt(2 out in)``
+here: lr ~0.02 at 576x576, ~0.003 at 4096x4096 with scaling 1.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from functools import lru_cache
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from .adapter import KEY_PREFIX
 from .base import AdapterMethod, ConfigError, InitMode, MethodConfig, ParamSpec, WeightsError, per_row
 from .registry import register_method
 
-PAD_MULTIPLE = 128  # serving pads n to a multiple of this, so adapters of nearby n share a slot table
+PAD_MULTIPLE = 64  # serving pads n to a multiple of this, so adapters of nearby n share a slot table
 
 
 class DCTConfig(MethodConfig):
@@ -74,28 +76,21 @@ class DCTConfig(MethodConfig):
 # ---- transforms (cached constants are pure functions of N, device, dtype) -----------------------
 
 
-@lru_cache(maxsize=64)
-def dct_matrix(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Orthonormal DCT-II matrix ``C [n, n]``, ``C[k, m] = s_k cos(pi (m + 1/2) k / n)``."""
-    k = torch.arange(n, dtype=torch.float64)[:, None]
-    m = torch.arange(n, dtype=torch.float64)[None, :]
-    c = torch.cos(math.pi * (m + 0.5) * k / n) * math.sqrt(2.0 / n)
-    c[0] = math.sqrt(1.0 / n)
-    return c.to(device=device, dtype=dtype)
-
-
 class _Plan(NamedTuple):
-    """Constants of the length-N real-FFT forms of the orthonormal DCT (Makhoul's reordering)."""
+    """Constants of the length-N real-FFT forms of the orthonormal DCT (Makhoul's reordering).
+
+    Spectra are handled as ``flat [..., 2(N//2+1)]``, the real view (re, im interleaved) of the
+    N//2+1 rfft bins. Coefficient k of the DCT (or of the inverse's input) lives in the real slot
+    of bin k for k <= N/2 and in the imaginary slot of bin N - k above.
+    """
 
     perm: torch.Tensor  # [N] long: rfft input x[perm] = (x0, x2, x4, ..., x5, x3, x1)
     unperm: torch.Tensor  # [N] long: its inverse, applied to the irfft output
-    twiddle: torch.Tensor  # [N//2+1] complex: e^{-i pi k / 2N}
-    gsel: (
-        torch.Tensor
-    )  # [N] long: x C^T [v] = gscale[v] * P_flat[gsel[v]] (P_flat: real view of the spectrum)
-    gscale: torch.Tensor  # [N] float: +s_v (real part, v <= N/2) or -s_v (imag part of bin N - v)
-    sidx: torch.Tensor  # [2, N] long: z[u] lands in the (re, im) slots of bin min(u, N - u)
-    sfac: torch.Tensor  # [2, N] float: with these (re, im) factors, so that irfft gives z C
+    slot: torch.Tensor  # [N] long: flat index of coefficient k (2k, or 2(N-k)+1 for k > N/2)
+    fwd: torch.Tensor  # [N//2+1] complex: e^{-i pi k/2N}: (x C^T)[k] = fwd_scale[k] * flat[slot[k]]
+    fwd_scale: torch.Tensor  # [N] float: s_k (k <= N/2) or -s_k
+    inv: torch.Tensor  # [N//2+1] complex: e^{+i pi k/2N} (sqrt 2 at k = N/2 for even N)
+    inv_scale: torch.Tensor  # [N] float: put inv_scale[u] z_u at slot[u]; then irfft gives z C
 
 
 @lru_cache(maxsize=64)
@@ -105,55 +100,53 @@ def _plan(n: int, device: torch.device, dtype: torch.dtype) -> _Plan:
     s[0] = math.sqrt(1.0 / n)
     perm = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2).flip(0)])
     bins = torch.arange(n // 2 + 1, dtype=torch.float64)
-    twiddle = torch.polar(torch.ones_like(bins), -math.pi * bins / (2 * n))
-    low = 2 * k <= n  # v <= N/2: real part of bin v; above: minus the imag part of bin N - v
-    gsel = torch.where(low, 2 * k, 2 * (n - k) + 1).long()
-    # z C = DCT-III of s*z: Makhoul's inverse puts zeta_u s_u z_u into bin u with e^{i pi u/2N} (u < N/2),
-    # into bin N - u with -i e^{i pi (N-u)/2N} (u > N/2), or bin N/2 with sqrt(2); zeta = N (u = 0), N/2.
-    base = torch.where(k == 0, 2.0, 1.0).double() * (n / 2.0) * s
-    theta = math.pi * torch.where(2 * k < n, k, n - k) / (2 * n)
-    re = torch.where(2 * k < n, torch.cos(theta), torch.where(2 * k == n, math.sqrt(2.0), torch.sin(theta)))
-    im = torch.where(2 * k < n, torch.sin(theta), torch.where(2 * k == n, 0.0, -torch.cos(theta)))
-    b = torch.where(2 * k <= n, k, n - k).long()
+    low = 2 * k <= n
+    # Makhoul: DCT-II  X_k = Re(e^{-i pi k/2N} V_k), V = rfft(x[perm]), V_{N-k} = conj(V_k);
+    # DCT-III  y = unperm(irfft(B)), B_k = e^{i pi k/2N} (Z_k - i Z_{N-k}) with Z_0 = N s_0 z_0,
+    # Z_k = N/2 s_k z_k (Z_N = 0; B_{N/2} = sqrt 2 Z_{N/2} for even N).
+    inv = torch.polar(torch.ones_like(bins), math.pi * bins / (2 * n))
+    if n % 2 == 0:
+        inv[n // 2] = math.sqrt(2.0)
+    zeta = torch.full_like(k, n / 2.0)
+    zeta[0] = float(n)
+    ctype = torch.complex128 if dtype == torch.float64 else torch.complex64
     return _Plan(
         perm=perm.to(device),
         unperm=torch.argsort(perm).to(device),
-        twiddle=twiddle.to(device, torch.complex128 if dtype == torch.float64 else torch.complex64),
-        gsel=gsel.to(device),
-        gscale=torch.where(low, s, -s).to(device, dtype),
-        sidx=torch.stack([2 * b, 2 * b + 1]).to(device),
-        sfac=(base * torch.stack([re, im])).to(device, dtype),
+        slot=torch.where(low, 2 * k, 2 * (n - k) + 1).long().to(device),
+        fwd=torch.polar(torch.ones_like(bins), -math.pi * bins / (2 * n)).to(device, ctype),
+        fwd_scale=torch.where(low, s, -s).to(device, dtype),
+        inv=inv.to(device, ctype),
+        inv_scale=torch.where(low, zeta * s, -zeta * s).to(device, dtype),
     )
 
 
 def _spectrum(x: torch.Tensor) -> torch.Tensor:
-    """``P_flat [..., 2(N//2+1)]``: the twiddled rfft of the reordered rows of ``x [..., N]``."""
-    n = x.shape[-1]
-    plan = _plan(n, x.device, x.dtype)
-    spec = torch.fft.rfft(x.index_select(-1, plan.perm)) * plan.twiddle  # [..., N//2+1] complex
+    """``flat [..., 2(N//2+1)]`` of ``x [..., N]``: the twiddled rfft of the reordered rows."""
+    plan = _plan(x.shape[-1], x.device, x.dtype)
+    spec = torch.fft.rfft(x.index_select(-1, plan.perm)) * plan.fwd  # [..., N//2+1] complex
     return torch.view_as_real(spec).flatten(-2)
 
 
-def _from_bins(v_flat: torch.Tensor, n: int) -> torch.Tensor:
-    """Rows ``[..., N]`` from their half spectrum ``v_flat [..., 2(N//2+1)]`` (inverse of the reordering)."""
-    plan = _plan(n, v_flat.device, v_flat.dtype)
-    bins = torch.view_as_complex(v_flat.unflatten(-1, (n // 2 + 1, 2)))
+def _from_spectrum(flat: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows ``[..., N]`` from ``flat [..., 2(N//2+1)]`` filled at ``slot`` with ``inv_scale`` factors."""
+    plan = _plan(n, flat.device, flat.dtype)
+    bins = torch.view_as_complex(flat.unflatten(-1, (n // 2 + 1, 2))) * plan.inv
     return torch.fft.irfft(bins, n=n).index_select(-1, plan.unperm)
 
 
 def dct_rows(x: torch.Tensor) -> torch.Tensor:
     """``x C_N^T`` for ``x [..., N]``: the orthonormal DCT-II of each row (one length-N real FFT)."""
     plan = _plan(x.shape[-1], x.device, x.dtype)
-    return _spectrum(x).index_select(-1, plan.gsel) * plan.gscale
+    return _spectrum(x).index_select(-1, plan.slot) * plan.fwd_scale
 
 
 def idct_rows(z: torch.Tensor) -> torch.Tensor:
     """``z C_N`` for ``z [..., N]``: the orthonormal inverse DCT of each row (one length-N real IFFT)."""
     n = z.shape[-1]
     plan = _plan(n, z.device, z.dtype)
-    terms = (z.unsqueeze(-2) * plan.sfac).flatten(-2)  # [..., 2N]: (re, im) contributions
-    v_flat = z.new_zeros(*z.shape[:-1], 2 * (n // 2 + 1)).index_add(-1, plan.sidx.flatten(), terms)
-    return _from_bins(v_flat, n)
+    flat = z.new_zeros(*z.shape[:-1], 2 * (n // 2 + 1)).index_copy(-1, plan.slot, z * plan.inv_scale)
+    return _from_spectrum(flat, n)
 
 
 # ---- position selection (training init only) --------------------------------------------------
@@ -211,20 +204,24 @@ def select_positions(
     ``[n]`` on ``weight.device``, sorted by (row, col).
     """
     out_f, in_f = weight.shape
-    cpu = torch.device("cpu")
-    w = weight.detach().to(cpu, torch.float64)
-    energy = (dct_matrix(out_f, cpu, torch.float64) @ w @ dct_matrix(in_f, cpu, torch.float64).T).square()
-    energy = energy.flatten()  # [out * in]
+    w = weight.detach().to("cpu", torch.float64)
+    energy = dct_rows(dct_rows(w).T).T.square().flatten()  # |C_out W C_in^T|^2, [out * in]
     band = band_index(out_f, in_f, n_bands).flatten()
     takes = band_quotas(torch.bincount(band, minlength=n_bands).tolist(), n)
-    gen = torch.Generator(device=cpu).manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     picked = []
     for b, k in enumerate(takes):  # a loop over the (few) bands, at training init only
-        members = (band == b).nonzero().squeeze(1)
-        order = members[torch.sort(energy[members], descending=True, stable=True).indices]
+        members = (band == b).nonzero().squeeze(1)  # flat indices, ascending
+        e = energy[members]
         n_top = min(k, math.ceil(delta * k - 1e-9))  # tolerance: 0.7 * 10 -> 7, not 8
-        rest = order[n_top:]
-        picked += [order[:n_top], rest[torch.randperm(rest.numel(), generator=gen)[: k - n_top]]]
+        is_top = torch.zeros_like(e, dtype=torch.bool)
+        if n_top > 0:
+            thr = torch.topk(e, n_top).values[-1]
+            is_top = e > thr
+            ties = (e == thr).nonzero().squeeze(1)  # ties at the threshold: lowest indices first
+            is_top[ties[: n_top - int(is_top.sum())]] = True
+        rest = members[~is_top]
+        picked += [members[is_top], rest[torch.randperm(rest.numel(), generator=gen)[: k - n_top]]]
     flat = torch.cat(picked).sort().values
     return (flat // in_f).to(weight.device, torch.int32), (flat % in_f).to(weight.device, torch.int32)
 
@@ -295,12 +292,15 @@ class DCTMethod(AdapterMethod):
         def cosine_basis(n: int) -> torch.Tensor:  # C[k, m], straight from the formula, float64
             k = torch.arange(n, dtype=torch.float64, device=weight.device)[:, None]
             m = torch.arange(n, dtype=torch.float64, device=weight.device)[None, :]
-            s = torch.where(k == 0, math.sqrt(1.0 / n), math.sqrt(2.0 / n))
+            s = ((2.0 - (k == 0).double()) / n).sqrt()  # sqrt(1/n) for k = 0, sqrt(2/n) above
             return s * torch.cos(math.pi * (m + 0.5) * k / n)
 
         c_out, c_in = cosine_basis(out_f), cosine_basis(in_f)
-        u, v = params["dct_rows"].long(), params["dct_cols"].long()
-        coef = params["dct_coef"].to(torch.float64)
+        u, v = (
+            params["dct_rows"].to(weight.device, torch.long),
+            params["dct_cols"].to(weight.device, torch.long),
+        )
+        coef = params["dct_coef"].to(weight.device, torch.float64)
         # Delta W = sum_j c_j outer(C_out[u_j], C_in[v_j])
         delta_w = torch.einsum("j,jo,ji->oi", coef, c_out[u], c_in[v])
         return (weight.double() + cfg.scaling * delta_w).to(weight.dtype), bias
@@ -311,8 +311,11 @@ class DCTMethod(AdapterMethod):
         out_f, in_f = weight.shape
         dtype = torch.promote_types(weight.dtype, torch.float32)
         spec = torch.zeros(out_f, in_f, device=weight.device, dtype=dtype)  # dense S
-        idx = (params["dct_rows"].long(), params["dct_cols"].long())
-        spec = spec.index_put(idx, cfg.scaling * params["dct_coef"].to(dtype), accumulate=True)
+        idx = (
+            params["dct_rows"].to(weight.device, torch.long),
+            params["dct_cols"].to(weight.device, torch.long),
+        )
+        spec = spec.index_put(idx, cfg.scaling * params["dct_coef"].to(weight.device, dtype), accumulate=True)
         # alpha C_out^T S C_in as two fast 1-D inverse DCTs: along out (columns of S), then along in.
         delta_w = idct_rows(idct_rows(spec.T.contiguous()).T.contiguous())  # [in,out] -> [out,in]
         return (weight + delta_w).to(weight.dtype), bias
@@ -324,22 +327,19 @@ class DCTMethod(AdapterMethod):
     def prepare(
         self, cfg: DCTConfig, params: dict[str, torch.Tensor], weight: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Per slot: ``pos [3, n_pad]`` = (gather index into the input spectrum, scatter indices of the
-        (re, im) output bin) and ``coef [2, n_pad]`` = alpha c_j times the fixed transform factors of
-        (v_j, u_j). Padding (c = 0, index 0) is harmless."""
+        """Per slot: ``pos [2, n_pad]`` = (slot of v_j in the input spectrum, slot of u_j in the output
+        one) and ``coef [n_pad]`` = alpha c_j times the fixed transform factors of v_j and u_j.
+        Padding (c = 0, slots 0) is harmless."""
         out_f, in_f = weight.shape
-        n_pad = self.signature(cfg, out_f, in_f)[3]
+        dev, n_pad = weight.device, self.signature(cfg, out_f, in_f)[3]
         coef = params["dct_coef"]
         ftype = torch.promote_types(coef.dtype, torch.float32)
-        p_in, p_out = _plan(in_f, weight.device, ftype), _plan(out_f, weight.device, ftype)
-        u, v = params["dct_rows"].long(), params["dct_cols"].long()
-        fac = p_in.gscale[v] * p_out.sfac[:, u]  # [2, n]
+        p_in, p_out = _plan(in_f, dev, ftype), _plan(out_f, dev, ftype)
+        u, v = params["dct_rows"].to(dev, torch.long), params["dct_cols"].to(dev, torch.long)
+        coef = cfg.scaling * coef.to(dev, ftype) * p_in.fwd_scale[v] * p_out.inv_scale[u]  # [n]
+        pos = torch.stack([p_in.slot[v], p_out.slot[u]])  # [2, n]
         pad = n_pad - coef.shape[0]
-        pos = torch.cat([p_in.gsel[v][None], p_out.sidx[:, u]])  # [3, n]
-        return {
-            "pos": torch.nn.functional.pad(pos, (0, pad)),  # [3, n_pad]
-            "coef": torch.nn.functional.pad(cfg.scaling * coef.to(ftype) * fac, (0, pad)),  # [2, n_pad]
-        }
+        return {"pos": F.pad(pos, (0, pad)), "coef": F.pad(coef, (0, pad))}  # [2, n_pad], [n_pad]
 
     def hooks(self, sig: Hashable) -> frozenset[str]:
         return frozenset({"delta"})
@@ -351,12 +351,11 @@ class DCTMethod(AdapterMethod):
         rows = x.shape[0]
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         spec = _spectrum(x.to(dtype))  # [R, 2(in//2+1)]: the DCT of every row, shared by all slots
-        pos = per_row(table["pos"], slots).expand(rows, 3, n_pad)
-        picked = spec.gather(1, pos[:, 0])  # [R, n_pad]: x_hat[v_j] up to the factor folded into coef
-        terms = picked.unsqueeze(1) * per_row(table["coef"], slots).to(dtype)  # [R, 2, n_pad]
-        bins = torch.zeros(rows, 2 * (out_f // 2 + 1), device=x.device, dtype=dtype)
-        bins.scatter_add_(1, pos[:, 1:].reshape(rows, 2 * n_pad), terms.reshape(rows, 2 * n_pad))
-        return _from_bins(bins, out_f).to(x.dtype)  # [R, out] = alpha z C_out
+        pos = per_row(table["pos"], slots).expand(rows, 2, n_pad)
+        terms = spec.gather(1, pos[:, 0]) * per_row(table["coef"], slots).to(dtype)  # [R, n_pad]
+        out_spec = torch.zeros(rows, 2 * (out_f // 2 + 1), device=x.device, dtype=dtype)
+        out_spec.scatter_add_(1, pos[:, 1], terms)  # z[u_j] += alpha c_j x_hat[v_j] (in spectrum slots)
+        return _from_spectrum(out_spec, out_f).to(x.dtype)  # [R, out] = alpha z C_out
 
 
 register_method(DCTMethod())

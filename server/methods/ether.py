@@ -18,7 +18,7 @@ one symmetric rank-2 form, so that both variants share one serving layout::
         ETHER:  (p0, p1) = (û, 2û)           −½(p1 p0ᵀ + p0 p1ᵀ) = −2ûûᵀ
         ETHER+: (p0, p1) = (û − v̂, û + v̂)    −½(p1 p0ᵀ + p0 p1ᵀ) = −ûûᵀ + v̂v̂ᵀ
 
-``prepare`` stores ``(p0, p1)`` per block (``[n, 2, b]``), and there is one slot table per
+``prepare`` stores ``(p0, p1)`` per block (``[2, n, b]``), and there is one slot table per
 (sides, n_blocks, shape): ETHER and ETHER+ adapters mix in one group. At the ETHER+ init
 ``v = −u`` the vector ``p1 = û + v̂`` is exactly zero, so the output is ``z`` bit for bit. The
 merge applies the same transform to the rows of ``W`` (input side) and of ``Wᵀ`` (output side):
@@ -107,16 +107,17 @@ def _side_dim(side: Side, out_f: int, in_f: int) -> int:
 def _transform(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Rows of ``z [R, D]`` through the blocks: ``z_k - ½ p1 (p0 · z_k) - ½ p0 (p1 · z_k)``.
 
-    ``p [R or 1, n, 2, b]`` holds (p0, p1) per row (gathered slot) and block.
+    ``p [R or 1, 2, n, b]`` holds (p0, p1) per row (its gathered slot) and block.
     """
     r, d = z.shape
-    n, b = p.shape[1], p.shape[3]
+    n, b = p.shape[2], p.shape[3]
     if p.dtype != z.dtype:
         p = p.to(z.dtype)
-    z3 = z.view(r, n, b)  # [R, n, b]: one chunk per block
-    s = (z3.unsqueeze(2) * p).sum(-1, keepdim=True)  # [R, n, 2, 1]: (p0 · z_k, p1 · z_k)
-    out = torch.addcmul(z3, s[:, :, 0], p[:, :, 1], value=-0.5)  # [R, n, b]
-    return out.addcmul_(s[:, :, 1], p[:, :, 0], value=-0.5).view(r, d)
+    z4 = z.view(r, 1, n, b)  # one length-b chunk per block
+    s0, s1 = (z4 * p).sum(-1, keepdim=True).unbind(1)  # [R, n, 1] each: p0 · z_k, p1 · z_k
+    p0, p1 = p.unbind(1)  # [R or 1, n, b]
+    out = torch.addcmul(z4[:, 0], s0, p1, value=-0.5)  # [R, n, b]
+    return out.addcmul_(s1, p0, value=-0.5).view(r, d)
 
 
 class EtherMethod(AdapterMethod):
@@ -226,9 +227,9 @@ class EtherMethod(AdapterMethod):
             u = F.normalize(params[f"ether_u_{side}"].float(), dim=-1)  # [n, b]
             if cfg.variant == "etherplus":  # −ûûᵀ + v̂v̂ᵀ = −½(a dᵀ + d aᵀ), d = û − v̂, a = û + v̂
                 v = F.normalize(params[f"ether_v_{side}"].float(), dim=-1)
-                table[side] = torch.stack([u - v, u + v], dim=1)  # [n, 2, b]
+                table[side] = torch.stack([u - v, u + v])  # [2, n, b]
             else:  # −2ûûᵀ = −½(2û ûᵀ + û 2ûᵀ)
-                table[side] = torch.stack([u, 2 * u], dim=1)  # [n, 2, b]
+                table[side] = torch.stack([u, 2 * u])  # [2, n, b]
         return table
 
     def hooks(self, sig: Hashable) -> frozenset[str]:

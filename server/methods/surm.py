@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from functools import cache
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import FiniteFloat, model_validator
+from pydantic import Field, FiniteFloat, ValidationInfo, field_validator
 
 from .base import AdapterMethod, ConfigError, InitMode, MethodConfig, ParamSpec, per_row
 from .registry import register_method
@@ -40,18 +41,22 @@ Variant = Literal["circulant", "toeplitz", "kronecker"]
 class SurmConfig(MethodConfig):
     variant: Variant = "circulant"
     alpha: FiniteFloat = 1.0
-    kron_factor: int | None = None  # f; required for (and only for) the kronecker variant
+    # f: required for (and only for) the kronecker variant. Validated even when absent, after
+    # ``variant`` (fields validate in order), so errors point at ``kron_factor``.
+    kron_factor: int | None = Field(default=None, validate_default=True)
 
-    @model_validator(mode="after")
-    def _check_kron_factor(self) -> SurmConfig:
-        if self.variant == "kronecker":
-            if self.kron_factor is None:
+    @field_validator("kron_factor")
+    @classmethod
+    def _check_kron_factor(cls, f: int | None, info: ValidationInfo) -> int | None:
+        variant = info.data.get("variant")
+        if variant == "kronecker":
+            if f is None:
                 raise ValueError("kron_factor is required for variant='kronecker'")
-            if self.kron_factor < 1:
-                raise ValueError(f"kron_factor must be >= 1, got {self.kron_factor}")
-        elif self.kron_factor is not None:
-            raise ValueError(f"kron_factor is only used by variant='kronecker', not {self.variant!r}")
-        return self
+            if f < 1:
+                raise ValueError(f"kron_factor must be >= 1, got {f}")
+        elif f is not None:
+            raise ValueError(f"kron_factor is only used by variant='kronecker', not {variant!r}")
+        return f
 
     def check_shape(self, module: str, out_f: int, in_f: int) -> None:
         if self.variant == "kronecker":
@@ -65,6 +70,7 @@ def _kron_dims(f: int, out_f: int, in_f: int, module: str = "the linear") -> tup
     return out_f // f, in_f // f
 
 
+@cache
 def _toeplitz_len(n: int) -> int:
     """Smallest 5-smooth length >= 2n - 1 (fast FFT sizes; 2n always qualifies when n is smooth)."""
     m = max(2 * n - 1, 1)
@@ -242,7 +248,7 @@ class SurmMethod(AdapterMethod):
                 y = b @ (xm @ a.transpose(-1, -2))  # [R, out/f, f]
             else:
                 y = (b @ xm) @ a.transpose(-1, -2)
-            dy = y.reshape(-1, out_f)  # [R, out], index p·f + r
+            dy = y.reshape(*x.shape[:-1], out_f)  # [R, out], index p·f + r
         return dy.to(x.dtype)
 
     def serving_cost(self, sig: Hashable) -> Literal["cheap", "gemm"]:

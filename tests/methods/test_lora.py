@@ -19,7 +19,7 @@ from server.methods import (
     merge_into,
     stack_prepared,
 )
-from server.methods.lora import DENSE_MAX_RANK
+from server.methods.lora import DENSE_MAX_RANK, _dense_masked, _gathered, _segmented
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -203,7 +203,7 @@ def test_peft_written_dora_folder_is_refused(tmp_path):
         Adapter.load(tmp_path, _linear_shapes(base))
 
 
-@pytest.mark.parametrize("n_adapters", [2, 9])  # S·r below and above DENSE_MAX_RANK: both fast paths
+@pytest.mark.parametrize("n_adapters", [2, 9])  # S·r below / above DENSE_MAX_RANK: dense / segmented path
 def test_mixed_batch_both_paths_match_reference(n_adapters):
     method = get_method("lora")
     r = 4
@@ -234,3 +234,18 @@ def test_mixed_batch_both_paths_match_reference(n_adapters):
         cfg, params = adapters[slot]
         w2, b2 = method.reference_weight(cfg, params, weight, bias)
         _close(y[row], x[row] @ w2.T + b2)
+
+
+@pytest.mark.parametrize("skew", [False, True])
+def test_fast_paths_agree(skew):
+    """The three mixed-batch forms (dense-masked, segmented, gathered) compute the same rows."""
+    g = torch.Generator().manual_seed(1)
+    n_slots, r, rows = 7, 3, 29
+    a, bt = torch.randn(n_slots, r, 10, generator=g), torch.randn(n_slots, r, 6, generator=g)
+    x = torch.randn(rows, 10, generator=g)
+    slots = torch.randint(0, n_slots, (rows,), generator=g)
+    if skew:  # one big group, most slots unused
+        slots = torch.where(torch.rand(rows, generator=g) < 0.8, 5, 1)
+    want = torch.stack([x[i] @ a[s].T @ bt[s] for i, s in enumerate(slots.tolist())])
+    for fn in (_dense_masked, _gathered, _segmented):
+        _close(fn(x, a, bt, slots), want)

@@ -181,12 +181,15 @@ def test_kronecker_on_the_fly_equals_torch_kron(f):
 
 
 def test_kron_factor_config_errors():
-    with pytest.raises(ConfigError, match="kron_factor is required"):
-        _cfg(variant="kronecker")
-    with pytest.raises(ConfigError, match="must be >= 1"):
-        _cfg(variant="kronecker", kron_factor=0)
-    with pytest.raises(ConfigError, match="only used by variant='kronecker'"):
-        _cfg(variant="circulant", kron_factor=4)
+    for fields, msg in [
+        ({"variant": "kronecker"}, "kron_factor is required for variant='kronecker'"),
+        ({"variant": "kronecker", "kron_factor": 0}, "kron_factor must be >= 1, got 0"),
+        ({"variant": "circulant", "kron_factor": 4}, "only used by variant='kronecker', not 'circulant'"),
+        ({"kron_factor": 4}, "only used by variant='kronecker', not 'circulant'"),  # default variant
+    ]:
+        with pytest.raises(ConfigError, match=msg) as e:
+            _cfg(**fields)
+        assert e.value.where == "kron_factor"
     cfg = _cfg(variant="kronecker", kron_factor=5)
     with pytest.raises(ConfigError, match=f"kron_factor=5 does not divide in_features=24 of {MODULE}"):
         cfg.check_shape(MODULE, 10, 24)

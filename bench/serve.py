@@ -1,0 +1,255 @@
+"""Serving benchmark on SmolLM2-135M: adapter overheads, batching gain, cold loads, scale.
+
+All ratios come from one process and one run; the no-adapter baseline is measured twice (before
+and after the adapter runs) and averaged, so slow drift of a noisy machine hits both sides.
+
+    .venv/bin/python bench/serve.py [--requests 32] [--new-tokens 64] [--threads 2] [--quick]
+
+Scenarios (32 concurrent requests, 64 new tokens each, EOS ignored so lengths are fixed):
+  base       no adapter
+  mixed      32 requests on 32 distinct adapters covering every family (on the fly)
+  merged     32 requests on one adapter, served from merged weights
+  sequential the same requests one after another (batching gain; measured on a subset)
+  hf         transformers' own batched generate on the same prompts (plain model)
+  cold       added time-to-first-token of a first request to an adapter that is only on disk
+  scale      1,000 distinct adapters round-robin under a small device budget
+
+Prints a table and writes bench/results/serve.json. Runs unchanged on CUDA (device picked by
+the engine settings); pass --model to use a larger model there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.loader import load_base_model  # noqa: E402
+from server.engine.requests import SamplingParams, TokenEvent  # noqa: E402
+from server.methods import Adapter, get_method  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Every family, default-ish configs; HUT rank>1 is served merged by policy, so it is left out of
+# the on-the-fly mix and reported by the merged scenario instead.
+MIX = [
+    ("lora", {"r": 8, "lora_alpha": 16}),
+    ("hut", {"r": 1}),
+    ("hut", {"r": 1, "use_scale_shift": True}),
+    ("ether", {"variant": "ether", "side": "auto", "n_blocks": 4}),
+    ("ether", {"variant": "etherplus", "side": "auto", "n_blocks": 4}),
+    ("ether", {"variant": "etherplus", "side": "both", "n_blocks": 4}),
+    ("dct", {"n_frequency": 700}),
+    ("surm", {"variant": "circulant"}),
+    ("surm", {"variant": "toeplitz"}),
+    ("surm", {"variant": "kronecker", "kron_factor": 32}),
+]
+
+
+def make_adapter(engine: Engine, family: str, raw: dict, seed: int, scale: float = 0.02) -> Adapter:
+    """Random non-zero adapter; parameters shrunk toward identity so the model stays sensible."""
+    method = get_method(family)
+    cfg = method.parse_config({"peft_type": family.upper(), "target_modules": TARGETS, **raw})
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for path, mod in engine.base.modules.items():
+        w = mod.base.weight.detach().float().cpu()
+        modules[path] = method.init_params(cfg, w, "random", g)
+    return Adapter(method, cfg, modules, dict(engine.base.module_shapes))
+
+
+def run_batch(engine: Engine, prompts, adapters, params) -> tuple[float, int, list[float]]:
+    """Submit everything at once, step until done; returns (seconds, tokens, ttfts)."""
+    t0 = time.perf_counter()
+    reqs = [engine.submit(p, params, a) for p, a in zip(prompts, adapters, strict=True)]
+    first: dict[int, float] = {}
+    tokens = 0
+    while engine.generator.num_running or engine.generator.num_waiting:
+        engine.generator.step()
+        now = time.perf_counter()
+        for i, r in enumerate(reqs):
+            for ev in r.sink.drain():
+                if isinstance(ev, TokenEvent):
+                    tokens += 1
+                    first.setdefault(i, now - t0)
+    return time.perf_counter() - t0, tokens, [first[i] for i in sorted(first)]
+
+
+def hf_generate(model, prompts, new_tokens) -> tuple[float, int]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    t0 = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=0)
+    return time.perf_counter() - t0, (out.shape[1] - width) * len(prompts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sequential", type=int, default=8, help="requests timed one after another")
+    ap.add_argument("--scale-adapters", type=int, default=1000)
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = ap.parse_args()
+    if args.quick:
+        args.requests, args.new_tokens, args.sequential, args.scale_adapters = 8, 8, 2, 40
+    torch.set_num_threads(args.threads)
+    overrides = {"threads": args.threads, "max_batch_size": max(64, args.requests), "merged_cache_bytes": 2 << 30,
+                 "merge_after_steps": 1, "device_adapter_bytes": 1 << 30}
+    if args.model:
+        overrides["model"] = args.model
+    settings = Settings(**overrides)
+    engine = Engine(load_base_model(settings), settings)
+    device = engine.base.device
+    vocab = engine.base.model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, vocab - 100, (args.prompt_tokens,), generator=g).tolist() for _ in range(args.requests)]
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    results: dict = {"meta": {"model": engine.base.name, "device": str(device), "threads": args.threads,
+                              "requests": args.requests, "new_tokens": args.new_tokens,
+                              "prompt_tokens": args.prompt_tokens, "torch": torch.__version__,
+                              "machine": platform.machine()}}
+
+    # Adapters: 32 distinct across families (mixed), one LoRA served merged, one HUT r4 merged.
+    ids = []
+    for i in range(args.requests):
+        family, raw = MIX[i % len(MIX)]
+        engine.add_adapter(f"mix{i}", make_adapter(engine, family, raw, seed=i))
+        ids.append(f"mix{i}")
+    engine.add_adapter("hot", make_adapter(engine, "lora", {"r": 8, "lora_alpha": 16}, seed=999))
+    engine.add_adapter("hut4", make_adapter(engine, "hut", {"r": 4}, seed=998))
+    # Warm-up: one short pass per scenario (installs slots, builds merged weights, warms kernels).
+    warm = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+    run_batch(engine, prompts, [None] * args.requests, warm)
+    run_batch(engine, prompts, ids, warm)
+    run_batch(engine, prompts, ["hot"] * args.requests, warm)
+    run_batch(engine, prompts, ["hut4"] * args.requests, warm)
+
+    rows = {}
+
+    def scenario(name, adapters, n=None):
+        s, tok, ttft = run_batch(engine, prompts[: n or args.requests], adapters, params)
+        rows[name] = {"seconds": s, "tokens": tok, "tokens_per_s": tok / s, "ttft_p50_s": statistics.median(ttft)}
+        print(f"  {name:12s} {tok / s:8.1f} tok/s  ({tok} tokens in {s:.1f} s)", flush=True)
+
+    print("throughput:")
+    scenario("base", [None] * args.requests)
+    scenario("mixed", ids)
+    scenario("merged", ["hot"] * args.requests)
+    scenario("hut_r4_merged", ["hut4"] * args.requests)
+    rows["base_1"] = rows.pop("base")
+    scenario("base", [None] * args.requests)
+    base_tps = (rows["base"]["tokens_per_s"] + rows["base_1"]["tokens_per_s"]) / 2
+
+    # Sequential: same requests one at a time.
+    t_seq, tok_seq = 0.0, 0
+    for p in prompts[: args.sequential]:
+        s, tok, _ = run_batch(engine, [p], [None], params)
+        t_seq, tok_seq = t_seq + s, tok_seq + tok
+    rows["sequential"] = {"seconds": t_seq, "tokens": tok_seq, "tokens_per_s": tok_seq / t_seq}
+    print(f"  sequential   {tok_seq / t_seq:8.1f} tok/s  ({args.sequential} requests)")
+
+    # transformers' own batched generate on a plain (unwrapped) copy of the model.
+    from transformers import AutoModelForCausalLM
+
+    from server.engine.model_cache import provision_default_model
+
+    src = settings.model if args.model else str(provision_default_model(settings.model_cache_dir))
+    plain = AutoModelForCausalLM.from_pretrained(src, dtype=engine.base.dtype).to(device).eval()
+    hf_generate(plain, prompts[:4], 2)
+    s, tok = hf_generate(plain, prompts, args.new_tokens)
+    rows["hf_generate"] = {"seconds": s, "tokens": tok, "tokens_per_s": tok / s}
+    print(f"  hf generate  {tok / s:8.1f} tok/s")
+    del plain
+
+    # Cold adapter: TTFT of a request alone to an adapter only on disk vs one already resident.
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = []
+        for i in range(10):
+            family, raw = MIX[i % len(MIX)]
+            folder = Path(tmp) / f"cold{i}"
+            make_adapter(engine, family, raw, seed=500 + i).save(folder)
+            folders.append(folder)
+        shapes = engine.base.module_shapes
+        short = SamplingParams(max_new_tokens=1, temperature=0)
+        added = []
+        for i, folder in enumerate(folders):
+            engine.add_adapter(f"warm{i}", Adapter.load(folder, shapes))
+            run_batch(engine, [prompts[0]], [f"warm{i}"], short)  # now resident
+            _, _, warm_ttft = run_batch(engine, [prompts[0]], [f"warm{i}"], short)
+            t0 = time.perf_counter()
+            engine.add_adapter(f"cold{i}", Adapter.load(folder, shapes))  # read + validate from disk
+            load_s = time.perf_counter() - t0
+            _, _, cold_ttft = run_batch(engine, [prompts[0]], [f"cold{i}"], short)
+            added.append(load_s + cold_ttft[0] - warm_ttft[0])
+    rows["cold_added_latency"] = {"p50_s": statistics.median(added), "max_s": max(added)}
+    print(f"  cold adapter added latency p50 {statistics.median(added) * 1000:.1f} ms")
+
+    # Scale: many distinct adapters round-robin under a small device budget.
+    budget = 48 << 20
+    engine.residency.device_bytes = budget
+    engine.residency.merged_bytes = 0
+    n_scale, errors, peak = args.scale_adapters, 0, 0
+    small = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+    per_family: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for start in range(0, n_scale, args.requests):
+        batch_ids = []
+        for i in range(start, min(start + args.requests, n_scale)):
+            family, raw = MIX[i % len(MIX)]
+            engine.add_adapter(f"s{i}", make_adapter(engine, family, raw, seed=10_000 + i))
+            batch_ids.append(f"s{i}")
+        reqs = [engine.submit(prompts[0][:8], small, a) for a in batch_ids]
+        while engine.generator.num_running or engine.generator.num_waiting:
+            engine.generator.step()
+            peak = max(peak, engine.residency.device_used)
+        for r in reqs:
+            evs = r.sink.drain()
+            errors += evs[-1].finish_reason == "error"
+        for pool in list(engine.residency._pools.values()):
+            per_family[pool.method.name + str(pool.key[1][0][1])] = pool.bytes_per_slot
+        for a in batch_ids:  # done with them: they are one-shot
+            engine.forget(a, 1)
+    rows["scale"] = {"adapters": n_scale, "errors": errors, "device_budget_bytes": budget,
+                     "peak_device_bytes": peak, "seconds": time.perf_counter() - t0,
+                     "device_bytes_per_adapter": per_family}
+    print(f"  scale: {n_scale} adapters, {errors} errors, peak device {peak / 2**20:.1f} MiB "
+          f"(budget {budget / 2**20:.0f} MiB)")
+
+    ratios = {
+        "mixed_vs_base": rows["mixed"]["tokens_per_s"] / base_tps,
+        "merged_vs_base": rows["merged"]["tokens_per_s"] / base_tps,
+        "hut_r4_merged_vs_base": rows["hut_r4_merged"]["tokens_per_s"] / base_tps,
+        "batching_gain": base_tps / rows["sequential"]["tokens_per_s"],
+        "base_vs_hf_generate": base_tps / rows["hf_generate"]["tokens_per_s"],
+    }
+    results.update(rows=rows, ratios=ratios)
+    print("\nratio                         value   target")
+    targets = {"mixed_vs_base": ">= 0.80 (goal 0.90)", "merged_vs_base": ">= 0.95", "batching_gain": ">= 2.5",
+               "base_vs_hf_generate": ">= 0.90", "hut_r4_merged_vs_base": "(info)"}
+    for k, v in ratios.items():
+        print(f"{k:28s} {v:7.3f}   {targets[k]}")
+    print(f"{'cold added latency p50':28s} {rows['cold_added_latency']['p50_s'] * 1000:6.1f}ms  <= 50 ms")
+    out = Path(__file__).parent / "results" / ("serve-quick.json" if args.quick else "serve.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""``/adapters``: upload (multipart), list, inspect, download files, delete. Admin scope.
+
+The store validates and versions uploads; the engine is told to forget a replaced or deleted
+version (requests already running keep theirs until they finish).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import AsyncIterator
+from typing import Annotated, BinaryIO, Literal
+
+from fastapi import APIRouter, Path, Query, Request
+from starlette.responses import StreamingResponse
+
+from adapters_store.ids import CONFIG_NAME, WEIGHTS_NAME
+
+from .deps import AdapterIdPath, AdminScope, ReadyRuntime, StoreDep
+from .errors import ApiError
+from .runtime import Runtime
+from .schemas import AdapterInfo, AdapterList, ErrorBody
+from .uploads import read_adapter_upload
+
+router = APIRouter(prefix="/adapters", tags=["adapters"], dependencies=[AdminScope])
+
+_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 409, 422, 503)}
+_UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["adapter_id", "config", "weights"],
+                    "properties": {
+                        "adapter_id": {"type": "string", "description": "new or existing adapter id"},
+                        "config": {"type": "string", "format": "binary", "description": CONFIG_NAME},
+                        "weights": {"type": "string", "format": "binary", "description": WEIGHTS_NAME},
+                    },
+                }
+            }
+        },
+    }
+}
+_CHUNK = 1 << 20
+
+
+def _info(rt: Runtime, record, *, on_disk: bool = True) -> dict:
+    tiers = rt.engine.residency.tier_of((record.adapter_id, record.version))
+    return {**dataclasses.asdict(record), "residency": (["disk"] if on_disk else []) + tiers}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=AdapterInfo,
+    responses={**_ERRORS, 400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody}},
+    openapi_extra=_UPLOAD_DOC,
+    summary="Upload an adapter (a new id, or a new version of an existing one)",
+)
+async def upload_adapter(request: Request, rt: ReadyRuntime, store: StoreDep):
+    limits = store.limits
+    upload = await read_adapter_upload(
+        request, rt.uploads_dir, limits.max_config_bytes, limits.max_weights_bytes
+    )
+    try:
+        if upload.adapter_id == rt.engine.base.name:
+            raise ApiError(422, "an adapter cannot take the base model's name", "body.adapter_id")
+        record = await asyncio.to_thread(store.put, upload.adapter_id, upload.config, upload.weights)
+    finally:
+        await asyncio.to_thread(upload.discard)
+    if record.version > 1:
+        rt.engine.forget(record.adapter_id, record.version - 1)
+    return _info(rt, record)
+
+
+@router.get("", response_model=AdapterList, responses=_ERRORS, summary="List adapters (paginated)")
+async def list_adapters(
+    rt: ReadyRuntime,
+    store: StoreDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+):
+    records, total = await asyncio.to_thread(store.list, offset, limit)
+    return {"adapters": [_info(rt, r) for r in records], "total": total, "offset": offset, "limit": limit}
+
+
+@router.get("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS, summary="One adapter")
+async def get_adapter(adapter_id: AdapterIdPath, rt: ReadyRuntime, store: StoreDep):
+    return _info(rt, await asyncio.to_thread(store.get, adapter_id))
+
+
+def _open(store, adapter_id: str, name: str) -> tuple[BinaryIO, int]:
+    # A re-upload may remove the file between lookup and open: look again once.
+    for attempt in range(2):
+        try:
+            fh = open(store.file_path(adapter_id, name), "rb")  # noqa: SIM115 - closed by the stream
+        except FileNotFoundError:
+            if attempt:
+                raise ApiError(404, "no adapter with this id", "adapter_id") from None
+            continue
+        return fh, os.fstat(fh.fileno()).st_size
+    raise AssertionError("unreachable")
+
+
+async def _chunks(fh: BinaryIO) -> AsyncIterator[bytes]:
+    try:
+        while chunk := await asyncio.to_thread(fh.read, _CHUNK):
+            yield chunk
+    finally:
+        fh.close()
+
+
+@router.get(
+    "/{adapter_id}/files/{name}",
+    responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}, "application/json": {}}}},
+    summary="Download adapter_config.json or adapter_model.safetensors",
+)
+async def download_file(
+    adapter_id: AdapterIdPath,
+    name: Annotated[Literal["adapter_config.json", "adapter_model.safetensors"], Path()],
+    store: StoreDep,
+):
+    fh, size = await asyncio.to_thread(_open, store, adapter_id, name)
+    media = "application/json" if name == CONFIG_NAME else "application/octet-stream"
+    headers = {"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{name}"'}
+    return StreamingResponse(_chunks(fh), media_type=media, headers=headers)
+
+
+@router.delete("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS, summary="Delete an adapter")
+async def delete_adapter(adapter_id: AdapterIdPath, rt: ReadyRuntime, store: StoreDep):
+    record = await asyncio.to_thread(store.delete, adapter_id)
+    rt.engine.forget(record.adapter_id, record.version)
+    return _info(rt, record, on_disk=False)

@@ -1,0 +1,64 @@
+"""Dependencies shared by the routers (``Annotated`` aliases and scope checks)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from adapters_store.store import AdapterStore
+from server.engine.engine import Engine
+from server.settings import Settings
+
+from .errors import ApiError
+from .runtime import Runtime
+from .schemas import AdapterId
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_settings(rt: RuntimeDep) -> Settings:
+    return rt.settings
+
+
+def ready_runtime(rt: RuntimeDep) -> Runtime:
+    """The runtime, or 503 while the model loads, after a failed start and while shutting down."""
+    rt.check_ready()
+    return rt
+
+
+ReadyRuntime = Annotated[Runtime, Depends(ready_runtime)]
+
+
+def get_engine(rt: ReadyRuntime) -> Engine:
+    return rt.engine
+
+
+def get_store(rt: ReadyRuntime) -> AdapterStore:
+    return rt.store
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+StoreDep = Annotated[AdapterStore, Depends(get_store)]
+AdapterIdPath = Annotated[AdapterId, Path(description="adapter id")]
+
+
+def require_scope(scope: str):
+    """Dependency: the caller's key (set by ``AuthMiddleware``) must carry ``scope`` or ``admin``."""
+
+    def check(request: Request) -> None:
+        granted = request.scope.get("state", {}).get("api_scope")
+        if granted != "admin" and granted != scope:
+            raise ApiError(403, f"this API key lacks the '{scope}' scope")
+
+    return Depends(check)
+
+
+InferScope = require_scope("infer")
+AdminScope = require_scope("admin")

@@ -1,0 +1,27 @@
+"""``/health`` (the process answers) and ``/ready`` (model loaded, warmed up, engine running,
+not shutting down). Both are open even when API keys are configured."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from .deps import RuntimeDep
+from .schemas import ErrorBody, Health, Ready
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=Health, summary="Liveness: the server process answers")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get(
+    "/ready",
+    response_model=Ready,
+    responses={503: {"model": ErrorBody, "description": "loading, failed to start, or shutting down"}},
+    summary="Readiness: the model is loaded and warmed up and the engine runs",
+)
+async def ready(rt: RuntimeDep):
+    rt.check_ready()
+    return {"status": "ready", "model": rt.engine.base.name}

@@ -1,0 +1,217 @@
+"""Shared by the native and the OpenAI-compatible routes: prompt -> token ids, limits, submit,
+and the two ways of reading a request's events (collect all, or stream).
+
+Tokenising and ``engine.submit`` (which may load an adapter from the store) run in worker
+threads; the event loop only awaits. A client that goes away cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server.engine.engine import UnknownAdapter
+from server.engine.requests import (
+    AsyncStream,
+    FinishEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
+
+from .errors import ApiError
+from .runtime import Runtime
+
+log = logging.getLogger("facet.api")
+
+
+# ------------------------------------------------------------------------------------ prompts
+
+
+def _encode(rt: Runtime, text: str) -> list[int]:
+    with rt.tokenizer_lock:
+        return list(rt.engine.base.tokenizer.encode(text, add_special_tokens=True))
+
+
+def _render_chat(rt: Runtime, messages: list[dict]) -> list[int]:
+    tokenizer = rt.engine.base.tokenizer
+    with rt.tokenizer_lock:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+async def prompt_ids(rt: Runtime, text: str | None, messages: list[dict] | None, where: str) -> list[int]:
+    """Token ids of a raw prompt or of chat messages through the model's chat template, within
+    the prompt cap and the model's context (422 naming ``where`` otherwise)."""
+    if messages is not None:
+        if not getattr(rt.engine.base.tokenizer, "chat_template", None):
+            raise ApiError(422, "the base model has no chat template; send a plain prompt", where)
+        try:
+            ids = await asyncio.to_thread(_render_chat, rt, messages)
+        except Exception as exc:  # jinja raise_exception(...) for e.g. non-alternating roles
+            message = str(exc).splitlines()[0][:200] if str(exc) else "invalid messages"
+            raise ApiError(422, f"the chat template rejected the messages: {message}", where) from None
+    else:
+        ids = await asyncio.to_thread(_encode, rt, text)
+    if not ids:
+        raise ApiError(422, "the prompt has no tokens", where)
+    cap = rt.settings.max_prompt_tokens
+    context = rt.engine.generator.max_seq_len
+    if len(ids) > cap:
+        raise ApiError(
+            422, f"the prompt has {len(ids)} tokens; the limit is {cap} (max_prompt_tokens)", where
+        )
+    if context is not None and len(ids) >= context:
+        raise ApiError(
+            422, f"the prompt has {len(ids)} tokens; the model's context is {context} tokens", where
+        )
+    return ids
+
+
+def sampling_params(
+    rt: Runtime,
+    *,
+    max_new_tokens: int,
+    where_max: str,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: str | list[str] | None,
+    logprobs: bool,
+) -> SamplingParams:
+    cap = rt.settings.max_new_tokens
+    if max_new_tokens > cap:
+        raise ApiError(422, f"must be <= {cap} (the server's max_new_tokens)", where_max)
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+    try:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            logprobs=logprobs,
+        )
+    except (TypeError, ValueError) as exc:  # the schemas should have caught it already
+        raise ApiError(422, str(exc), "body") from None
+
+
+# ------------------------------------------------------------------------------------- submit
+
+
+@dataclass
+class Submitted:
+    req: GenerationRequest
+    stream: AsyncStream
+
+    @property
+    def adapter(self) -> str | None:
+        return None if self.req.adapter_key is None else self.req.adapter_key[0]
+
+    @property
+    def adapter_version(self) -> int | None:
+        return None if self.req.adapter_key is None else self.req.adapter_key[1]
+
+
+def _cancel_orphan(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().cancel()
+
+
+async def submit(
+    rt: Runtime, ids: list[int], params: SamplingParams, adapter_id: str | None, where_adapter: str
+) -> Submitted:
+    """Admission check (429), then ``engine.submit`` in a thread (it may load the adapter)."""
+    rt.admit()
+    stream = AsyncStream()
+    rt.submitting += 1
+    task = asyncio.ensure_future(asyncio.to_thread(rt.engine.submit, ids, params, adapter_id, stream))
+    try:
+        req = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_cancel_orphan)  # the handler went away: never leave it running
+        raise
+    except UnknownAdapter:
+        raise ApiError(404, "no adapter with this id", where_adapter) from None
+    finally:
+        rt.submitting -= 1
+    return Submitted(req, stream)
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class Result:
+    finish: FinishEvent
+    tokens: list[TokenEvent] = field(default_factory=list)
+
+
+def check_finish(rt: Runtime, finish: FinishEvent) -> None:
+    """A generation that failed becomes 503 while shutting down, else a generic 500."""
+    if finish.finish_reason != "error":
+        return
+    if rt.not_ready_reason() is not None:
+        raise ApiError(
+            503, "the server is shutting down", headers={"Retry-After": str(rt.settings.retry_after_s)}
+        )
+    log.error("generation failed: %s", finish.error)
+    raise ApiError(500, "generation failed")
+
+
+async def _cancel_on_disconnect(receive: Receive, req: GenerationRequest) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            req.cancel()
+            return
+
+
+async def collect(request: Request, sub: Submitted) -> Result:
+    """Wait for the whole generation; a client that disconnects meanwhile cancels it."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, sub.req))
+    tokens: list[TokenEvent] = []
+    try:
+        async for event in sub.stream:
+            if isinstance(event, TokenEvent):
+                tokens.append(event)
+            else:
+                return Result(event, tokens)
+    finally:
+        watcher.cancel()
+        sub.req.cancel()  # no-op once finished; stops the work if this handler is cancelled
+    raise AssertionError("event stream ended without a FinishEvent")
+
+
+def sse(data: dict | str, event: str | None = None) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """``text/event-stream`` whose generation is cancelled however the response ends
+    (client disconnect, server shutdown, error)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:
+            pass
+        finally:
+            self._on_close()

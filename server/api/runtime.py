@@ -1,0 +1,71 @@
+"""What the routes share at run time: engine, store, readiness and admission control.
+
+One ``Runtime`` lives on ``app.state.runtime``; the lifespan fills it in (``server.app``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from server.settings import Settings
+
+from .errors import ApiError
+
+if TYPE_CHECKING:
+    from adapters_store.store import AdapterStore
+    from server.engine.engine import Engine
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine | None = None
+    store: AdapterStore | None = None
+    # starting -> ready -> draining; "failed" when start-up raised.
+    phase: str = "starting"
+    # Requests handed to a thread for engine.submit, not yet counted by the generator's queue.
+    submitting: int = 0
+    # Fast tokenizers may not be used from several threads at once ("Already borrowed").
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Called when the background start-up fails (``python -m server`` stops the server).
+    on_failure: Callable[[], None] | None = None
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.settings.data_dir / "uploads"
+
+    def engine_alive(self) -> bool:
+        thread = getattr(self.engine, "_thread", None)
+        return thread is not None and thread.is_alive()
+
+    def not_ready_reason(self) -> str | None:
+        """``None`` when requests can be served; otherwise why not (safe to show)."""
+        if self.phase == "starting":
+            return "the model is loading"
+        if self.phase == "failed":
+            return "start-up failed; see the server log"
+        if self.phase == "draining":
+            return "the server is shutting down"
+        if not self.engine_alive():
+            return "the engine is not running"
+        return None
+
+    def check_ready(self) -> None:
+        reason = self.not_ready_reason()
+        if reason is not None:
+            raise ApiError(503, reason, headers={"Retry-After": str(self.settings.retry_after_s)})
+
+    def admit(self) -> None:
+        """429 when the waiting queue is full. Called on the event loop right before a submit
+        is handed to a thread, so check + count is atomic across concurrent handlers."""
+        waiting = self.engine.generator.num_waiting + self.submitting
+        if waiting >= self.settings.max_queue:
+            raise ApiError(
+                429,
+                f"server overloaded: {waiting} requests already waiting; retry later",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )

@@ -1,0 +1,350 @@
+"""Request and response bodies of the HTTP API (pydantic).
+
+Static bounds live here; bounds that come from settings (prompt tokens, ``max_new_tokens``) are
+checked by the routes and answered with the same 422 shape. Integers are strict: ``"10"``,
+``3.5`` and ``true`` are not counts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from adapters_store.ids import is_valid_id
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_MESSAGES = 512
+
+
+def _check_adapter_id(value: str) -> str:
+    if not is_valid_id(value):
+        raise ValueError(
+            "invalid adapter id: 1-128 characters from [A-Za-z0-9._-], starting with a letter or "
+            "digit, no '..', optionally '@<step>'"
+        )
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or whitespace only")
+    return value
+
+
+AdapterId = Annotated[str, Field(max_length=256), AfterValidator(_check_adapter_id)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+StopField = Annotated[
+    list[StopString] | None,
+    BeforeValidator(lambda v: [v] if isinstance(v, str) else v),  # one string = a list of one
+    Field(max_length=MAX_STOP_STRINGS, description="a stop string or a list of them"),
+]
+Count = Annotated[int, Field(ge=1, strict=True)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    where: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# ------------------------------------------------------------------------------ native /generate
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Annotated[str, Field(min_length=1, max_length=32)]
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    """Give ``prompt`` (raw text) or ``messages`` (the chat template is applied), not both."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"prompt": "The capital of France is", "adapter": None, "max_new_tokens": 16}]
+        },
+    )
+
+    prompt: Annotated[str, AfterValidator(_not_blank)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    adapter: AdapterId | None = Field(None, description="adapter id; null = the base model")
+    max_new_tokens: Count = 64
+    temperature: float = Field(0.0, ge=0, le=100, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0, strict=True, description="0 = off")
+    seed: Seed | None = None
+    stop: StopField = None
+    logprobs: bool = Field(False, strict=True)
+    stream: bool = Field(False, strict=True, description="answer with Server-Sent Events")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TokenLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    adapter: str | None
+    adapter_version: int | None
+    finish_reason: Literal["stop", "length", "eos", "cancelled"]
+    usage: Usage
+    logprobs: list[TokenLogprob] | None = None
+
+
+# ------------------------------------------------------------------------------------ adapters
+
+
+class AdapterInfo(BaseModel):
+    adapter_id: str
+    version: int
+    family: str
+    config: dict[str, Any]
+    trainable_params: int
+    nbytes: int
+    sha256: str
+    created_at: Any
+    status: Literal["ready", "quarantined"]
+    error: str | None = None
+    residency: list[Literal["disk", "host", "device", "merged"]]
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterInfo]
+    total: int
+    offset: int
+    limit: int
+
+
+# ------------------------------------------------------------------------------ health / ready
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    model: str
+
+
+# ------------------------------------------------------------------------ OpenAI-compatible /v1
+
+
+def _unsupported_unless(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _OpenAIRequest(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions. Unknown fields are ignored
+    (clients send many optional ones); known ones we cannot honour are 422."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="default 1")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0, strict=True, description="extension (vLLM): 0 = off")
+    n: int | None = Field(None, strict=True)
+    seed: Seed | None = None
+    stop: StopField = None
+    stream: bool = Field(False, strict=True)
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v):
+        _unsupported_unless(v in (None, 1), "only n=1 is supported")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalties(cls, v):
+        _unsupported_unless(v in (None, 0), "penalties are not supported (use 0 or leave out)")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        _unsupported_unless(not v, "logit_bias is not supported")
+        return v
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    max_tokens: Count | None = Field(None, description="default 16")
+    logprobs: int | None = Field(None, ge=0, le=5, strict=True, description="chosen tokens only")
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        for text in [v] if isinstance(v, str) else v:
+            _not_blank(text)
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v):
+        _unsupported_unless(not v, "echo is not supported")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v):
+        _unsupported_unless(v in (None, 1), "only best_of=1 is supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        _unsupported_unless(v is None, "suffix is not supported")
+        return v
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Annotated[str, Field(min_length=1, max_length=32)]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: Annotated[list[OpenAIMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: Count | None = Field(None, description="default: the server's cap")
+    max_completion_tokens: Count | None = None
+    logprobs: bool = Field(False, strict=True)
+    top_logprobs: int | None = Field(None, strict=True)
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v):
+        _unsupported_unless(v in (None, 0), "top_logprobs is not supported (chosen tokens only)")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v):
+        _unsupported_unless(not v, "tools are not supported")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v):
+        _unsupported_unless(v is None or v.get("type") == "text", "only response_format text is supported")
+        return v
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: CompletionLogprobs | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: OpenAIUsage
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[Any]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: OpenAIUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    parent: str | None = None
+    root: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]

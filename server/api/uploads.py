@@ -1,0 +1,152 @@
+"""Streaming parser for ``POST /adapters`` (multipart/form-data).
+
+Parts: text field ``adapter_id``, files ``config`` (adapter_config.json) and ``weights``
+(adapter_model.safetensors). The weights part goes straight to a temp file under
+``<data_dir>/uploads`` (written from a worker thread, one request chunk at a time); the small
+parts are buffered up to their caps. Nothing is ever held beyond a cap: the answer is 413 naming
+the part, and the temp file is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from .errors import ApiError
+
+MAX_ID_BYTES = 1024
+MAX_PARTS = 8
+
+
+@dataclass
+class AdapterUpload:
+    adapter_id: str
+    config: bytes
+    weights: Path  # temp file: call ``discard`` when done
+
+    def discard(self) -> None:
+        self.weights.unlink(missing_ok=True)
+
+
+@dataclass
+class _Part:
+    name: str = ""
+    buffer: bytearray = field(default_factory=bytearray)
+    size: int = 0
+
+
+class _Reader:
+    """Callbacks of ``MultipartParser``. File data is queued in ``pending`` and flushed to the temp
+    file by the async driver, so the parser itself never blocks on I/O."""
+
+    def __init__(self, caps: dict[str, int]):
+        self.caps = caps
+        self.parts: dict[str, _Part] = {}
+        self.current: _Part | None = None
+        self.header_field = bytearray()
+        self.header_value = bytearray()
+        self.headers: dict[bytes, bytes] = {}
+        self.pending: list[bytes] = []
+        self.count = 0
+        self.ended = False
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": lambda d, s, e: self.header_field.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self.header_value.extend(d[s:e]),
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_end": self.on_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self.count += 1
+        if self.count > MAX_PARTS:
+            raise ApiError(413, f"too many form parts (at most {MAX_PARTS})", "body")
+        self.headers = {}
+        self.current = None
+
+    def on_header_end(self) -> None:
+        self.headers[bytes(self.header_field).lower()] = bytes(self.header_value)
+        self.header_field.clear()
+        self.header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self.headers.get(b"content-disposition"))
+        name = options.get(b"name", b"").decode("latin-1")
+        if name not in self.caps:
+            raise ApiError(422, "unexpected form field; expected adapter_id, config and weights", "body")
+        if name in self.parts:
+            raise ApiError(422, "form field given twice", f"body.{name}")
+        self.current = self.parts[name] = _Part(name)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.current
+        part.size += end - start
+        if part.size > self.caps[part.name]:
+            raise ApiError(413, f"{part.name} exceeds {self.caps[part.name]} bytes", f"body.{part.name}")
+        if part.name == "weights":
+            self.pending.append(data[start:end])
+        else:
+            part.buffer.extend(data[start:end])
+
+    def on_end(self) -> None:
+        self.ended = True
+
+
+def _write_all(fd: int, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+async def read_adapter_upload(
+    request: Request, uploads_dir: Path, max_config: int, max_weights: int
+) -> AdapterUpload:
+    ctype, options = parse_options_header(request.headers.get("content-type"))
+    boundary = options.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise ApiError(415, "expected multipart/form-data with adapter_id, config and weights", "body")
+    reader = _Reader({"adapter_id": MAX_ID_BYTES, "config": max_config, "weights": max_weights})
+    parser = MultipartParser(boundary, reader.callbacks())
+    fd, name = await asyncio.to_thread(
+        tempfile.mkstemp, prefix="upload-", suffix=".safetensors", dir=uploads_dir
+    )
+    path = Path(name)
+    try:
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+                if reader.pending:
+                    chunks, reader.pending = reader.pending, []
+                    await asyncio.to_thread(_write_all, fd, chunks)
+            parser.finalize()
+        except MultipartParseError:
+            raise ApiError(400, "malformed multipart body", "body") from None
+        except ClientDisconnect:
+            raise ApiError(400, "the client went away during the upload", "body") from None
+        finally:
+            os.close(fd)
+        if not reader.ended:
+            raise ApiError(400, "incomplete multipart body", "body")
+        for required in ("adapter_id", "config", "weights"):
+            if required not in reader.parts:
+                raise ApiError(422, "field required", f"body.{required}")
+        try:
+            adapter_id = reader.parts["adapter_id"].buffer.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(422, "adapter_id must be UTF-8 text", "body.adapter_id") from None
+        return AdapterUpload(adapter_id, bytes(reader.parts["config"].buffer), path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,150 @@
+"""The FastAPI application factory.
+
+    app = create_app(settings)                         # builds model, store and engine itself
+    app = create_app(settings, engine=e, store=s)      # tests: injected (tiny model, tmp store)
+
+The lifespan answers at once (``/health`` 200, ``/ready`` 503) and does the slow start-up in a
+background task: load the base model, open the store (``<data_dir>/adapters``), build and start
+the engine, run one tiny generation, then ``/ready`` turns 200. On shutdown ``/ready`` turns 503
+first, then the engine stops (requests still running finish with an error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from adapters_store.limits import StoreLimits
+from adapters_store.store import AdapterStore
+from server.engine.engine import Engine
+from server.engine.loader import load_base_model
+from server.engine.requests import FinishEvent, SamplingParams
+from server.settings import Settings
+
+from .api import ROUTERS
+from .api.errors import install_error_handlers
+from .api.middleware import AuthMiddleware, BodyLimitMiddleware, load_api_keys
+from .api.runtime import Runtime
+
+log = logging.getLogger("facet.app")
+
+WARMUP_TIMEOUT_S = 600.0
+_MULTIPART_OVERHEAD = 64 << 10
+
+DESCRIPTION = """\
+One resident base model, many tiny adapters (LoRA, HUT, ETHER, DCT, SURM) chosen per request.
+
+* `POST /generate` native generation (JSON or Server-Sent Events)
+* `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`: OpenAI-compatible
+* `/adapters`: upload, list, download, delete
+
+Errors always look like `{"error": {"type", "message", "where"?}}`. With API keys configured, send
+`Authorization: Bearer <key>` (scope `infer` for generation and models, `admin` for everything).
+"""
+
+
+def store_limits(settings: Settings) -> StoreLimits:
+    return StoreLimits(max_weights_bytes=settings.max_upload_bytes)
+
+
+def _build(rt: Runtime) -> None:
+    """Blocking part of start-up (worker thread): whatever was not injected."""
+    settings = rt.settings
+    if rt.engine is None:
+        base = load_base_model(settings)
+        if rt.store is None:
+            rt.store = AdapterStore(
+                settings.data_dir / "adapters", base.module_shapes, base.name, store_limits(settings)
+            )
+        store = rt.store
+        rt.engine = Engine(
+            base, settings, source=lambda key: store.load(*key), current_version=store.current_version
+        )
+    elif rt.store is None:
+        base = rt.engine.base
+        rt.store = AdapterStore(
+            settings.data_dir / "adapters", base.module_shapes, base.name, store_limits(settings)
+        )
+    rt.uploads_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in rt.uploads_dir.glob("upload-*"):  # from a crash mid-upload
+        leftover.unlink(missing_ok=True)
+
+
+def _warm_up(engine: Engine) -> None:
+    """One tiny greedy generation: the first forward pass pays its one-time costs here."""
+    tokenizer = engine.base.tokenizer
+    ids = list(tokenizer.encode("Hello", add_special_tokens=True)) or [0]
+    req = engine.submit(ids, SamplingParams(max_new_tokens=2, temperature=0.0))
+    while True:
+        try:
+            event = req.sink.get(timeout=WARMUP_TIMEOUT_S)
+        except queue.Empty:
+            req.cancel()
+            raise RuntimeError("warm-up generation timed out") from None
+        if isinstance(event, FinishEvent):
+            if event.finish_reason == "error":
+                raise RuntimeError(f"warm-up generation failed: {event.error}")
+            return
+
+
+async def _start(rt: Runtime) -> None:
+    try:
+        await asyncio.to_thread(_build, rt)
+        rt.engine.start()
+        await asyncio.to_thread(_warm_up, rt.engine)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("start-up failed")
+        rt.phase = "failed"
+        if rt.on_failure is not None:
+            rt.on_failure()
+        return
+    if rt.phase == "starting":
+        rt.phase = "ready"
+        log.info("ready: model %s", rt.engine.base.name)
+
+
+def create_app(
+    settings: Settings, *, engine: Engine | None = None, store: AdapterStore | None = None
+) -> FastAPI:
+    keys = load_api_keys(settings.api_keys, settings.api_keys_file)
+    runtime = Runtime(settings, engine=engine, store=store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        startup = asyncio.create_task(_start(runtime))
+        try:
+            yield
+        finally:
+            if runtime.phase != "failed":
+                runtime.phase = "draining"
+            startup.cancel()
+            try:
+                await startup
+            except asyncio.CancelledError:
+                pass
+            if runtime.engine is not None:
+                await asyncio.to_thread(runtime.engine.stop)
+
+    app = FastAPI(title="Facet", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    upload_cap = settings.max_upload_bytes + store_limits(settings).max_config_bytes + _MULTIPART_OVERHEAD
+    app.add_middleware(
+        BodyLimitMiddleware, default_cap=settings.max_body_bytes, caps={("POST", "/adapters"): upload_cap}
+    )
+    app.add_middleware(AuthMiddleware, keys=keys)  # added last = runs first: no body read without a key
+    return app
+
+
+def on_startup_failure(app: FastAPI, callback: Callable[[], None]) -> None:
+    """Run ``callback`` (e.g. stop the server) when the background start-up fails."""
+    app.state.runtime.on_failure = callback

@@ -1,0 +1,57 @@
+"""A Facet app on a tiny random-weight Llama (CPU, no files but its data dir).
+
+    python -m tests.api.tiny_server --port 8123 --data-dir /tmp/x [--api-keys admin:k ...]
+
+Any setting can be given as a flag (``settings_from_cli``). Tests also import ``build_tiny``
+to inject the same engine and store into ``create_app``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import uvicorn
+
+from adapters_store.store import AdapterStore
+from server.app import create_app, store_limits
+from server.engine.engine import Engine
+from server.engine.loader import wrap_model
+from server.settings import Settings, settings_from_cli
+from tests.conftest import make_tiny_llama, make_tokenizer
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BASE_NAME = "tiny-llama"
+# The in-memory tokenizer has no chat template: a plain one (contents joined by spaces).
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+DEFAULTS = {"threads": 1, "max_batch_size": 8, "device_adapter_bytes": 64 << 20, "host_adapter_bytes": 64 << 20}
+
+
+def tiny_settings(**overrides) -> Settings:
+    return Settings(**{**DEFAULTS, **overrides})
+
+
+def build_tiny(settings: Settings) -> tuple[Engine, AdapterStore]:
+    if settings.threads:  # as load_base_model does (tiny ops are much slower on several threads)
+        torch.set_num_threads(settings.threads)
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    base = wrap_model(BASE_NAME, make_tiny_llama(), tokenizer, TARGETS)
+    store = AdapterStore(settings.data_dir / "adapters", base.module_shapes, base.name, store_limits(settings))
+    engine = Engine(base, settings, source=lambda key: store.load(*key), current_version=store.current_version)
+    return engine, store
+
+
+def create_tiny_app(settings: Settings):
+    engine, store = build_tiny(settings)
+    return create_app(settings, engine=engine, store=store)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli = settings_from_cli(argv)
+    settings = tiny_settings(**cli.model_dump(exclude_unset=True))
+    uvicorn.run(create_tiny_app(settings), host=settings.host, port=settings.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
