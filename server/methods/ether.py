@@ -11,19 +11,20 @@ PyTorch layout: ``W [out, in]``, ``y = x Wᵀ + b``. On a chosen side of dimensi
 
 Since H is symmetric, the input side is ``y = (x H_in) Wᵀ + b``: a ``pre`` transform of each
 activation row; the output side is ``y = (x Wᵀ) H_out + b``: a ``post`` transform of each bias-free
-base-output row. Both act block by block on a row ``z`` (``z_k`` = its k-th length-b chunk) through
-one symmetric rank-2 form, so that both variants share one serving layout::
+base-output row. Both act block by block on a row ``z`` (``z_k`` = its k-th length-b chunk)::
 
-    z_k ← z_k − ½ p1_k (p0_k · z_k) − ½ p0_k (p1_k · z_k)
-        ETHER:  (p0, p1) = (û, 2û)           −½(p1 p0ᵀ + p0 p1ᵀ) = −2ûûᵀ
-        ETHER+: (p0, p1) = (û − v̂, û + v̂)    −½(p1 p0ᵀ + p0 p1ᵀ) = −ûûᵀ + v̂v̂ᵀ
+    ETHER:  z_k ← z_k − 2 û (û · z_k)                            table û [n, b]
+    ETHER+: z_k ← z_k − ½ p1 (p0 · z_k) − ½ p0 (p1 · z_k)         table (p0, p1) [2, n, b]
+            with p0 = û − v̂, p1 = û + v̂, since −½(p1 p0ᵀ + p0 p1ᵀ) = −ûûᵀ + v̂v̂ᵀ
 
-``prepare`` stores ``(p0, p1)`` per block (``[2, n, b]``), and there is one slot table per
-(sides, n_blocks, shape): ETHER and ETHER+ adapters mix in one group. At the ETHER+ init
-``v = −u`` the vector ``p1 = û + v̂`` is exactly zero, so the output is ``z`` bit for bit. The
-merge applies the same transform to the rows of ``W`` (input side) and of ``Wᵀ`` (output side):
-two rank-1 updates per block, O(out·in) per side, H never materialised; ``reference_weight``
-instead builds the dense ``torch.block_diag`` matrices and multiplies (the test oracle).
+one gather, one product, one sum and one (ETHER) or two (ETHER+) fused multiply-adds per group,
+with the slot table gathered per row. At the ETHER+ init ``v = −u`` the vector ``p1 = û + v̂``
+is exactly zero, so the output is ``z`` bit for bit. Signature = (variant, sides, n_blocks,
+shape): ETHER and ETHER+ have different tables (ETHER needs half the work), so a batch mixing
+them, or block counts, or sides, runs one group per signature. The merge applies the same
+transform to the rows of ``W`` (input side) and of ``Wᵀ`` (output side): one or two rank-1
+updates per block, O(out·in) per side, H never materialised; ``reference_weight`` instead builds
+the dense ``torch.block_diag`` matrices and multiplies (the test oracle).
 
 Config: ``variant`` "ether" | "etherplus"; ``side`` "in" | "out" | "both" (ETHER+ only: two-sided,
 the official code's recommended ``etherplusHH``) | "auto" (the smaller dimension, ties -> "in");
@@ -105,19 +106,23 @@ def _side_dim(side: Side, out_f: int, in_f: int) -> int:
 
 
 def _transform(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Rows of ``z [R, D]`` through the blocks: ``z_k - ½ p1 (p0 · z_k) - ½ p0 (p1 · z_k)``.
+    """Rows of ``z [R, D]`` through the blocks of the gathered per-row table ``p``.
 
-    ``p [R or 1, 2, n, b]`` holds (p0, p1) per row (its gathered slot) and block.
+    ETHER: ``p = û [R or 1, n, b]``, ``z_k - 2 û (û · z_k)``. ETHER+: ``p = (p0, p1) [R or 1, 2, n, b]``,
+    ``z_k - ½ p1 (p0 · z_k) - ½ p0 (p1 · z_k)``.
     """
     r, d = z.shape
-    n, b = p.shape[2], p.shape[3]
+    n, b = p.shape[-2], p.shape[-1]
     if p.dtype != z.dtype:
         p = p.to(z.dtype)
-    z4 = z.view(r, 1, n, b)  # one length-b chunk per block
+    if p.dim() == 3:  # ETHER
+        z3 = z.reshape(r, n, b)  # one length-b chunk per block
+        s = (z3 * p).sum(-1, keepdim=True)  # [R, n, 1]: û · z_k
+        return torch.addcmul(z3, s, p, value=-2.0).view(r, d)
+    z4 = z.reshape(r, 1, n, b)
     s0, s1 = (z4 * p).sum(-1, keepdim=True).unbind(1)  # [R, n, 1] each: p0 · z_k, p1 · z_k
     p0, p1 = p.unbind(1)  # [R or 1, n, b]
-    out = torch.addcmul(z4[:, 0], s0, p1, value=-0.5)  # [R, n, b]
-    return out.addcmul_(s1, p0, value=-0.5).view(r, d)
+    return torch.addcmul(z4.select(1, 0), s0, p1, value=-0.5).addcmul_(s1, p0, value=-0.5).view(r, d)
 
 
 class EtherMethod(AdapterMethod):
@@ -215,8 +220,7 @@ class EtherMethod(AdapterMethod):
 
     # ---- batched on-the-fly path ---------------------------------------------------------
     def signature(self, cfg: EtherConfig, out_f: int, in_f: int) -> Hashable:
-        # ETHER and ETHER+ share the serving layout, so the variant is not part of the signature.
-        return (cfg.sides(out_f, in_f), cfg.n_blocks, out_f, in_f)
+        return (cfg.variant, cfg.sides(out_f, in_f), cfg.n_blocks, out_f, in_f)
 
     def prepare(
         self, cfg: EtherConfig, params: dict[str, torch.Tensor], weight: torch.Tensor
@@ -228,12 +232,12 @@ class EtherMethod(AdapterMethod):
             if cfg.variant == "etherplus":  # −ûûᵀ + v̂v̂ᵀ = −½(a dᵀ + d aᵀ), d = û − v̂, a = û + v̂
                 v = F.normalize(params[f"ether_v_{side}"].float(), dim=-1)
                 table[side] = torch.stack([u - v, u + v])  # [2, n, b]
-            else:  # −2ûûᵀ = −½(2û ûᵀ + û 2ûᵀ)
-                table[side] = torch.stack([u, 2 * u])  # [2, n, b]
+            else:
+                table[side] = u
         return table
 
     def hooks(self, sig: Hashable) -> frozenset[str]:
-        sides = sig[0]
+        sides = sig[1]
         return frozenset(({"pre"} if "in" in sides else set()) | ({"post"} if "out" in sides else set()))
 
     def pre(self, sig: Hashable, x: torch.Tensor, table: dict, slots: torch.Tensor | None):

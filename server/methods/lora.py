@@ -16,12 +16,12 @@ and never acted on: nothing in a config is imported.
 Init: ``train``/``identity`` as PEFT (A Kaiming-uniform, i.e. U(±1/√in), B = 0); ``random``
 draws B too, scaled so that ``s·BA`` is about 0.3× the scale of W.
 
-Mixed batches: ``prepare`` folds ``s`` into ``Bᵀ [r, out]``. Measured on CPU (SmolLM2 shapes,
-64 rows): with a small table (``S·r <= DENSE_MAX_RANK``) two dense GEMMs over the concatenated
-factors of all slots with a per-row one-hot mask are fastest; otherwise the rows are regrouped per
-slot (padded) and two ``bmm`` run over the slot factors in place. Per-row gathered factors
-(einsum or bmm) copy ``R·r·(in+out)`` floats and were 1.5-10x slower from r = 8 up; they remain
-the GPU path because they need no host sync.
+Mixed batches: ``prepare`` folds ``s`` into ``Bᵀ [r, out]``. Three exact forms, chosen by the
+table's shape (measured on CPU at SmolLM2 shapes, 64 rows): a small table (``S·r <= 32``): two
+dense GEMMs over the concatenated factors of all slots with a per-row one-hot mask; r <= 8 (and
+always on GPU): each row gathers its factors, two batched mat-vecs (``R·r·(in+out)`` floats
+copied, no host sync); larger r on CPU: rows regrouped per slot (padded to the largest group) and
+two ``bmm`` over the slot factors in place (per-row gathers became 2-10x slower from r = 16).
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ _OFF: dict[str, str] = {
 }
 # init_lora_weights values whose saved factors apply to the untouched base weight.
 _PLAIN_INITS = {"gaussian", "eva", "orthogonal", "mica"}
-DENSE_MAX_RANK = 32  # S·r up to which the masked dense form beats per-row gathers (measured on CPU)
+DENSE_MAX_RANK = 32  # S·r up to which the masked dense form is fastest (measured on CPU)
+GATHER_MAX_RANK = 8  # r up to which per-row gathered factors beat regrouping rows per slot (CPU)
 
 
 def _refuse(message: str) -> PydanticCustomError:
@@ -211,7 +212,7 @@ class LoraMethod(AdapterMethod):
             return (x @ a[0].T) @ bt[0]
         if a.shape[0] * a.shape[1] <= DENSE_MAX_RANK:
             return _dense_masked(x, a, bt, slots)
-        if x.is_cuda:
+        if x.is_cuda or a.shape[1] <= GATHER_MAX_RANK:
             return _gathered(x, a, bt, slots)
         return _segmented(x, a, bt, slots)
 

@@ -166,29 +166,38 @@ def test_train_init_is_kaiming_uniform_sqrt5():
     assert u.abs().max() <= 0.25 and u.abs().max() > 0.2
 
 
-def test_ether_and_etherplus_share_one_table_in_a_mixed_batch():
+def test_variants_blocks_and_sides_coexist_in_one_batch():
     shape = (12, 18)
     g = torch.Generator().manual_seed(6)
     weight, bias = torch.randn(shape, generator=g), torch.randn(shape[0], generator=g)
+    fields = [
+        {"variant": "ether", "side": "out", "n_blocks": 3},
+        {"variant": "etherplus", "side": "out", "n_blocks": 3},
+        {"variant": "ether", "side": "in", "n_blocks": 1},
+        {"variant": "etherplus", "side": "both", "n_blocks": 2},
+        {"variant": "ether", "side": "out", "n_blocks": 3},  # shares a table with adapter 0
+    ]
     adapters = []
-    for i, variant in enumerate(["ether", "etherplus", "ether", "etherplus"]):
-        cfg = _cfg(variant=variant, side="out", n_blocks=3)
+    for i, f in enumerate(fields):
+        cfg = _cfg(**f)
         adapters.append((cfg, M.init_params(cfg, weight, "random", torch.Generator().manual_seed(10 + i))))
-    sigs = {M.signature(cfg, *shape) for cfg, _ in adapters}
-    assert len(sigs) == 1
-    assert M.signature(_cfg(side="in", n_blocks=3), *shape) not in sigs
-    assert M.signature(_cfg(side="out", n_blocks=2), *shape) not in sigs
-    assert M.hooks(next(iter(sigs))) == {"post"}
-    assert M.hooks(M.signature(_cfg(side="both"), *shape)) == {"pre", "post"}
-    table = stack_prepared([M.prepare(cfg, p, weight) for cfg, p in adapters])
-    slots = torch.tensor([3, 0, 1, 1, 2, 0, 3])
-    x = torch.randn(len(slots) + 2, shape[1], generator=g)
-    rows = torch.arange(len(slots))  # the last two rows use no adapter
-    y = batched_linear(x, weight, bias, [Group(M, next(iter(sigs)), table, rows, slots)])
-    for r, s in enumerate(slots.tolist()):
-        w2, b2 = M.reference_weight(*adapters[s], weight, bias)
+    sigs = [M.signature(cfg, *shape) for cfg, _ in adapters]
+    assert len(set(sigs)) == 4 and sigs[0] == sigs[4]
+    assert [M.hooks(s) for s in sigs[:4]] == [{"post"}, {"post"}, {"pre"}, {"pre", "post"}]
+    owners = [4, 0, 3, 1, 2, 2, 0, 3, 1, 4, None, 3]
+    x = torch.randn(len(owners), shape[1], generator=g)
+    groups = []
+    for sig in dict.fromkeys(sigs):
+        members = [a for a, s in enumerate(sigs) if s == sig]
+        table = stack_prepared([M.prepare(*adapters[a], weight) for a in members])
+        rows = [r for r, o in enumerate(owners) if o in members]
+        slots = [members.index(owners[r]) for r in rows]
+        groups.append(Group(M, sig, table, torch.tensor(rows), torch.tensor(slots)))
+    y = batched_linear(x, weight, bias, groups)
+    for r, o in enumerate(owners):
+        w2, b2 = (weight, bias) if o is None else M.reference_weight(*adapters[o], weight, bias)
         assert (y[r] - (x[r] @ w2.T + b2)).abs().max() < 1e-5
-    assert torch.allclose(y[-2:], x[-2:] @ weight.T + bias)
+        assert o is None or (y[r] - (x[r] @ weight.T + bias)).abs().max() > 1e-2
 
 
 # ---- (c) configuration ------------------------------------------------------------------------------

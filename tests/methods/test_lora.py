@@ -19,7 +19,7 @@ from server.methods import (
     merge_into,
     stack_prepared,
 )
-from server.methods.lora import DENSE_MAX_RANK, _dense_masked, _gathered, _segmented
+from server.methods.lora import DENSE_MAX_RANK, GATHER_MAX_RANK, _dense_masked, _gathered, _segmented
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -203,11 +203,13 @@ def test_peft_written_dora_folder_is_refused(tmp_path):
         Adapter.load(tmp_path, _linear_shapes(base))
 
 
-@pytest.mark.parametrize("n_adapters", [2, 9])  # S·r below / above DENSE_MAX_RANK: dense / segmented path
-def test_mixed_batch_both_paths_match_reference(n_adapters):
+@pytest.mark.parametrize(
+    ("n_adapters", "r", "path"), [(2, 4, "dense"), (9, 4, "gathered"), (4, 12, "segmented")]
+)
+def test_mixed_batch_each_path_matches_reference(n_adapters, r, path):
     method = get_method("lora")
-    r = 4
-    assert (2 * r <= DENSE_MAX_RANK) and (9 * r > DENSE_MAX_RANK)
+    dense = n_adapters * r <= DENSE_MAX_RANK
+    assert path == ("dense" if dense else "gathered" if r <= GATHER_MAX_RANK else "segmented")
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
     adapters = []
@@ -249,3 +251,36 @@ def test_fast_paths_agree(skew):
     want = torch.stack([x[i] @ a[s].T @ bt[s] for i, s in enumerate(slots.tolist())])
     for fn in (_dense_masked, _gathered, _segmented):
         _close(fn(x, a, bt, slots), want)
+
+
+def test_our_saved_folder_loads_in_peft(tmp_path):
+    """The reverse direction: a folder we write is read by PEFT and computes the same logits."""
+    base = _tiny_llama(3)
+    shapes = _linear_shapes(base)
+    method = get_method("lora")
+    cfg = method.parse_config(
+        {
+            "peft_type": "LORA",
+            "target_modules": ["q_proj", "down_proj"],
+            "r": 4,
+            "lora_alpha": 6,
+            "use_rslora": True,
+        }
+    )
+    g = torch.Generator().manual_seed(0)
+    named = dict(base.named_modules())
+    modules = {
+        p: method.init_params(cfg, named[p].weight, "random", g)
+        for p in shapes
+        if p.endswith(("q_proj", "down_proj"))
+    }
+    Adapter(method, cfg, modules, shapes).save(tmp_path)
+    with pytest.warns(UserWarning, match="format_version"):  # our one extra key; PEFT ignores it
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    merged = copy.deepcopy(base)
+    named = dict(merged.named_modules())
+    for path, params in modules.items():
+        merge_into(named[path], method, cfg, params)
+    ids = torch.randint(0, 64, (2, 9), generator=g)
+    with torch.no_grad():
+        _close(merged(input_ids=ids).logits, pm(input_ids=ids).logits)
