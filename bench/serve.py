@@ -90,8 +90,14 @@ def hf_generate(model, prompts, new_tokens) -> tuple[float, int]:
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=0)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
     return time.perf_counter() - t0, (out.shape[1] - width) * len(prompts)
 
 
@@ -109,8 +115,13 @@ def main() -> None:
     if args.quick:
         args.requests, args.new_tokens, args.sequential, args.scale_adapters = 8, 8, 2, 40
     torch.set_num_threads(args.threads)
-    overrides = {"threads": args.threads, "max_batch_size": max(64, args.requests), "merged_cache_bytes": 2 << 30,
-                 "merge_after_steps": 1, "device_adapter_bytes": 1 << 30}
+    overrides = {
+        "threads": args.threads,
+        "max_batch_size": max(64, args.requests),
+        "merged_cache_bytes": 2 << 30,
+        "merge_after_steps": 1,
+        "device_adapter_bytes": 1 << 30,
+    }
     if args.model:
         overrides["model"] = args.model
     settings = Settings(**overrides)
@@ -118,12 +129,23 @@ def main() -> None:
     device = engine.base.device
     vocab = engine.base.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, vocab - 100, (args.prompt_tokens,), generator=g).tolist() for _ in range(args.requests)]
+    prompts = [
+        torch.randint(100, vocab - 100, (args.prompt_tokens,), generator=g).tolist()
+        for _ in range(args.requests)
+    ]
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    results: dict = {"meta": {"model": engine.base.name, "device": str(device), "threads": args.threads,
-                              "requests": args.requests, "new_tokens": args.new_tokens,
-                              "prompt_tokens": args.prompt_tokens, "torch": torch.__version__,
-                              "machine": platform.machine()}}
+    results: dict = {
+        "meta": {
+            "model": engine.base.name,
+            "device": str(device),
+            "threads": args.threads,
+            "requests": args.requests,
+            "new_tokens": args.new_tokens,
+            "prompt_tokens": args.prompt_tokens,
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+        }
+    }
 
     # Adapters: 32 distinct across families (mixed), one LoRA served merged, one HUT r4 merged.
     ids = []
@@ -144,7 +166,12 @@ def main() -> None:
 
     def scenario(name, adapters, n=None):
         s, tok, ttft = run_batch(engine, prompts[: n or args.requests], adapters, params)
-        rows[name] = {"seconds": s, "tokens": tok, "tokens_per_s": tok / s, "ttft_p50_s": statistics.median(ttft)}
+        rows[name] = {
+            "seconds": s,
+            "tokens": tok,
+            "tokens_per_s": tok / s,
+            "ttft_p50_s": statistics.median(ttft),
+        }
         print(f"  {name:12s} {tok / s:8.1f} tok/s  ({tok} tokens in {s:.1f} s)", flush=True)
 
     print("throughput:")
@@ -225,11 +252,18 @@ def main() -> None:
             per_family[pool.method.name + str(pool.key[1][0][1])] = pool.bytes_per_slot
         for a in batch_ids:  # done with them: they are one-shot
             engine.forget(a, 1)
-    rows["scale"] = {"adapters": n_scale, "errors": errors, "device_budget_bytes": budget,
-                     "peak_device_bytes": peak, "seconds": time.perf_counter() - t0,
-                     "device_bytes_per_adapter": per_family}
-    print(f"  scale: {n_scale} adapters, {errors} errors, peak device {peak / 2**20:.1f} MiB "
-          f"(budget {budget / 2**20:.0f} MiB)")
+    rows["scale"] = {
+        "adapters": n_scale,
+        "errors": errors,
+        "device_budget_bytes": budget,
+        "peak_device_bytes": peak,
+        "seconds": time.perf_counter() - t0,
+        "device_bytes_per_adapter": per_family,
+    }
+    print(
+        f"  scale: {n_scale} adapters, {errors} errors, peak device {peak / 2**20:.1f} MiB "
+        f"(budget {budget / 2**20:.0f} MiB)"
+    )
 
     ratios = {
         "mixed_vs_base": rows["mixed"]["tokens_per_s"] / base_tps,
@@ -240,8 +274,13 @@ def main() -> None:
     }
     results.update(rows=rows, ratios=ratios)
     print("\nratio                         value   target")
-    targets = {"mixed_vs_base": ">= 0.80 (goal 0.90)", "merged_vs_base": ">= 0.95", "batching_gain": ">= 2.5",
-               "base_vs_hf_generate": ">= 0.90", "hut_r4_merged_vs_base": "(info)"}
+    targets = {
+        "mixed_vs_base": ">= 0.80 (goal 0.90)",
+        "merged_vs_base": ">= 0.95",
+        "batching_gain": ">= 2.5",
+        "base_vs_hf_generate": ">= 0.90",
+        "hut_r4_merged_vs_base": "(info)",
+    }
     for k, v in ratios.items():
         print(f"{k:28s} {v:7.3f}   {targets[k]}")
     print(f"{'cold added latency p50':28s} {rows['cold_added_latency']['p50_s'] * 1000:6.1f}ms  <= 50 ms")

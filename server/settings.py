@@ -69,7 +69,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
-        if kind is list[str]:
+        if kind == list[str]:
             parser.add_argument(flag, nargs="+", default=None, help=field.description)
         else:
             parser.add_argument(flag, default=None, help=field.description)

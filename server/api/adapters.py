@@ -68,11 +68,13 @@ async def upload_adapter(request: Request, rt: ReadyRuntime, store: StoreDep):
     try:
         if upload.adapter_id == rt.engine.base.name:
             raise ApiError(422, "an adapter cannot take the base model's name", "body.adapter_id")
+        # Versions may skip numbers (a failed put reserves one), so ask which one is being replaced.
+        previous = await asyncio.to_thread(store.current_version, upload.adapter_id)
         record = await asyncio.to_thread(store.put, upload.adapter_id, upload.config, upload.weights)
     finally:
         await asyncio.to_thread(upload.discard)
-    if record.version > 1:
-        rt.engine.forget(record.adapter_id, record.version - 1)
+    if previous is not None and previous != record.version:
+        rt.engine.forget(record.adapter_id, previous)
     return _info(rt, record)
 
 

@@ -7,8 +7,6 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 
 from adapters_store.store import AdapterStore
-from server.engine.engine import Engine
-from server.settings import Settings
 
 from .errors import ApiError
 from .runtime import Runtime
@@ -22,10 +20,6 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_settings(rt: RuntimeDep) -> Settings:
-    return rt.settings
-
-
 def ready_runtime(rt: RuntimeDep) -> Runtime:
     """The runtime, or 503 while the model loads, after a failed start and while shutting down."""
     rt.check_ready()
@@ -35,16 +29,10 @@ def ready_runtime(rt: RuntimeDep) -> Runtime:
 ReadyRuntime = Annotated[Runtime, Depends(ready_runtime)]
 
 
-def get_engine(rt: ReadyRuntime) -> Engine:
-    return rt.engine
-
-
 def get_store(rt: ReadyRuntime) -> AdapterStore:
     return rt.store
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
 StoreDep = Annotated[AdapterStore, Depends(get_store)]
 AdapterIdPath = Annotated[AdapterId, Path(description="adapter id")]
 

@@ -81,7 +81,9 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 
 async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.where, type=exc.code)
+    # The type follows the status, as for every other error; the store's message says the rest
+    # (e.g. "...; re-upload the adapter (or delete it)" for a corrupt one).
+    return error_response(exc.status, exc.message, exc.where)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -92,7 +94,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         return error_response(422, "request body is not valid JSON", "body")
     # Union members show up in the location ("prompt", "str"): keep the field path readable.
     where = _where(tuple(p for p in loc if not (isinstance(p, str) and (p in _TAGS or "[" in p))))
-    message = str(first.get("msg", "invalid value"))
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return error_response(422, message, where or None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -24,11 +23,6 @@ _SSE_DOC = {
     '`event: error` with `{"error": {...}}`.',
     "content": {"text/event-stream": {}},
 }
-
-
-def _token_strings(rt: Runtime, ids: list[int]) -> list[str]:
-    tokenizer = rt.engine.base.tokenizer
-    return [tokenizer.decode([i]) for i in ids]
 
 
 def _response(sub: inference.Submitted, result: inference.Result, token_strings: list[str] | None) -> dict:
@@ -79,7 +73,7 @@ async def generate(body: GenerateRequest, request: Request, rt: ReadyRuntime):
     inference.check_finish(rt, result.finish)
     strings = None
     if body.logprobs:
-        strings = await asyncio.to_thread(_token_strings, rt, [t.token_id for t in result.tokens])
+        strings = await inference.token_strings(rt, result.tokens)
     return _response(sub, result, strings)
 
 
@@ -100,5 +94,5 @@ async def _events(rt: Runtime, sub: inference.Submitted, logprobs: bool) -> Asyn
             return
         strings = None
         if logprobs:
-            strings = await asyncio.to_thread(_token_strings, rt, [t.token_id for t in tokens])
+            strings = await inference.token_strings(rt, tokens)
         yield inference.sse(_response(sub, inference.Result(event, tokens), strings), "done")

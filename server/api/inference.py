@@ -156,6 +156,17 @@ class Result:
     tokens: list[TokenEvent] = field(default_factory=list)
 
 
+async def token_strings(rt: Runtime, tokens: list[TokenEvent]) -> list[str]:
+    """The text of each chosen token on its own (for log-probabilities), in a worker thread."""
+    tokenizer = rt.engine.base.tokenizer
+
+    def decode() -> list[str]:
+        with rt.tokenizer_lock:
+            return [tokenizer.decode([t.token_id]) for t in tokens]
+
+    return await asyncio.to_thread(decode)
+
+
 def check_finish(rt: Runtime, finish: FinishEvent) -> None:
     """A generation that failed becomes 503 while shutting down, else a generic 500."""
     if finish.finish_reason != "error":

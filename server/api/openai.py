@@ -56,11 +56,6 @@ def _usage(finish) -> dict:
     }
 
 
-def _token_strings(rt: Runtime, ids: list[int]) -> list[str]:
-    tokenizer = rt.engine.base.tokenizer
-    return [tokenizer.decode([i]) for i in ids]
-
-
 def _params(rt: Runtime, body, max_tokens: int, where_max: str, logprobs: bool):
     return inference.sampling_params(
         rt,
@@ -115,7 +110,7 @@ async def completions(body: CompletionRequest, request: Request, rt: ReadyRuntim
 
 
 async def _completion_logprobs(rt: Runtime, tokens, offset: int) -> dict:
-    strings = await asyncio.to_thread(_token_strings, rt, [t.token_id for t in tokens])
+    strings = await inference.token_strings(rt, tokens)
     offsets = []
     for t in tokens:
         offsets.append(offset)
@@ -193,7 +188,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Re
 
 
 async def _chat_logprobs(rt: Runtime, tokens) -> dict:
-    strings = await asyncio.to_thread(_token_strings, rt, [t.token_id for t in tokens])
+    strings = await inference.token_strings(rt, tokens)
     return {
         "content": [
             {"token": s, "logprob": t.logprob, "bytes": list(s.encode()), "top_logprobs": []}

@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from adapters_store.ids import is_valid_id
+from adapters_store.errors import StoreError
+from adapters_store.ids import check_id
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -19,12 +20,10 @@ MAX_MESSAGES = 512
 
 
 def _check_adapter_id(value: str) -> str:
-    if not is_valid_id(value):
-        raise ValueError(
-            "invalid adapter id: 1-128 characters from [A-Za-z0-9._-], starting with a letter or "
-            "digit, no '..', optionally '@<step>'"
-        )
-    return value
+    try:
+        return check_id(value)  # the store's rule, and its message
+    except StoreError as exc:
+        raise ValueError(exc.message) from None
 
 
 def _not_blank(value: str) -> str:
@@ -118,7 +117,7 @@ class AdapterInfo(BaseModel):
     trainable_params: int
     nbytes: int
     sha256: str
-    created_at: Any
+    created_at: float = Field(description="Unix time of this version's upload")
     status: Literal["ready", "quarantined"]
     error: str | None = None
     residency: list[Literal["disk", "host", "device", "merged"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -107,3 +107,19 @@ def parse_sse(text: str) -> list[tuple[str | None, str]]:
 
 def sse_json(text: str) -> list[tuple[str | None, dict | str]]:
     return [(n, d if d == "[DONE]" else json.loads(d)) for n, d in parse_sse(text)]
+
+
+# ----------------------------------------------------------------- a real tiny server (subprocess)
+
+ADMIN_KEY, INFER_KEY = "test-admin-key", "test-infer-key"
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory) -> Iterator[str]:
+    """``python -m tests.api.tiny_server`` on a free loopback port, with an admin and an infer key."""
+    from .processes import server_process
+
+    data = tmp_path_factory.mktemp("tiny-server")
+    args = ["--data-dir", str(data), "--api-keys", f"admin:{ADMIN_KEY}", f"infer:{INFER_KEY}"]
+    with server_process("tests.api.tiny_server", args, data / "server.log") as url:
+        yield url

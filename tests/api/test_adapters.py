@@ -124,24 +124,25 @@ async def test_peft_lora_folder_uploads_as_is_and_matches_peft(client, tmp_path)
 async def test_upload_errors(client, tmp_path):
     config, weights = adapter_files(client.app, "lora", tmp_path / "l")
 
-    async def error(response, status):
+    async def error(adapter_id, config, weights, status=422):
+        response = await upload(client, adapter_id, config, weights)
         assert response.status_code == status, response.text
         return response.json()["error"]
 
-    assert (await error(await upload(client, "../escape", config, weights), 422))["where"] == "adapter_id"
-    assert (await error(await upload(client, "tiny-llama", config, weights), 422))["where"] == "body.adapter_id"
-    garbage = await error(await upload(client, "garbage", config, b"\x00" * 64), 422)
-    assert garbage["type"] == "validation_error"
-    assert (await error(await upload(client, "cfg", b"{not json", weights), 422))["type"] == "validation_error"
+    assert (await error("../escape", config, weights))["where"] == "adapter_id"
+    assert (await error("tiny-llama", config, weights))["where"] == "body.adapter_id"
+    assert (await error("garbage", config, b"\x00" * 64))["type"] == "invalid_request"
+    assert (await error("cfg", b"{not json", weights))["type"] == "invalid_request"
     missing = await client.post("/adapters", data={"adapter_id": "x"}, files={"config": ("c", config)})
-    assert (await error(missing, 422))["where"] == "body.weights"
+    assert missing.status_code == 422 and missing.json()["error"]["where"] == "body.weights"
     extra = await client.post(
         "/adapters",
         data={"adapter_id": "x", "other": "1"},
         files={"config": ("c", config), "weights": ("w", weights)},
     )
-    assert (await error(extra, 422))["where"] == "body"
-    assert (await error(await client.post("/adapters", json={"adapter_id": "x"}), 415))["where"] == "body"
+    assert extra.status_code == 422 and extra.json()["error"]["where"] == "body"
+    not_multipart = await client.post("/adapters", json={"adapter_id": "x"})
+    assert not_multipart.status_code == 415 and not_multipart.json()["error"]["where"] == "body"
     listing = (await client.get("/adapters")).json()
     assert listing["total"] == 0  # nothing half-stored
     assert list((client.app.state.runtime.uploads_dir).iterdir()) == []  # temp files removed
@@ -170,7 +171,11 @@ async def test_hostile_ids_in_paths_are_422(client, bad):
 
 
 async def test_traversal_in_the_url_never_reaches_a_file(client):
-    for path in ("/adapters/../../etc/passwd", "/adapters/%2e%2e%2f%2e%2e%2fetc", "/adapters/a/files/..%2f..%2fx"):
+    for path in (
+        "/adapters/../../etc/passwd",
+        "/adapters/%2e%2e%2f%2e%2e%2fetc",
+        "/adapters/a/files/..%2f..%2fx",
+    ):
         response = await client.get(path)
         assert response.status_code in (404, 422), path
         assert "root" not in response.text

@@ -84,7 +84,9 @@ async def test_keys_from_a_file(make_app, tmp_path):
         assert (await client.get("/v1/models")).status_code == 401
         response = await client.get("/v1/models", headers={"Authorization": "Bearer from-file-key"})
         assert response.status_code == 200
-        assert (await client.get("/adapters", headers={"Authorization": "Bearer from-file-key"})).status_code == 403
+        assert (
+            await client.get("/adapters", headers={"Authorization": "Bearer from-file-key"})
+        ).status_code == 403
 
 
 async def test_a_malformed_key_entry_fails_start_up_without_echoing_it(tmp_path):

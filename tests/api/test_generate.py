@@ -144,7 +144,9 @@ async def test_body_over_the_cap_is_413(make_app):
             for _ in range(100):
                 yield b"t1 " * 100
 
-        response = await client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+        response = await client.post(
+            "/generate", content=chunks(), headers={"content-type": "application/json"}
+        )
         assert response.status_code == 413 and response.json()["error"]["type"] == "payload_too_large"
         assert (await client.get("/health")).status_code == 200
 

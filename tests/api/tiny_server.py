@@ -24,7 +24,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 BASE_NAME = "tiny-llama"
 # The in-memory tokenizer has no chat template: a plain one (contents joined by spaces).
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-DEFAULTS = {"threads": 1, "max_batch_size": 8, "device_adapter_bytes": 64 << 20, "host_adapter_bytes": 64 << 20}
+DEFAULTS = {
+    "threads": 1,
+    "max_batch_size": 8,
+    "device_adapter_bytes": 64 << 20,
+    "host_adapter_bytes": 64 << 20,
+}
 
 
 def tiny_settings(**overrides) -> Settings:
@@ -37,8 +42,12 @@ def build_tiny(settings: Settings) -> tuple[Engine, AdapterStore]:
     tokenizer = make_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     base = wrap_model(BASE_NAME, make_tiny_llama(), tokenizer, TARGETS)
-    store = AdapterStore(settings.data_dir / "adapters", base.module_shapes, base.name, store_limits(settings))
-    engine = Engine(base, settings, source=lambda key: store.load(*key), current_version=store.current_version)
+    store = AdapterStore(
+        settings.data_dir / "adapters", base.module_shapes, base.name, store_limits(settings)
+    )
+    engine = Engine(
+        base, settings, source=lambda key: store.load(*key), current_version=store.current_version
+    )
     return engine, store
 
 
