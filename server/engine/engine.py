@@ -59,7 +59,8 @@ class Engine:
         plain = hf_forward(base.model)
 
         def forward(input_ids, attention_mask, position_ids, past_key_values, adapter_keys):
-            binding = self.planner.plan(adapter_keys, input_ids.shape[1])
+            running = self.generator.running_adapter_keys
+            binding = self.planner.plan(adapter_keys, input_ids.shape[1], also_resident=running)
             with bind(binding):
                 return plain(input_ids, attention_mask, position_ids, past_key_values, adapter_keys)
 

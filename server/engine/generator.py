@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicCache
 from server.engine.kv_batch import ForwardFn, RunningBatch
 from server.engine.requests import (
     FinishEvent,
+    RetryLater,
     FinishReason,
     GenerationRequest,
     IncrementalDetokenizer,
@@ -142,6 +143,7 @@ class Generator:
         self._waiting: deque[GenerationRequest] = deque()
         self._cond = threading.Condition()
         self._running: RunningBatch[_Sequence] = self._new_batch()
+        self._admit_cap: int | None = None  # lowered after RetryLater, cleared by a successful prefill
 
     def _new_batch(self) -> RunningBatch[_Sequence]:
         return RunningBatch(self.forward, self.device, self.cache_factory)
@@ -151,6 +153,11 @@ class Generator:
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    @property
+    def running_adapter_keys(self) -> list[Hashable]:
+        """Adapter keys of the running batch (a prefill must leave room for them too)."""
+        return self._running.adapter_keys
 
     @property
     def num_waiting(self) -> int:
@@ -210,7 +217,18 @@ class Generator:
             seqs = [self._start(r) for r in admitted]
             try:
                 logits = newcomers.prefill(seqs)  # [N, V]
+                if self._admit_cap is not None:  # grow back gradually after a back-off
+                    self._admit_cap *= 2
                 finished += self._sample_and_emit(newcomers, logits)
+            except RetryLater as exc:
+                newcomers = self._new_batch()
+                if len(admitted) == 1 and not len(self._running):
+                    finished += self._fail(seqs, exc)  # can never run: fail it, keep serving
+                else:  # back to the head of the queue, in order; admit fewer next time
+                    with self._cond:
+                        self._waiting.extendleft(reversed(admitted))
+                    self._admit_cap = max(1, len(admitted) // 2)
+                    admitted, prefill_tokens = [], 0
             except Exception as exc:
                 log.exception("prefill failed")
                 finished += self._fail(seqs, exc)
@@ -265,6 +283,8 @@ class Generator:
     def _admit(self) -> list[GenerationRequest]:
         """Pop waiting requests in arrival order while they fit (batch rows and prefill budget)."""
         room = self.max_batch_size - len(self._running)
+        if self._admit_cap is not None:
+            room = min(room, self._admit_cap)
         out: list[GenerationRequest] = []
         longest = 0
         with self._cond:

@@ -47,7 +47,18 @@ class StepPlanner:
             cost = self._costs[key] = "gemm" if "gemm" in costs else "cheap"
         return cost
 
-    def plan(self, keys: Sequence[Hashable | None], tokens_per_row: int) -> ServeBinding | None:
+    def plan(
+        self,
+        keys: Sequence[Hashable | None],
+        tokens_per_row: int,
+        also_resident: Sequence[Hashable | None] = (),
+    ) -> ServeBinding | None:
+        """Binding for a step whose rows use ``keys``.
+
+        ``also_resident``: adapters that must stay on the device beside this step's (the running
+        batch, when this step prefills newcomers); if they cannot all fit, ``NoDeviceRoom`` (a
+        ``RetryLater``) is raised before the model runs.
+        """
         self.residency.apply_drops()
         present = list(dict.fromkeys(k for k in keys if k is not None))
         if not present:
@@ -62,11 +73,11 @@ class StepPlanner:
         if len(self._costs) > 10_000:  # keys are (id, version): forget stale ones now and then
             self._costs.clear()
             self._whole_steps.clear()
-        binding = self._plan(keys, present, tokens_per_row)
+        binding = self._plan(keys, present, tokens_per_row, also_resident)
         self._last = (memo, self.residency.epoch, binding)
         return binding
 
-    def _plan(self, keys, present, tokens_per_row: int) -> ServeBinding:
+    def _plan(self, keys, present, tokens_per_row: int, also_resident=()) -> ServeBinding:
         res = self.residency
         merging = res.merged_bytes > 0
         if merging and len(present) == 1 and None not in keys:
@@ -91,13 +102,15 @@ class StepPlanner:
                 on_the_fly.append(k)
         # Phase 1: install everything this step needs (evictions happen only here; the step's
         # own adapters are protected by a reference while installing).
-        for k in on_the_fly:
-            res.acquire(k)
+        others = [k for k in dict.fromkeys(also_resident) if k is not None and k not in rows_of]
+        others = [k for k in others if not res.is_merged(k)]
+        res.protected = set(on_the_fly) | set(others)
         try:
             entries = {k: res.device_entry(k) for k in on_the_fly}
+            for k in others:
+                res.device_entry(k)
         finally:
-            for k in on_the_fly:
-                res.release(k)
+            res.protected = set()
         # Phase 2: slots are now stable; group rows by pool.
         by_pool: dict[int, tuple] = {}
         for k in on_the_fly:

@@ -82,6 +82,13 @@ class SamplingParams:
 # --------------------------------------------------------------------------------------- events
 
 
+class RetryLater(RuntimeError):
+    """Raised by a forward when a step cannot run *yet* (e.g. no device room for its adapters).
+
+    The generator puts the newcomers back at the head of the queue and admits fewer next time.
+    """
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     """One sampled token. ``text_delta`` may be empty (text held back or incomplete UTF-8)."""

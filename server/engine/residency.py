@@ -25,6 +25,7 @@ import torch
 from server.methods import Adapter
 
 from .adapted_linear import AdaptedLinear
+from .requests import RetryLater
 from .slots import SlotPool
 
 AdapterKey = Hashable
@@ -56,7 +57,7 @@ class ResidencyStats:
     load_seconds: list[float] = field(default_factory=list)
 
 
-class NoDeviceRoom(RuntimeError):
+class NoDeviceRoom(RetryLater):
     """Every resident adapter is pinned or in use; the request must wait."""
 
 
@@ -86,6 +87,7 @@ class Residency:
         self._forgotten: set[AdapterKey] = set()  # deleted/replaced, dropped when the last user ends
         self._drop_queue: list[AdapterKey] = []  # device/merged drops for the engine thread
         self.pinned: set[AdapterKey] = set()
+        self.protected: set[AdapterKey] = set()  # the current step's adapters (set by the planner)
         self.epoch = 0  # bumped whenever a slot or merged copy appears, moves or disappears
 
     # ---- host tier (any thread) ------------------------------------------------------------
@@ -231,7 +233,7 @@ class Residency:
             if self.device_used + needed <= self.device_bytes:
                 return
             victim = next(
-                (k for k in self._device if k != keep and k not in self.pinned and not self._refs.get(k)),
+                (k for k in self._device if k != keep and k not in self.pinned and k not in self.protected),
                 None,
             )
             if victim is None:
@@ -291,6 +293,9 @@ class Residency:
         return entry
 
     # ---- introspection ---------------------------------------------------------------------
+    def is_merged(self, key: AdapterKey) -> bool:
+        return key in self._merged
+
     def tier_of(self, key: AdapterKey) -> list[str]:
         tiers = []
         if key in self._host:

@@ -49,20 +49,24 @@ def batched_linear(
             else:
                 if xin is x2:
                     xin = x2.clone()
-                xin = xin.index_copy(0, g.rows, new)
-    y = F.linear(xin, weight)
-    for g, h in zip(groups, hooks, strict=True):
-        if "post" in h:
-            new = g.method.post(g.sig, _take(y, g.rows), g.table, g.slots)
-            y = new if g.rows is None else y.index_copy(0, g.rows, new)
+                xin.index_copy_(0, g.rows, new)
+    posts = [(g, h) for g, h in zip(groups, hooks, strict=True) if "post" in h]
+    # Without output-side transforms the bias can ride in the shared GEMM (one addmm).
+    y = F.linear(xin, weight, None if posts else bias)
+    for g, _ in posts:
+        new = g.method.post(g.sig, _take(y, g.rows), g.table, g.slots)
+        if g.rows is None:
+            y = new
+        else:  # in place: y is a fresh result the GEMM's backward does not need
+            y.index_copy_(0, g.rows, new)
     for g, h in zip(groups, hooks, strict=True):
         if "delta" in h:
             d = g.method.delta(g.sig, _take(x2, g.rows), g.table, g.slots, weight)
             if g.rows is None:
                 y = y + d.to(y.dtype)
             else:
-                y = y.index_add(0, g.rows, d.to(y.dtype))
-    if bias is not None:
+                y.index_add_(0, g.rows, d.to(y.dtype))
+    if posts and bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], weight.shape[0])
 

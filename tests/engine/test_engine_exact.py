@@ -68,3 +68,49 @@ def test_single_hot_adapter_served_merged_matches(tiny_llama):
     assert engine.residency.stats.merged_hits > 0
     for i, (_, prompt, _) in enumerate(plan):
         assert outs[i] == greedy_alone(merged_copy(reference, adapter), prompt, 8)
+
+
+def test_more_adapters_than_the_device_budget_all_complete(tiny_llama):
+    """A step never needs more device room than the budget: admission backs off instead of failing."""
+    model, tok = tiny_llama
+    engine, reference = make_engine(model, tok)
+    shapes = engine.base.module_shapes
+    weights = {p: m.base.weight for p, m in engine.base.modules.items()}
+    adapters = {
+        f"b{i}": random_adapter("lora", {"r": 4, "lora_alpha": 8}, shapes, weights, seed=50 + i)
+        for i in range(8)
+    }
+    for name, a in adapters.items():
+        engine.add_adapter(name, a)
+    engine.residency.device_entry(("b0", 1))
+    per_adapter = engine.residency.device_used
+    engine.residency.device_bytes = 2 * per_adapter
+    peak = 0
+    plan = [(0, [3 + i, 4, 5], name) for i, name in enumerate(adapters)]
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=3, temperature=0), a) for _, p, a in plan]
+    for _ in range(200):
+        if not (engine.generator.num_running or engine.generator.num_waiting):
+            break
+        engine.generator.step()
+        peak = max(peak, engine.residency.device_used)
+    assert peak <= 2 * per_adapter
+    for (_, prompt, name), req in zip(plan, reqs, strict=True):
+        events = req.sink.drain()
+        assert events[-1].finish_reason == "length", events[-1]
+        tokens = [e.token_id for e in events if isinstance(e, TokenEvent)]
+        assert tokens == greedy_alone(merged_copy(reference, adapters[name]), prompt, 3)
+
+
+def test_adapter_larger_than_the_device_budget_fails_cleanly(tiny_llama):
+    model, tok = tiny_llama
+    engine, _ = make_engine(model, tok, device_adapter_bytes=1024)
+    shapes = engine.base.module_shapes
+    weights = {p: m.base.weight for p, m in engine.base.modules.items()}
+    engine.add_adapter("big", random_adapter("lora", {"r": 4, "lora_alpha": 8}, shapes, weights, seed=1))
+    req = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2, temperature=0), "big")
+    plain = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2, temperature=0), None)
+    for _ in range(20):
+        engine.generator.step()
+    bad, good = req.sink.drain()[-1], plain.sink.drain()[-1]
+    assert bad.finish_reason == "error" and "budget" in bad.error
+    assert good.finish_reason == "length"
