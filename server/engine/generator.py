@@ -32,10 +32,10 @@ from transformers.cache_utils import DynamicCache
 from server.engine.kv_batch import ForwardFn, RunningBatch
 from server.engine.requests import (
     FinishEvent,
-    RetryLater,
     FinishReason,
     GenerationRequest,
     IncrementalDetokenizer,
+    RetryLater,
     StopStringBuffer,
     TokenEvent,
     TokenizerLike,
