@@ -56,6 +56,10 @@ MIX = [
 ]
 
 
+# One default config per family (5 slot pools per layer): LoRA r8, HUT r1, ETHER+ auto, DCT, SURM circulant.
+MIX_PER_FAMILY = [MIX[0], MIX[1], MIX[4], MIX[6], MIX[7]]
+
+
 def make_adapter(engine: Engine, family: str, raw: dict, seed: int, scale: float = 0.02) -> Adapter:
     """Random non-zero adapter; parameters shrunk toward identity so the model stays sensible."""
     method = get_method(family)
@@ -153,12 +157,18 @@ def main() -> None:
         family, raw = MIX[i % len(MIX)]
         engine.add_adapter(f"mix{i}", make_adapter(engine, family, raw, seed=i))
         ids.append(f"mix{i}")
+    ids5 = []
+    for i in range(args.requests):
+        family, raw = MIX_PER_FAMILY[i % len(MIX_PER_FAMILY)]
+        engine.add_adapter(f"fam{i}", make_adapter(engine, family, raw, seed=300 + i))
+        ids5.append(f"fam{i}")
     engine.add_adapter("hot", make_adapter(engine, "lora", {"r": 8, "lora_alpha": 16}, seed=999))
     engine.add_adapter("hut4", make_adapter(engine, "hut", {"r": 4}, seed=998))
     # Warm-up: one short pass per scenario (installs slots, builds merged weights, warms kernels).
     warm = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
     run_batch(engine, prompts, [None] * args.requests, warm)
     run_batch(engine, prompts, ids, warm)
+    run_batch(engine, prompts, ids5, warm)
     run_batch(engine, prompts, ["hot"] * args.requests, warm)
     run_batch(engine, prompts, ["hut4"] * args.requests, warm)
 
@@ -177,6 +187,7 @@ def main() -> None:
     print("throughput:")
     scenario("base", [None] * args.requests)
     scenario("mixed", ids)
+    scenario("mixed_per_family", ids5)
     scenario("merged", ["hot"] * args.requests)
     scenario("hut_r4_merged", ["hut4"] * args.requests)
     rows["base_1"] = rows.pop("base")
@@ -267,6 +278,7 @@ def main() -> None:
 
     ratios = {
         "mixed_vs_base": rows["mixed"]["tokens_per_s"] / base_tps,
+        "mixed_per_family_vs_base": rows["mixed_per_family"]["tokens_per_s"] / base_tps,
         "merged_vs_base": rows["merged"]["tokens_per_s"] / base_tps,
         "hut_r4_merged_vs_base": rows["hut_r4_merged"]["tokens_per_s"] / base_tps,
         "batching_gain": base_tps / rows["sequential"]["tokens_per_s"],
