@@ -74,6 +74,7 @@ class Engine:
             device=base.device,
             max_seq_len=max_len,
             cache_factory=lambda: DynamicCache(config=base.model.config),
+            housekeeping=self.residency.apply_drops,
         )
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()

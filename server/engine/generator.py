@@ -128,6 +128,7 @@ class Generator:
         max_seq_len: int | None = None,
         cache_factory: Callable[[], DynamicCache] = DynamicCache,
         idle_wait_s: float = 0.5,
+        housekeeping: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_tokens_per_step < 1:
             raise ValueError("max_batch_size and max_tokens_per_step must be >= 1")
@@ -140,6 +141,9 @@ class Generator:
         self.max_seq_len = max_seq_len
         self.cache_factory = cache_factory
         self.idle_wait_s = idle_wait_s
+        # Run on the engine thread between steps and when woken while idle (e.g. freeing the
+        # device memory of deleted adapters).
+        self.housekeeping = housekeeping
         self._waiting: deque[GenerationRequest] = deque()
         self._cond = threading.Condition()
         self._running: RunningBatch[_Sequence] = self._new_batch()
@@ -185,6 +189,8 @@ class Generator:
             with self._cond:
                 while not self._waiting and not len(self._running) and not stop_event.is_set():
                     self._cond.wait(timeout=self.idle_wait_s)
+                    if self.housekeeping is not None:
+                        self.housekeeping()
             if stop_event.is_set():
                 break
             try:
