@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: serve test lint format model bench clean
+.PHONY: serve test lint format model bench clean tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,7 +30,15 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: $(STAMP) lint model
+# Optional binaries for integration tests (each test skips, saying why, when its tool is missing):
+# Prometheus (+ promtool) from Debian, where apt-get is usable. RUNLEVEL=1: do not start the service.
+tools:
+	@command -v prometheus >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  { DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }; } || \
+	  echo "prometheus not installed: tests/metrics/test_prometheus.py will be skipped"
+
+test: $(STAMP) lint model tools
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) model

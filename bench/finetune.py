@@ -33,6 +33,14 @@ from server.methods import Adapter, available_methods  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 DATA = ROOT / "data" / "zorblish"
+# The config fields shown in the results (LoRA's config also lists every PEFT flag, all off).
+KEY_FIELDS = {
+    "lora": ("r", "lora_alpha", "use_rslora"),
+    "hut": ("r", "use_scale_shift"),
+    "ether": ("variant", "side", "n_blocks"),
+    "dct": ("n_frequency", "scaling", "delta", "n_bands"),
+    "surm": ("variant", "alpha", "kron_factor"),
+}
 
 
 def load_task() -> tuple[list, list]:
@@ -138,14 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             hp,
             should_stop=lambda deadline=deadline: time.perf_counter() > deadline,
         )
+        cfg = adapter.config.model_dump(mode="json")
         steps = len(history.steps)
         train_s = history.steps[-1]["elapsed_s"] if steps else 0.0
         row = {
-            "config": {
-                k: v
-                for k, v in adapter.config.model_dump(mode="json").items()
-                if k not in ("target_modules", "base_model_name_or_path")
-            },
+            "config": {k: v for k, v in cfg.items() if k in KEY_FIELDS.get(family, cfg)},
             "learning_rate": history.learning_rate,
             "trainable_params": history.trainable_params,
             "steps": steps,

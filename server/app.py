@@ -24,6 +24,7 @@ from adapters_store.store import AdapterStore
 from server.engine.engine import Engine
 from server.engine.loader import load_base_model
 from server.engine.requests import FinishEvent, SamplingParams
+from server.metrics import Metrics, MetricsMiddleware, route_templates
 from server.settings import Settings
 
 from .api import ROUTERS
@@ -95,6 +96,8 @@ def _warm_up(engine: Engine) -> None:
 async def _start(rt: Runtime) -> None:
     try:
         await asyncio.to_thread(_build, rt)
+        if rt.metrics is not None:
+            rt.metrics.attach(rt.engine)
         rt.engine.start()
         await asyncio.to_thread(_warm_up, rt.engine)
     except asyncio.CancelledError:
@@ -115,6 +118,7 @@ def create_app(
 ) -> FastAPI:
     keys = load_api_keys(settings.api_keys, settings.api_keys_file)
     runtime = Runtime(settings, engine=engine, store=store)
+    runtime.metrics = Metrics(runtime, top_adapters=settings.metrics_top_adapters)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -129,6 +133,8 @@ def create_app(
                 await startup
             except asyncio.CancelledError:
                 pass
+            if getattr(app.state, "fine_tunes", None) is not None:  # server/api/finetune.py
+                await asyncio.to_thread(app.state.fine_tunes.stop)
             if runtime.engine is not None:
                 await asyncio.to_thread(runtime.engine.stop)
 
@@ -141,7 +147,9 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, default_cap=settings.max_body_bytes, caps={("POST", "/adapters"): upload_cap}
     )
-    app.add_middleware(AuthMiddleware, keys=keys)  # added last = runs first: no body read without a key
+    app.add_middleware(AuthMiddleware, keys=keys)  # runs before the body cap: no body read without a key
+    # Outermost: counts every request, 401s and 413s included.
+    app.add_middleware(MetricsMiddleware, metrics=runtime.metrics, templates=lambda: route_templates(app))
     return app
 
 

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="file of 'SCOPE:TOKEN' lines (# comments)")
     shutdown_grace_s: int = Field(30, ge=0, description="seconds in-flight requests get on shutdown")
 
+    # ---- metrics ----
+    metrics_top_adapters: int = Field(
+        20, ge=0, description="adapters (top N by requests) with their own /metrics series; the rest: 'other'"
+    )
+
     @property
     def model_cache_dir(self) -> Path:
         return self.models_dir if self.models_dir is not None else self.data_dir / "models"

@@ -1,5 +1,5 @@
 """HTTP API: one router per resource, shared schemas and dependencies."""
 
-from . import adapters, generate, health, openai
+from . import adapters, finetune, generate, health, metrics, openai
 
-ROUTERS = [health.router, generate.router, openai.router, adapters.router]
+ROUTERS = [health.router, generate.router, openai.router, adapters.router, metrics.router, finetune.router]

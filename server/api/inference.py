@@ -133,8 +133,9 @@ async def submit(
     """Admission check (429), then ``engine.submit`` in a thread (it may load the adapter)."""
     rt.admit()
     stream = AsyncStream()
+    sink = stream if rt.metrics is None else rt.metrics.sink(stream)
     rt.submitting += 1
-    task = asyncio.ensure_future(asyncio.to_thread(rt.engine.submit, ids, params, adapter_id, stream))
+    task = asyncio.ensure_future(asyncio.to_thread(rt.engine.submit, ids, params, adapter_id, sink))
     try:
         req = await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -144,6 +145,8 @@ async def submit(
         raise ApiError(404, "no adapter with this id", where_adapter) from None
     finally:
         rt.submitting -= 1
+    if rt.metrics is not None:
+        rt.metrics.submitted(adapter_id)
     return Submitted(req, stream)
 
 

@@ -18,6 +18,7 @@ from .errors import ApiError
 if TYPE_CHECKING:
     from adapters_store.store import AdapterStore
     from server.engine.engine import Engine
+    from server.metrics import Metrics
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Runtime:
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     # Called when the background start-up fails (``python -m server`` stops the server).
     on_failure: Callable[[], None] | None = None
+    # Prometheus metrics of this app (``server.metrics``); None when built without them.
+    metrics: Metrics | None = None
 
     @property
     def uploads_dir(self) -> Path:

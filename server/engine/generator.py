@@ -85,6 +85,7 @@ class StepStats:
     finished: int = 0
     num_running: int = 0  # after the step
     num_waiting: int = 0  # after the step
+    queue_seconds: list[float] = field(default_factory=list)  # waits of requests admitted for the first time
 
 
 @dataclass(eq=False)
@@ -147,7 +148,10 @@ class Generator:
         self._waiting: deque[GenerationRequest] = deque()
         self._cond = threading.Condition()
         self._running: RunningBatch[_Sequence] = self._new_batch()
-        self._admit_cap: int | None = None  # lowered after RetryLater, cleared by a successful prefill
+        self._admit_cap: int | None = None  # lowered after RetryLater, grows back after a prefill
+        self._queue_seconds: list[float] = []  # waits of first admissions, reported in StepStats
+        # Called with every step's StepStats on the engine thread (metrics subscribe here).
+        self.observers: list[Callable[[StepStats], None]] = []
 
     def _new_batch(self) -> RunningBatch[_Sequence]:
         return RunningBatch(self.forward, self.device, self.cache_factory)
@@ -256,7 +260,7 @@ class Generator:
             log.exception("merging the prefilled batch failed")
             finished += self._fail(self._running.seqs + newcomers.seqs, exc)
             self._running = self._new_batch()
-        return StepStats(
+        stats = StepStats(
             batch_size=len(admitted) + decode_tokens,
             prefill_tokens=prefill_tokens,
             decode_tokens=decode_tokens,
@@ -265,7 +269,12 @@ class Generator:
             finished=finished,
             num_running=len(self._running),
             num_waiting=len(self._waiting),
+            queue_seconds=self._queue_seconds,
         )
+        self._queue_seconds = []
+        for observe in self.observers:
+            observe(stats)
+        return stats
 
     # ------------------------------------------------------------------------------ internals
 
@@ -298,7 +307,11 @@ class Generator:
                 n = max(longest, len(self._waiting[0].prompt_token_ids))
                 if out and (len(out) + 1) * n > self.max_tokens_per_step:
                     break  # FIFO: never skip ahead to a smaller request
-                out.append(self._waiting.popleft())
+                req = self._waiting.popleft()
+                if req.admitted_time is None:  # a request put back after RetryLater counts once
+                    req.admitted_time = time.monotonic()
+                    self._queue_seconds.append(req.admitted_time - req.arrival_time)
+                out.append(req)
                 longest = n
         return out
 

@@ -190,6 +190,7 @@ class GenerationRequest:
     sink: EventSink = field(default_factory=BlockingStream)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival_time: float = field(default_factory=time.monotonic)
+    admitted_time: float | None = field(default=None, repr=False)  # set by the generator
     _cancel_flag: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _finished: bool = field(default=False, init=False, repr=False)
     # Called once, after the FinishEvent is delivered (the engine releases the adapter version here).

@@ -95,6 +95,13 @@ class _Plan(NamedTuple):
 
 @lru_cache(maxsize=64)
 def _plan(n: int, device: torch.device, dtype: torch.dtype) -> _Plan:
+    # Built with inference mode off: serving may fill this cache under ``torch.inference_mode``,
+    # and a training thread must be able to save these constants for backward.
+    with torch.inference_mode(False):
+        return _build_plan(n, device, dtype)
+
+
+def _build_plan(n: int, device: torch.device, dtype: torch.dtype) -> _Plan:
     k = torch.arange(n, dtype=torch.float64)
     s = torch.full_like(k, math.sqrt(2.0 / n))
     s[0] = math.sqrt(1.0 / n)

@@ -1,0 +1,16 @@
+#!/bin/sh
+# Create deploy/secrets/{api_keys,metrics_token} once: an admin key (also used by Prometheus to
+# scrape /metrics) and an infer key. Existing files are left alone.
+set -eu
+cd "$(dirname "$0")/secrets"
+chmod 700 .  # the directory keeps other host users out
+umask 022  # the containers run as other users (facet, nobody) and must read the files
+token() { od -An -N24 -tx1 /dev/urandom | tr -d ' \n'; }
+if [ ! -f api_keys ]; then
+    admin=$(token)
+    printf 'admin:%s\ninfer:%s\n' "$admin" "$(token)" > api_keys
+    printf '%s' "$admin" > metrics_token
+    echo "wrote deploy/secrets/api_keys and deploy/secrets/metrics_token"
+else
+    echo "deploy/secrets/api_keys exists; nothing to do"
+fi

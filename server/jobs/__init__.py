@@ -1,0 +1,1 @@
+"""Fine-tuning: JSONL data (``data``), the one training loop for every family (``train``)."""

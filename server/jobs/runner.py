@@ -1,0 +1,422 @@
+"""Fine-tune jobs: validated up front, persisted in SQLite, trained one at a time in a thread.
+
+Layout under ``root`` (``<data_dir>/jobs``)::
+
+    jobs.sqlite3          jobs (one row each) and their events (append-only, per-job sequence)
+    <job id>/train.jsonl  the job's data, as submitted
+    <job id>/val.jsonl
+
+``submit`` validates everything that can be checked before work starts (adapter id, family
+config against the base model, hyperparameters, every data line, tokenization) and raises
+``JobInvalid`` naming the field, so an API answers 422 and nothing is queued. The worker thread
+trains queued jobs in order on the *resident* base model (``server.jobs.train``: its own
+per-thread binding, no model copy). After every optimizer step it yields to serving: while
+``busy()`` says requests are waiting it sleeps in short slices (at most ``max_pause_s`` per
+step, so training still progresses under constant load). Checkpoints are stored as
+``<adapter_id>@<step>``, the final adapter as ``<adapter_id>`` (a new version if it exists).
+
+Statuses: queued -> running -> succeeded | failed | cancelled (queued -> cancelled directly).
+A job found ``running`` when the runner opens (the process died mid-training) is marked failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError as PydanticValidationError
+from safetensors.torch import save as st_save
+
+from adapters_store.errors import StoreError
+from adapters_store.ids import is_valid_id
+from server.engine.loader import BaseModel
+from server.methods import Adapter, AdapterError
+
+from .data import DataError, parse_jsonl, tokenize_records
+from .train import Hyperparameters, TrainingError, build_config, train_adapter
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    adapter_id TEXT NOT NULL,
+    method TEXT NOT NULL,
+    config TEXT NOT NULL,
+    target_modules TEXT,
+    hyperparameters TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER,
+    loss REAL,
+    n_train INTEGER NOT NULL,
+    n_val INTEGER NOT NULL,
+    error TEXT,
+    result TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    time REAL NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+"""
+
+
+class JobInvalid(ValueError):
+    """The job cannot start; ``where`` names the request field (API: 422)."""
+
+    def __init__(self, where: str, message: str):
+        self.where = where
+        self.message = message
+        super().__init__(f"{where}: {message}")
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+class JobConflict(RuntimeError):
+    """The job is in a state that does not allow the operation (API: 409)."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    adapter_id: str
+    method: str
+    training_data: str  # JSONL text
+    config: dict | None = None
+    target_modules: list[str] | str | None = None
+    hyperparameters: dict | None = None
+    validation_data: str | None = None
+
+
+def _row_dict(row: sqlite3.Row) -> dict:
+    d = dict(row)
+    d.pop("seq", None)
+    for key in ("config", "target_modules", "hyperparameters", "result"):
+        if d.get(key) is not None:
+            d[key] = json.loads(d[key])
+    return d
+
+
+class JobRunner:
+    def __init__(
+        self,
+        base: BaseModel,
+        store,
+        root: Path | str,
+        *,
+        busy: Callable[[], bool] | None = None,
+        on_stored: Callable[[object, int | None], None] | None = None,
+        tokenizer_lock=None,
+        max_examples: int = 100_000,
+        max_pause_s: float = 1.0,
+        step_event_every: int = 1,
+    ):
+        self.base = base
+        self.store = store
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.busy = busy
+        self.on_stored = on_stored
+        self.tokenizer_lock = tokenizer_lock
+        self.max_examples = max_examples
+        self.max_pause_s = max_pause_s
+        self.step_event_every = max(1, step_event_every)
+        self._db_path = self.root / "jobs.sqlite3"
+        self._write_lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._cancel: set[str] = set()
+        self._thread: threading.Thread | None = None
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+            stale = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = ?", (RUNNING,))]
+        for job_id in stale:
+            self._finish(job_id, FAILED, error="interrupted: the server stopped while this job was running")
+
+    # ---- storage ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """A fresh autocommit connection, closed after use (writers BEGIN IMMEDIATE themselves)."""
+        db = sqlite3.connect(self._db_path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def _event(self, job_id: str, kind: str, data: dict | None = None) -> None:
+        with self._write_lock, self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?", (job_id,))
+            db.execute(
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                (job_id, seq.fetchone()[0], time.time(), kind, json.dumps(data or {})),
+            )
+            db.execute("COMMIT")
+
+    def _update(self, job_id: str, **fields) -> None:
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self._write_lock, self._db() as db:
+            db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def _finish(self, job_id: str, status: str, *, error: str | None = None, result: dict | None = None):
+        self._update(
+            job_id,
+            status=status,
+            finished_at=time.time(),
+            error=error,
+            result=None if result is None else json.dumps(result),
+        )
+        self._event(job_id, status, {"error": error} if error else (result or {}))
+
+    # ---- public API ------------------------------------------------------------------------
+    def validate(self, spec: JobSpec):
+        """Everything checkable before training; raises ``JobInvalid(where, message)``."""
+        if not is_valid_id(spec.adapter_id) or "@" in spec.adapter_id:
+            raise JobInvalid(
+                "adapter_id", "1-128 letters, digits, '.', '_', '-' (starting with a letter or digit)"
+            )
+        if spec.adapter_id == self.base.name:
+            raise JobInvalid("adapter_id", "an adapter cannot take the base model's name")
+        try:
+            hp = Hyperparameters.model_validate(spec.hyperparameters or {})
+        except PydanticValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise JobInvalid(f"hyperparameters.{loc}" if loc else "hyperparameters", err["msg"]) from None
+        try:
+            build_config(self.base, spec.method, dict(spec.config or {}), spec.target_modules)
+        except AdapterError as e:
+            where = "method" if e.where == "method" else f"config.{e.where}"
+            raise JobInvalid(where, str(e).split(": ", 1)[-1]) from None
+        parsed = {}
+        for field, text in (("training_data", spec.training_data), ("validation_data", spec.validation_data)):
+            if text is None:
+                continue
+            try:
+                records = parse_jsonl(text, max_records=self.max_examples)
+                examples = tokenize_records(
+                    self.base.tokenizer, records, hp.max_length, lock=self.tokenizer_lock
+                )
+            except DataError as e:
+                raise JobInvalid(field, str(e)) from None
+            parsed[field] = examples
+        return hp, parsed["training_data"], parsed.get("validation_data")
+
+    def submit(self, spec: JobSpec) -> dict:
+        _, train, val = self.validate(spec)
+        job_id = "ft-" + uuid.uuid4().hex[:16]
+        folder = self.root / job_id
+        folder.mkdir()
+        (folder / "train.jsonl").write_text(spec.training_data, encoding="utf-8")
+        if spec.validation_data is not None:
+            (folder / "val.jsonl").write_text(spec.validation_data, encoding="utf-8")
+        with self._write_lock, self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            db.execute(
+                "INSERT INTO jobs (id, seq, adapter_id, method, config, target_modules, hyperparameters,"
+                " status, created_at, n_train, n_val) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    seq,
+                    spec.adapter_id,
+                    spec.method.lower(),
+                    json.dumps(spec.config or {}),
+                    json.dumps(spec.target_modules),
+                    json.dumps(spec.hyperparameters or {}),
+                    QUEUED,
+                    time.time(),
+                    len(train),
+                    len(val or []),
+                ),
+            )
+            db.execute("COMMIT")
+        self._event(job_id, "created", {"n_train": len(train), "n_val": len(val or [])})
+        with self._wake:
+            self._wake.notify_all()
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> dict:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        return _row_dict(row)
+
+    def list(self, offset: int = 0, limit: int = 100) -> tuple[list[dict], int]:
+        with self._db() as db:
+            total = db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+            rows = db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset))
+            return [_row_dict(r) for r in rows], total
+
+    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[dict]:
+        self.get(job_id)
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT seq, time, type, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (job_id, after, limit),
+            )
+            return [{"seq": r[0], "time": r[1], "type": r[2], "data": json.loads(r[3])} for r in rows]
+
+    def cancel(self, job_id: str) -> dict:
+        job = self.get(job_id)
+        if job["status"] in TERMINAL:
+            raise JobConflict(f"the job is already {job['status']}")
+        with self._write_lock, self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            cur = db.execute(
+                "UPDATE jobs SET status = ?, finished_at = ? WHERE id = ? AND status = ?",
+                (CANCELLED, time.time(), job_id, QUEUED),
+            )
+            db.execute("COMMIT")
+        if cur.rowcount:
+            self._event(job_id, CANCELLED, {})
+        else:  # running: the training loop checks this before every step
+            self._cancel.add(job_id)
+            self._event(job_id, "cancel_requested", {})
+        return self.get(job_id)
+
+    # ---- worker thread ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="facet-finetune", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _next_queued(self) -> str | None:
+        with self._db() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,)
+            ).fetchone()
+        return None if row is None else row[0]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job_id = self._next_queued()
+            if job_id is None:
+                with self._wake:
+                    self._wake.wait(0.5)
+                continue
+            self.run_job(job_id)
+
+    def _yield_to_serving(self) -> None:
+        if self.busy is None:
+            return
+        deadline = time.perf_counter() + self.max_pause_s
+        while self.busy() and time.perf_counter() < deadline and not self._stop.is_set():
+            time.sleep(0.005)
+
+    def _put(self, adapter_id: str, adapter: Adapter):
+        config = json.dumps(adapter.config.model_dump(mode="json"), sort_keys=True).encode()
+        weights = st_save(adapter.state_dict(), metadata={"format": "pt"})
+        previous = self.store.current_version(adapter_id)
+        record = self.store.put(adapter_id, config, weights)
+        if self.on_stored is not None:
+            self.on_stored(record, previous)
+        return record
+
+    def run_job(self, job_id: str) -> None:
+        """Train one queued job to its end (called by the worker thread; tests call it directly)."""
+        with self._write_lock, self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            cur = db.execute(
+                "UPDATE jobs SET status = ?, started_at = ? WHERE id = ? AND status = ?",
+                (RUNNING, time.time(), job_id, QUEUED),
+            )
+            db.execute("COMMIT")
+        if not cur.rowcount:
+            return  # cancelled meanwhile
+        job = self.get(job_id)
+        self._event(job_id, "started", {})
+        folder = self.root / job_id
+        try:
+            spec = JobSpec(
+                adapter_id=job["adapter_id"],
+                method=job["method"],
+                training_data=(folder / "train.jsonl").read_text(encoding="utf-8"),
+                config=job["config"],
+                target_modules=job["target_modules"],
+                hyperparameters=job["hyperparameters"],
+                validation_data=(folder / "val.jsonl").read_text(encoding="utf-8")
+                if (folder / "val.jsonl").exists()
+                else None,
+            )
+            hp, train, val = self.validate(spec)
+
+            def on_step(info: dict) -> None:
+                step = info["step"]
+                if step % self.step_event_every == 0 or step == info["total_steps"]:
+                    self._update(job_id, step=step, total_steps=info["total_steps"], loss=info["loss"])
+                    self._event(job_id, "step", info)
+                self._yield_to_serving()
+
+            def on_checkpoint(step: int, adapter: Adapter) -> None:
+                record = self._put(f"{spec.adapter_id}@{step}", adapter)
+                self._event(job_id, "checkpoint", {"step": step, "adapter_id": record.adapter_id})
+
+            adapter, history = train_adapter(
+                self.base,
+                spec.method,
+                dict(spec.config or {}),
+                spec.target_modules,
+                train,
+                val,
+                hp,
+                on_step=on_step,
+                on_eval=lambda entry: self._event(job_id, "eval", entry),
+                should_stop=lambda: job_id in self._cancel or self._stop.is_set(),
+                on_checkpoint=on_checkpoint,
+            )
+            if job_id in self._cancel:
+                self._finish(job_id, CANCELLED)
+                return
+            if history.stopped:
+                self._finish(
+                    job_id, FAILED, error="interrupted: the server stopped while this job was running"
+                )
+                return
+            record = self._put(spec.adapter_id, adapter)
+            result = {
+                "adapter_id": record.adapter_id,
+                "version": record.version,
+                "steps": len(history.steps),
+                "trainable_params": history.trainable_params,
+                "train_loss": history.final_loss,
+                "val_loss_before": history.val[0]["loss"] if history.val else None,
+                "val_loss_after": history.val[-1]["loss"] if history.val else None,
+                "wall_s": history.wall_s,
+            }
+            self._update(job_id, step=len(history.steps), total_steps=history.total_steps)
+            self._finish(job_id, SUCCEEDED, result=result)
+        except (JobInvalid, TrainingError, StoreError, AdapterError, DataError) as e:
+            self._finish(job_id, FAILED, error=str(e))
+        except Exception as e:  # a bug or resource problem: record it, keep the worker alive
+            self._finish(job_id, FAILED, error=f"internal error: {type(e).__name__}: {e}")
+        finally:
+            self._cancel.discard(job_id)

@@ -1,0 +1,412 @@
+"""Prometheus metrics: one ``CollectorRegistry`` per app (never the process-global one).
+
+Naming follows Prometheus conventions (``facet_`` prefix, base units, ``_total`` counters,
+``_seconds`` histograms) and mirrors vLLM where a vLLM metric exists
+(``vllm:time_to_first_token_seconds`` -> ``facet_time_to_first_token_seconds`` ...).
+
+Where the numbers come from:
+
+* HTTP requests: ``MetricsMiddleware`` (pure ASGI, outermost), labelled by the matched route's
+  *path template* (``/adapters/{adapter_id}``), a fixed set of methods and the status code.
+  Paths that match no route are ``route="unmatched"``.
+* Generations: ``Metrics.sink`` wraps the request's event sink, so time to first token,
+  inter-token latency, end-to-end latency, token counts and finish reasons are taken as the
+  engine emits the events (also for requests whose client went away).
+* Engine steps and queue time: ``Metrics.attach(engine)`` subscribes to the generator's
+  ``StepStats`` (batch size, tokens, duration, queue time of newly admitted requests).
+* Everything else is read at scrape time (``_StateCollector``): running / waiting requests,
+  adapters resident per tier and family, the residency counters, device bytes and store bytes.
+
+Label cardinality is bounded by construction: every label value comes from a server-side enum,
+a route template, or an adapter id that exists in the store *and* is in the top
+``metrics_top_adapters`` by traffic (the rest are counted as ``adapter="other"``; the base model
+is ``adapter="base"``). Nothing a client sends becomes a label value by itself.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.engine.requests import Event, EventSink, FinishEvent, TokenEvent
+from server.methods import available_methods
+
+if TYPE_CHECKING:
+    from server.api.runtime import Runtime
+    from server.engine.engine import Engine
+    from server.engine.generator import StepStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+BASE_LABEL = "base"
+OTHER_LABEL = "other"
+UNMATCHED_ROUTE = "unmatched"
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+TIERS = ("host", "device", "merged")
+FINISH_REASONS = ("stop", "length", "eos", "cancelled", "error")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+HTTP_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STEP_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class AdapterTraffic:
+    """Requests per adapter, exported with bounded cardinality.
+
+    Only adapters that were found (``count`` is called after ``engine.submit`` succeeded, so an
+    unknown id never gets here) are counted. At scrape time the ``top_n`` adapters by count (ties
+    by id) get their own series, holding their whole count; everything else is summed into
+    ``other``. ``other`` can step down when an adapter moves into the top N (Prometheus reads that
+    as a counter reset); the sum over all series is always the true total.
+    """
+
+    def __init__(self, top_n: int):
+        self.top_n = top_n
+        self._counts: dict[str, int] = {}
+        self._base = 0
+        self._lock = threading.Lock()
+
+    def count(self, adapter_id: str | None) -> None:
+        with self._lock:
+            if adapter_id is None:
+                self._base += 1
+            else:
+                self._counts[adapter_id] = self._counts.get(adapter_id, 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        """Label value -> count: ``base``, the top N adapter ids, ``other``."""
+        with self._lock:
+            counts = dict(self._counts)
+            base = self._base
+        top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top_n]
+        out = {BASE_LABEL: base}
+        out.update(top)
+        out[OTHER_LABEL] = sum(counts.values()) - sum(n for _, n in top)
+        return out
+
+
+class Metrics:
+    """Every metric of one app. ``registry`` is what ``GET /metrics`` exports."""
+
+    def __init__(self, runtime: Runtime, top_adapters: int):
+        self.runtime = runtime
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            "facet_requests",
+            "HTTP requests by route template, method and status code",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "facet_request_duration_seconds",
+            "HTTP request duration (until the response body is sent) by route template",
+            ["route"],
+            buckets=HTTP_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "facet_time_to_first_token_seconds",
+            "Time from submission (after tokenising) to the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "facet_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one request",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "facet_e2e_request_latency_seconds",
+            "Time from submission to the end of the generation",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "facet_request_queue_time_seconds",
+            "Time a generation waited in the engine queue before its prefill",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "facet_prompt_tokens", "Prompt tokens of finished generations", registry=r
+        )
+        self.generation_tokens = Counter(
+            "facet_generation_tokens", "Generated tokens of finished generations", registry=r
+        )
+        self.finished = Counter(
+            "facet_generation_requests",
+            "Finished generations by finish reason",
+            ["finish_reason"],
+            registry=r,
+        )
+        for reason in FINISH_REASONS:
+            self.finished.labels(reason)
+        self.batch_size = Histogram(
+            "facet_batch_size",
+            "Sequences in one engine step (prefilled + decoded)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.step_tokens = Histogram(
+            "facet_step_tokens",
+            "Tokens computed in one engine step (prompt tokens prefilled + sequences decoded)",
+            buckets=STEP_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "facet_step_duration_seconds", "Duration of one engine step", buckets=ITL_BUCKETS, registry=r
+        )
+        self.adapter_load_duration = Histogram(
+            "facet_adapter_load_duration_seconds",
+            "Time to load an adapter from the store into host memory",
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.adapters = AdapterTraffic(top_adapters)
+        self._families: frozenset[str] = frozenset()
+        self._load_cursor = 0
+        self._load_lock = threading.Lock()
+        r.register(_StateCollector(self))
+
+    # ---- generations -----------------------------------------------------------------------
+    def sink(self, inner: EventSink) -> TimedSink:
+        """Wrap a request's sink: timings and token counts as the engine emits the events."""
+        return TimedSink(inner, self)
+
+    def submitted(self, adapter_id: str | None) -> None:
+        """A generation was accepted for ``adapter_id`` (known to exist; ``None`` = base)."""
+        self.adapters.count(adapter_id)
+
+    # ---- engine ------------------------------------------------------------------------------
+    def attach(self, engine: Engine) -> None:
+        """Observe ``engine``'s steps (batch size, tokens, duration) and admissions (queue time)."""
+        if self.on_step not in engine.generator.observers:
+            engine.generator.observers.append(self.on_step)
+
+    def on_step(self, stats: StepStats) -> None:
+        for waited in stats.queue_seconds:
+            self.queue_time.observe(max(0.0, waited))
+        if stats.batch_size <= 0:
+            return
+        self.batch_size.observe(stats.batch_size)
+        self.step_tokens.observe(stats.prefill_tokens + stats.decode_tokens)
+        self.step_duration.observe(stats.step_seconds)
+
+    def _observe_loads(self, seconds: list[float]) -> None:
+        """Feed load times the residency recorded since the last scrape into the histogram."""
+        with self._load_lock:
+            new = seconds[self._load_cursor :]
+            self._load_cursor += len(new)
+        for s in new:
+            self.adapter_load_duration.observe(s)
+
+    # ---- export ------------------------------------------------------------------------------
+    def render(self) -> bytes:
+        engine = self.runtime.engine
+        if engine is not None:  # before the registry collects the load-time histogram
+            self._observe_loads(engine.residency.stats.load_seconds)
+        return generate_latest(self.registry)
+
+
+class TimedSink:
+    """An ``EventSink`` that times the events (engine thread) and passes them on unchanged."""
+
+    def __init__(self, inner: EventSink, metrics: Metrics):
+        self.inner = inner
+        self.metrics = metrics
+        self.t0 = time.monotonic()
+        self._last: float | None = None
+
+    def emit(self, event: Event) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        if isinstance(event, TokenEvent):
+            if self._last is None:
+                m.ttft.observe(now - self.t0)
+            else:
+                m.itl.observe(now - self._last)
+            self._last = now
+        elif isinstance(event, FinishEvent):
+            m.e2e.observe(now - self.t0)
+            m.prompt_tokens.inc(event.prompt_tokens)
+            m.generation_tokens.inc(event.completion_tokens)
+            m.finished.labels(event.finish_reason).inc()
+        self.inner.emit(event)
+
+
+def _retrying(read: Callable[[], object], tries: int = 5):
+    """Read engine-thread state from the scrape thread: a dict resized meanwhile raises
+    ``RuntimeError``; try again (None after ``tries`` failures)."""
+    for _ in range(tries):
+        try:
+            return read()
+        except RuntimeError:
+            continue
+    return None
+
+
+class _StateCollector(Collector):
+    """Gauges and counters read from the runtime at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def describe(self) -> Iterable:
+        return []  # dynamic: do not let the registry call collect() at registration
+
+    def collect(self) -> Iterable:
+        m = self.metrics
+        rt = m.runtime
+        engine = rt.engine
+        ready = GaugeMetricFamily("facet_ready", "1 when the server serves requests (see /ready)")
+        ready.add_metric([], 1.0 if rt.phase == "ready" and rt.not_ready_reason() is None else 0.0)
+        yield ready
+
+        running = GaugeMetricFamily("facet_requests_running", "Generations in the running batch")
+        waiting = GaugeMetricFamily("facet_requests_waiting", "Generations waiting for admission")
+        gen = None if engine is None else engine.generator
+        running.add_metric([], 0 if gen is None else gen.num_running)
+        waiting.add_metric([], rt.submitting + (0 if gen is None else gen.num_waiting))
+        yield running
+        yield waiting
+
+        per_adapter = CounterMetricFamily(
+            "facet_adapter_requests",
+            f"Accepted generations per adapter (top {m.adapters.top_n} by traffic; "
+            "'base' = no adapter, 'other' = the rest)",
+            labels=["adapter"],
+        )
+        for label, n in m.adapters.snapshot().items():
+            per_adapter.add_metric([label], n)
+        yield per_adapter
+
+        if engine is not None:
+            yield from self._residency(engine)
+
+        store_bytes = GaugeMetricFamily("facet_store_bytes", "Bytes of adapter weights in the store")
+        store = rt.store
+        if store is not None:
+            try:
+                store_bytes.add_metric([], store.total_bytes())
+            except Exception:  # a broken store must not break the scrape
+                pass
+        yield store_bytes
+
+    def _residency(self, engine: Engine) -> Iterable:
+        m = self.metrics
+        res = engine.residency
+        stats = res.stats
+
+        counts = _retrying(res.resident_counts) or {}
+        # Families ever seen keep a (zero) series; replaced, not mutated: scrapes may overlap.
+        m._families = families = m._families | set(available_methods()) | {f for _, f in counts}
+        resident = GaugeMetricFamily(
+            "facet_adapters_resident", "Adapters resident per tier and family", labels=["tier", "family"]
+        )
+        for tier in TIERS:
+            for family in sorted(families):
+                resident.add_metric([tier, family], counts.get((tier, family), 0))
+        yield resident
+
+        device_used = _retrying(lambda: res.device_used)
+        device_bytes = GaugeMetricFamily(
+            "facet_adapter_device_bytes", "Bytes of device memory held by adapter slot tables"
+        )
+        if device_used is not None:
+            device_bytes.add_metric([], device_used)
+        yield device_bytes
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], value)
+            return family
+
+        yield counter("facet_adapter_loads", "Adapter loads from the store into host memory", stats.loads)
+        yield counter("facet_adapter_host_cache_hits", "Host adapter cache hits", stats.host_hits)
+        yield counter("facet_adapter_host_cache_misses", "Host adapter cache misses", stats.host_misses)
+        yield counter(
+            "facet_adapter_device_installs", "Adapters installed into device slots", stats.device_installs
+        )
+        yield counter(
+            "facet_adapter_device_hits", "Steps finding an adapter already on device", stats.device_hits
+        )
+        yield counter("facet_merged_cache_hits", "Merged-weight cache hits", stats.merged_hits)
+        yield counter("facet_merges", "Merged-weight copies built", stats.merges)
+        evictions = CounterMetricFamily(
+            "facet_adapter_evictions", "Adapter evictions per tier", labels=["tier"]
+        )
+        for tier in TIERS:
+            evictions.add_metric([tier], stats.evictions.get(tier, 0))
+        yield evictions
+
+
+# ------------------------------------------------------------------------------------- HTTP
+
+
+def route_templates(app) -> list[str]:
+    """Path templates of every route of a FastAPI app: the API's (from its OpenAPI schema) and
+    the plain ones (docs, schema)."""
+    paths = list(app.openapi().get("paths", {}))
+    paths += [r.path for r in app.routes if isinstance(getattr(r, "path", None), str)]
+    return list(dict.fromkeys(paths))
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request (401s and 413s from the inner middleware included) by route
+    template, method and status; times it until the response is sent.
+
+    The template is the matched route's (``scope["route"]``); a request answered before routing
+    (no key, body too large) is matched against ``templates()`` here."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, templates: Callable[[], list[str]]):
+        self.app = app
+        self.metrics = metrics
+        self._templates = templates
+        self._compiled: list[tuple[re.Pattern, str]] | None = None
+
+    def _template(self, scope: Scope) -> str:
+        path = getattr(scope.get("route"), "path", None)
+        if isinstance(path, str):
+            return path
+        if self._compiled is None:
+            self._compiled = [(compile_path(t)[0], t) for t in self._templates()]
+        for regex, template in self._compiled:
+            if regex.match(scope["path"]):
+                return template
+        return UNMATCHED_ROUTE
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = self._template(scope)
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.http_requests.labels(route, method, str(status)).inc()
+            self.metrics.http_duration.labels(route).observe(time.perf_counter() - t0)
