@@ -93,7 +93,7 @@ def _warm_up(engine: Engine) -> None:
             return
 
 
-async def _start(rt: Runtime) -> None:
+async def _start(rt: Runtime, on_ready=None) -> None:
     try:
         await asyncio.to_thread(_build, rt)
         if rt.metrics is not None:
@@ -109,6 +109,8 @@ async def _start(rt: Runtime) -> None:
             rt.on_failure()
         return
     if rt.phase == "starting":
+        if on_ready is not None:
+            await asyncio.to_thread(on_ready)
         rt.phase = "ready"
         log.info("ready: model %s", rt.engine.base.name)
 
@@ -122,7 +124,14 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        startup = asyncio.create_task(_start(runtime))
+        def start_fine_tunes() -> None:
+            # At start, not on first use: the runner marks jobs a previous process left running
+            # as failed, so none stays "running" after a restart.
+            from server.api.finetune import get_or_create_runner
+
+            get_or_create_runner(app, runtime)
+
+        startup = asyncio.create_task(_start(runtime, on_ready=start_fine_tunes))
         try:
             yield
         finally:

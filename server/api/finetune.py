@@ -13,7 +13,8 @@ rename it to ``job_id`` once that table has a ``job_id`` entry.
 ``training_data`` may be JSONL text or a list of records (errors then name the record's position
 from 1 as its ``line``). The request body is capped by ``max_body_bytes`` like every JSON body.
 
-The runner (``server.jobs.runner``) is created on first use, once the model is ready, with its
+The runner (``server.jobs.runner``) is created when the server becomes ready (so jobs a previous
+process left running are marked failed at once), with its
 SQLite file under ``<data_dir>/jobs``; the app's lifespan stops it on shutdown. The finished
 adapter is stored as ``adapter_id`` (checkpoints as ``adapter_id@step``) and is served at once.
 """
@@ -60,15 +61,20 @@ def _jsonl(data: str | list | None) -> str | None:
 
 
 def get_runner(request: Request, rt: ReadyRuntime) -> JobRunner:
-    runner = getattr(request.app.state, "fine_tunes", None)
+    return get_or_create_runner(request.app, rt)
+
+
+def get_or_create_runner(app, rt: Runtime) -> JobRunner:
+    """The app's job runner (created when the server becomes ready, or on first use)."""
+    runner = getattr(app.state, "fine_tunes", None)
     if runner is not None:
         return runner
     with _LOCK:
-        runner = getattr(request.app.state, "fine_tunes", None)
+        runner = getattr(app.state, "fine_tunes", None)
         if runner is None:
             runner = make_runner(rt)
             runner.start()
-            request.app.state.fine_tunes = runner
+            app.state.fine_tunes = runner
     return runner
 
 

@@ -118,3 +118,22 @@ async def test_serving_is_unaffected_while_a_job_trains_and_a_running_job_can_be
         done = await wait_done(client, job["id"])
         assert done["status"] == "cancelled" and 2 <= done["step"] < 100000
         assert (await client.get("/adapters/long")).status_code == 404
+
+
+async def test_after_a_restart_no_job_stays_running_even_before_any_fine_tune_request(tmp_path):
+    """A job the previous process left ``running`` is failed as soon as the server is ready."""
+    import json
+
+    from server.jobs.runner import JobRunner, JobSpec
+
+    settings = tiny_settings(data_dir=tmp_path / "data")
+    engine, store = build_tiny(settings)
+    previous = JobRunner(engine.base, store, settings.data_dir / "jobs")
+    jsonl = "".join(json.dumps(r) + "\n" for r in RECORDS)
+    job = previous.submit(JobSpec(adapter_id="tuned", method="lora", training_data=jsonl, config={"r": 2}))
+    previous._update(job["id"], status="running")  # as if the process died mid-job
+    app = create_app(settings, engine=engine, store=store)
+    async with serve(app) as client:
+        assert app.state.fine_tunes is not None  # created at start, not on first use
+        got = (await client.get(f"/fine-tunes/{job['id']}")).json()
+        assert got["status"] == "failed" and "interrupted" in got["error"]
