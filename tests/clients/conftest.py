@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from server.app import create_app
+from server.engine.loader import wrap_model
+from tests.api.conftest import adapter_files
 from tests.api.processes import server_thread
-from tests.api.tiny_server import build_tiny, tiny_settings
+from tests.api.tiny_server import TARGETS, build_tiny, tiny_settings
+from tests.conftest import make_tiny_llama, make_tokenizer
 
 CLIENT_SRC = Path(__file__).resolve().parents[2] / "clients" / "python"
 if str(CLIENT_SRC) not in sys.path:
@@ -28,3 +31,12 @@ def server_url(tmp_path_factory) -> Iterator[str]:
     engine, store = build_tiny(settings)
     with server_thread(create_app(settings, engine=engine, store=store)) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def adapter_folder(tmp_path_factory):
+    """A random LoRA adapter folder for the tiny model (adapter_config.json + weights)."""
+    base = wrap_model("tiny-llama", make_tiny_llama(), make_tokenizer(), TARGETS)
+    folder = tmp_path_factory.mktemp("adapters") / "my-lora"
+    adapter_files(base, "lora", folder)
+    return folder

@@ -9,11 +9,9 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.engine.loader import wrap_model
-from tests.api.conftest import adapter_files, serve
+from tests.api.conftest import serve
 from tests.api.processes import free_port
-from tests.api.tiny_server import TARGETS, build_tiny, tiny_settings
-from tests.conftest import make_tiny_llama, make_tokenizer
+from tests.api.tiny_server import build_tiny, tiny_settings
 
 from .conftest import ADMIN, INFER
 
@@ -29,15 +27,6 @@ from facet_client import (  # noqa: E402
     ValidationError,
 )
 from facet_client.cli import main as cli  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def adapter_folder(tmp_path_factory):
-    """A random LoRA adapter folder for the tiny model (adapter_config.json + weights)."""
-    base = wrap_model("tiny-llama", make_tiny_llama(), make_tokenizer(), TARGETS)
-    folder = tmp_path_factory.mktemp("adapters") / "my-lora"
-    adapter_files(base, "lora", folder)
-    return folder
 
 
 def test_sync_client_generate_stream_adapters_and_errors(server_url, adapter_folder):
@@ -157,3 +146,14 @@ def test_cli(server_url, adapter_folder):
     assert code == 0 and out.startswith("cli-lora\tv1")
     code, _, err = _run("--url", server_url, "--api-key", INFER, "adapters", "list")
     assert code == 1 and "403 forbidden" in err
+
+
+def test_facet_serve_delegates_to_the_server_entry_point(monkeypatch):
+    from facet_client.cli import main
+
+    import server.__main__ as server_main
+
+    seen = []
+    monkeypatch.setattr(server_main, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["serve", "--port", "8123", "--max-batch-size", "8"]) == 0
+    assert seen == [["--port", "8123", "--max-batch-size", "8"]]

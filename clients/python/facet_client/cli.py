@@ -6,6 +6,14 @@
     facet adapters list [--offset N] [--limit N]
     facet adapters get ID
     facet adapters rm ID
+    facet fine-tune create --adapter-id ID --method lora --data train.jsonl [--validation-data FILE]
+                           [--config JSON] [--hyperparameters JSON] [--max-steps N]
+                           [--target-modules M,...] [--watch]
+    facet fine-tune list [--offset N] [--limit N]
+    facet fine-tune get ID
+    facet fine-tune events ID [--after SEQ]
+    facet fine-tune watch ID          (a progress bar on stderr; exit 1 unless it succeeds)
+    facet fine-tune cancel ID
 
 ``--url`` / ``--api-key`` default to ``$FACET_URL`` / ``$FACET_API_KEY``. Errors print the
 server's message on stderr and exit 1 (2 for usage errors).
@@ -21,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from .client import DEFAULT_URL, Adapter, Client
+from .client import DEFAULT_URL, Adapter, Client, FineTune
 from .errors import FacetError
 
 
@@ -32,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON (the server's objects)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("serve", help="start a Facet server here: facet serve [--port 8000 ...]")
 
     gen = commands.add_parser("generate", help="generate text")
     gen.add_argument("prompt")
@@ -58,7 +68,49 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("adapter_id")
     rm = sub.add_parser("rm", help="delete an adapter")
     rm.add_argument("adapter_id")
+    upload.add_argument("--no-progress", action="store_true", help="no upload progress bar")
+
+    ft = commands.add_parser("fine-tune", help="train adapters on the server (admin key)")
+    sub = ft.add_subparsers(dest="action", required=True)
+    create = sub.add_parser("create", help="start a fine-tune job")
+    create.add_argument("--adapter-id", required=True, help="id the trained adapter is stored under")
+    create.add_argument("--method", required=True, help="adapter family: lora, hut, ether, dct, surm")
+    create.add_argument("--data", required=True, help="training JSONL file")
+    create.add_argument("--validation-data", default=None, help="validation JSONL file")
+    create.add_argument("--config", type=_json_object, default=None, help='family config JSON, e.g. {"r": 8}')
+    create.add_argument("--hyperparameters", type=_json_object, default=None, help="hyperparameters JSON")
+    create.add_argument("--max-steps", type=int, default=None, help="sets hyperparameters.max_steps")
+    create.add_argument("--target-modules", default=None, help="comma-separated (default: all)")
+    create.add_argument("--watch", action="store_true", help="then watch it like `fine-tune watch`")
+    listing = sub.add_parser("list", help="list jobs, newest first")
+    listing.add_argument("--offset", type=int, default=0)
+    listing.add_argument("--limit", type=int, default=50)
+    for name, text in (("get", "one job"), ("watch", "follow a job to its end"), ("cancel", "cancel a job")):
+        sub.add_parser(name, help=text).add_argument("job_id")
+    events = sub.add_parser("events", help="a job's events")
+    events.add_argument("job_id")
+    events.add_argument("--after", type=int, default=None, help="only events after this seq")
+    for p in (create, sub.choices["watch"]):
+        p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between polls")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _job_line(j: FineTune) -> str:
+    steps = f"{j.step}/{j.total_steps}" if j.total_steps else str(j.step)
+    loss = f"loss {j.loss:.4g}" if j.loss is not None else "-"
+    tail = f"\t{j.error}" if j.error else ""
+    return f"{j.id}\t{j.status}\t{j.adapter_id}\t{j.method}\tstep {steps}\t{loss}{tail}"
 
 
 def _adapter_line(a: Adapter) -> str:
@@ -92,7 +144,7 @@ def _generate(client: Client, args, out: TextIO) -> None:
     out.write((json.dumps(result.raw) if args.json else result.text) + "\n")
 
 
-def _adapters(client: Client, args, out: TextIO) -> None:
+def _adapters(client: Client, args, out: TextIO, err: TextIO) -> None:
     if args.action == "list":
         page = client.adapters.list(args.offset, args.limit)
         if args.json:
@@ -104,7 +156,13 @@ def _adapters(client: Client, args, out: TextIO) -> None:
             out.write(f"{len(page.adapters)} of {page.total} adapters\n")
         return
     if args.action == "upload":
-        adapter = client.adapters.upload(args.folder, args.adapter_id)
+        if args.no_progress or args.json:
+            adapter = client.adapters.upload(args.folder, args.adapter_id)
+        else:
+            from tqdm import tqdm
+
+            with tqdm(unit="B", unit_scale=True, desc="upload", file=err, leave=False) as bar:
+                adapter = client.adapters.upload(args.folder, args.adapter_id, progress=bar.update)
     elif args.action == "get":
         adapter = client.adapters.get(args.adapter_id)
     else:
@@ -112,16 +170,115 @@ def _adapters(client: Client, args, out: TextIO) -> None:
     out.write((json.dumps(adapter.raw) if args.json else _adapter_line(adapter)) + "\n")
 
 
+def _watch(client: Client, job_id: str, args, out: TextIO, err: TextIO) -> int:
+    """Follow the job; JSON lines of its events with ``--json``, else a step bar on stderr."""
+    bar = None
+    if not (args.json or args.no_progress):
+        from tqdm import tqdm
+
+        job = client.fine_tunes.get(job_id)
+        bar = tqdm(total=job.total_steps, initial=job.step, unit="step", desc=job.adapter_id, file=err)
+    try:
+        for event in client.fine_tunes.watch(job_id, poll_interval=args.poll_interval):
+            if args.json:
+                out.write(json.dumps(dataclasses.asdict(event)) + "\n")
+                out.flush()
+            elif event.type == "step":
+                step, total = event.data.get("step", 0), event.data.get("total_steps")
+                if bar is not None:
+                    if total and bar.total != total:
+                        bar.total = total
+                    bar.update(max(0, step - bar.n))
+                    if event.data.get("loss") is not None:
+                        bar.set_postfix(loss=f"{event.data['loss']:.4g}", refresh=False)
+                else:
+                    out.write(f"step {step}/{total} loss {event.data.get('loss')}\n")
+            elif event.type in ("eval", "checkpoint"):
+                line = f"{event.type}: {json.dumps(event.data)}"
+                if bar is not None:
+                    bar.write(line, file=err)
+                else:
+                    out.write(line + "\n")
+    finally:
+        if bar is not None:
+            bar.close()
+    job = client.fine_tunes.get(job_id)
+    if not args.json:
+        out.write(_job_line(job) + "\n")
+    if job.status != "succeeded":
+        message = job.error or f"the job ended {job.status}"
+        if args.json:
+            body = {"error": {"status": 0, "type": f"fine_tune_{job.status}", "message": message}}
+            err.write(json.dumps(body) + "\n")
+        else:
+            err.write(f"facet: fine-tune {job.id} {job.status}: {message}\n")
+        return 1
+    return 0
+
+
+def _fine_tune(client: Client, args, out: TextIO, err: TextIO) -> int:
+    ft = client.fine_tunes
+    if args.action == "list":
+        page = ft.list(args.offset, args.limit)
+        if args.json:
+            out.write(json.dumps({"jobs": [j.raw for j in page.jobs], "total": page.total}) + "\n")
+        else:
+            for j in page.jobs:
+                out.write(_job_line(j) + "\n")
+            out.write(f"{len(page.jobs)} of {page.total} jobs\n")
+        return 0
+    if args.action == "events":
+        events = ft.events(args.job_id, args.after)
+        if args.json:
+            out.write(json.dumps({"events": [dataclasses.asdict(e) for e in events]}) + "\n")
+        else:
+            for e in events:
+                out.write(f"{e.seq}\t{e.type}\t{json.dumps(e.data)}\n")
+        return 0
+    if args.action == "watch":
+        return _watch(client, args.job_id, args, out, err)
+    if args.action == "create":
+        hp = dict(args.hyperparameters or {})
+        if args.max_steps is not None:
+            hp["max_steps"] = args.max_steps
+        targets = args.target_modules.split(",") if args.target_modules else None
+        job = ft.create(
+            args.adapter_id,
+            args.method,
+            method_config=args.config,
+            target_modules=targets,
+            training_file=args.data,
+            hyperparameters=hp or None,
+            validation_file=args.validation_data,
+        )
+        out.write((json.dumps(job.raw) if args.json else _job_line(job)) + "\n")
+        out.flush()
+        return _watch(client, job.id, args, out, err) if args.watch else 0
+    job = ft.get(args.job_id) if args.action == "get" else ft.cancel(args.job_id)
+    out.write((json.dumps(job.raw) if args.json else _job_line(job)) + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # everything after "serve" is the server's own settings flags
+        try:
+            from server.__main__ import main as serve_main
+        except ImportError:
+            print("facet serve needs the Facet server installed (make serve, or pip install -e .)", file=err)
+            return 1
+        return serve_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         with Client(args.url, args.api_key, timeout=args.timeout) as client:
             if args.command == "generate":
                 _generate(client, args, out)
+            elif args.command == "fine-tune":
+                return _fine_tune(client, args, out, err)
             else:
-                _adapters(client, args, out)
+                _adapters(client, args, out, err)
     except FacetError as exc:
         if args.json:
             body = {"error": {"status": exc.status, "type": exc.type, "message": exc.message}}

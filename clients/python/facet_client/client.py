@@ -5,20 +5,31 @@ Both share the request building and response parsing below; only the I/O differs
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from .errors import FacetConnectionError, FacetError, from_body, from_response
+from .errors import (
+    FacetConnectionError,
+    FacetError,
+    FineTuneError,
+    FineTuneTimeout,
+    from_body,
+    from_response,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
 # ----------------------------------------------------------------------------------- results
@@ -94,7 +105,112 @@ class AdapterPage:
     limit: int
 
 
+@dataclass
+class FineTune:
+    """A fine-tune job (``/fine-tunes``): ``status`` is queued, running, succeeded, failed or cancelled."""
+
+    id: str
+    adapter_id: str
+    method: str
+    status: str
+    step: int = 0
+    total_steps: int | None = None
+    loss: float | None = None
+    error: str | None = None
+    result: dict | None = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def from_json(cls, body: dict) -> FineTune:
+        return cls(
+            id=body["id"],
+            adapter_id=body["adapter_id"],
+            method=body["method"],
+            status=body["status"],
+            step=body.get("step") or 0,
+            total_steps=body.get("total_steps"),
+            loss=body.get("loss"),
+            error=body.get("error"),
+            result=body.get("result"),
+            raw=body,
+        )
+
+
+@dataclass
+class FineTuneEvent:
+    """One job event: ``type`` is created, started, step, eval, checkpoint, cancel_requested or a
+    terminal status; ``data`` its payload (a step's has step, total_steps, loss, ...)."""
+
+    seq: int
+    time: float
+    type: str
+    data: dict
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL
+
+    @classmethod
+    def from_json(cls, body: dict) -> FineTuneEvent:
+        return cls(body["seq"], body["time"], body["type"], body.get("data") or {})
+
+
+@dataclass
+class FineTunePage:
+    jobs: list[FineTune]
+    total: int
+    offset: int
+    limit: int
+
+
 # -------------------------------------------------------------------------------- shared parts
+
+
+def _read_data(data: str | list | None, file: str | os.PathLike | None, name: str) -> str | list | None:
+    if data is not None and file is not None:
+        raise ValueError(f"give at most one of {name}_data and {name}_file")
+    if file is not None:
+        return Path(file).read_text(encoding="utf-8")
+    return data
+
+
+def _fine_tune_body(
+    adapter_id: str,
+    method: str,
+    method_config: dict | None,
+    target_modules: list[str] | str | None,
+    training_data: str | list | None,
+    training_file: str | os.PathLike | None,
+    validation_data: str | list | None,
+    validation_file: str | os.PathLike | None,
+    hyperparameters: dict | None,
+) -> dict:
+    train = _read_data(training_data, training_file, "training")
+    if train is None:
+        raise ValueError("give training_data (JSONL text or a list of records) or training_file")
+    body: dict[str, Any] = {"adapter_id": adapter_id, "method": method, "training_data": train}
+    if method_config:
+        body["config"] = method_config
+    if target_modules is not None:
+        body["target_modules"] = target_modules
+    if hyperparameters:
+        body["hyperparameters"] = hyperparameters
+    val = _read_data(validation_data, validation_file, "validation")
+    if val is not None:
+        body["validation_data"] = val
+    return body
+
+
+def _final(job: FineTune) -> FineTune:
+    if job.status == "failed":
+        raise FineTuneError(job, f"fine-tune {job.id} failed: {job.error or 'no error given'}")
+    if job.status == "cancelled":
+        raise FineTuneError(job, f"fine-tune {job.id} was cancelled at step {job.step}")
+    return job
 
 
 def _generate_body(
@@ -115,7 +231,23 @@ def _generate_body(
     return body
 
 
-def _upload_parts(folder: str | os.PathLike, adapter_id: str | None) -> tuple[dict, dict]:
+class _ProgressBytes(io.BytesIO):
+    """Bytes whose reads (as httpx streams the multipart body) are reported to ``progress(n)``."""
+
+    def __init__(self, data: bytes, progress: Callable[[int], object]):
+        super().__init__(data)
+        self._progress = progress
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        if chunk:
+            self._progress(len(chunk))
+        return chunk
+
+
+def _upload_parts(
+    folder: str | os.PathLike, adapter_id: str | None, progress: Callable[[int], object] | None = None
+) -> tuple[dict, dict]:
     folder = Path(folder)
     config, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for path in (config, weights):
@@ -124,9 +256,16 @@ def _upload_parts(folder: str | os.PathLike, adapter_id: str | None) -> tuple[di
                 f"{path} not found: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
             )
     data = {"adapter_id": adapter_id or folder.resolve().name}
+    config_bytes, weights_bytes = config.read_bytes(), weights.read_bytes()
+    if progress is not None:
+        total = getattr(progress, "__self__", None)  # a tqdm's bound update: give it the total
+        if total is not None and getattr(total, "total", 0) is None:
+            total.total = len(config_bytes) + len(weights_bytes)
+        config_bytes = _ProgressBytes(config_bytes, progress)
+        weights_bytes = _ProgressBytes(weights_bytes, progress)
     files = {
-        "config": (CONFIG_NAME, config.read_bytes(), "application/json"),
-        "weights": (WEIGHTS_NAME, weights.read_bytes(), "application/octet-stream"),
+        "config": (CONFIG_NAME, config_bytes, "application/json"),
+        "weights": (WEIGHTS_NAME, weights_bytes, "application/octet-stream"),
     }
     return data, files
 
@@ -242,10 +381,16 @@ class Adapters:
     def __init__(self, client: Client):
         self._client = client
 
-    def upload(self, folder: str | os.PathLike, adapter_id: str | None = None) -> Adapter:
+    def upload(
+        self,
+        folder: str | os.PathLike,
+        adapter_id: str | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> Adapter:
         """Upload ``folder`` (``adapter_config.json`` + ``adapter_model.safetensors``) as
-        ``adapter_id`` (default: the folder's name); a new version if the id exists."""
-        data, files = _upload_parts(folder, adapter_id)
+        ``adapter_id`` (default: the folder's name); a new version if the id exists.
+        ``progress(n)`` is called as each ``n`` bytes are sent (e.g. a tqdm's ``update``)."""
+        data, files = _upload_parts(folder, adapter_id, progress)
         return Adapter.from_json(self._client._request("POST", "/adapters", data=data, files=files).json())
 
     def list(self, offset: int = 0, limit: int = 50) -> AdapterPage:
@@ -257,6 +402,80 @@ class Adapters:
 
     def delete(self, adapter_id: str) -> Adapter:
         return Adapter.from_json(self._client._request("DELETE", f"/adapters/{adapter_id}").json())
+
+
+class FineTunes:
+    """``client.fine_tunes``: create / list / get / events / watch / wait / cancel (admin scope)."""
+
+    def __init__(self, client: Client):
+        self._client = client
+
+    def create(
+        self,
+        adapter_id: str,
+        method: str,
+        method_config: dict | None = None,
+        target_modules: list[str] | str | None = None,
+        training_data: str | list[dict] | None = None,
+        training_file: str | os.PathLike | None = None,
+        validation_data: str | list[dict] | None = None,
+        hyperparameters: dict | None = None,
+        *,
+        validation_file: str | os.PathLike | None = None,
+    ) -> FineTune:
+        """Queue a job training ``method`` (lora, hut, ...) into ``adapter_id``. Data is JSONL text, a
+        list of ``{"prompt", "completion"}`` / ``{"messages"}`` records, or a JSONL file."""
+        body = _fine_tune_body(
+            adapter_id, method, method_config, target_modules, training_data, training_file,
+            validation_data, validation_file, hyperparameters,
+        )  # fmt: skip
+        return FineTune.from_json(self._client._request("POST", "/fine-tunes", json=body).json())
+
+    def list(self, offset: int = 0, limit: int = 50) -> FineTunePage:
+        params = {"offset": offset, "limit": limit}
+        body = self._client._request("GET", "/fine-tunes", params=params).json()
+        return FineTunePage([FineTune.from_json(j) for j in body["jobs"]], body["total"], offset, limit)
+
+    def get(self, job_id: str) -> FineTune:
+        return FineTune.from_json(self._client._request("GET", f"/fine-tunes/{job_id}").json())
+
+    def events(self, job_id: str, after: int | None = None) -> list[FineTuneEvent]:
+        params = {"after": after} if after is not None else {}
+        body = self._client._request("GET", f"/fine-tunes/{job_id}/events", params=params).json()
+        return [FineTuneEvent.from_json(e) for e in body["events"]]
+
+    def watch(
+        self, job_id: str, poll_interval: float = 0.5, after: int | None = None
+    ) -> Iterator[FineTuneEvent]:
+        """Yield the job's events as they come, until (and including) its terminal one."""
+        while True:
+            events = self.events(job_id, after)
+            for event in events:
+                after = event.seq
+                yield event
+                if event.terminal:
+                    return
+            if not events:
+                time.sleep(poll_interval)
+
+    def wait(self, job_id: str, timeout: float | None = None, poll_interval: float = 0.5) -> FineTune:
+        """The finished job; ``FineTuneError`` if it failed or was cancelled (with the server's
+        error), ``FineTuneTimeout`` if still unfinished after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job.done:
+                return _final(job)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise FineTuneTimeout(job, timeout)
+            time.sleep(
+                poll_interval
+                if deadline is None
+                else min(poll_interval, max(0.0, deadline - time.monotonic()))
+            )
+
+    def cancel(self, job_id: str) -> FineTune:
+        return FineTune.from_json(self._client._request("POST", f"/fine-tunes/{job_id}/cancel").json())
 
 
 class Client:
@@ -274,6 +493,7 @@ class Client:
             base_url=base_url.rstrip("/"), headers=_headers(api_key), timeout=timeout, transport=transport
         )
         self.adapters = Adapters(self)
+        self.fine_tunes = FineTunes(self)
 
     def _request(self, method: str, path: str, **kw) -> httpx.Response:
         try:
@@ -362,6 +582,76 @@ class AsyncAdapters:
         return Adapter.from_json((await self._client._request("DELETE", f"/adapters/{adapter_id}")).json())
 
 
+class AsyncFineTunes:
+    """``AsyncClient.fine_tunes``: the ``FineTunes`` API with ``await`` / ``async for``."""
+
+    def __init__(self, client: AsyncClient):
+        self._client = client
+
+    async def create(
+        self,
+        adapter_id: str,
+        method: str,
+        method_config: dict | None = None,
+        target_modules: list[str] | str | None = None,
+        training_data: str | list[dict] | None = None,
+        training_file: str | os.PathLike | None = None,
+        validation_data: str | list[dict] | None = None,
+        hyperparameters: dict | None = None,
+        *,
+        validation_file: str | os.PathLike | None = None,
+    ) -> FineTune:
+        body = _fine_tune_body(
+            adapter_id, method, method_config, target_modules, training_data, training_file,
+            validation_data, validation_file, hyperparameters,
+        )  # fmt: skip
+        return FineTune.from_json((await self._client._request("POST", "/fine-tunes", json=body)).json())
+
+    async def list(self, offset: int = 0, limit: int = 50) -> FineTunePage:
+        params = {"offset": offset, "limit": limit}
+        body = (await self._client._request("GET", "/fine-tunes", params=params)).json()
+        return FineTunePage([FineTune.from_json(j) for j in body["jobs"]], body["total"], offset, limit)
+
+    async def get(self, job_id: str) -> FineTune:
+        return FineTune.from_json((await self._client._request("GET", f"/fine-tunes/{job_id}")).json())
+
+    async def events(self, job_id: str, after: int | None = None) -> list[FineTuneEvent]:
+        params = {"after": after} if after is not None else {}
+        response = await self._client._request("GET", f"/fine-tunes/{job_id}/events", params=params)
+        return [FineTuneEvent.from_json(e) for e in response.json()["events"]]
+
+    async def watch(
+        self, job_id: str, poll_interval: float = 0.5, after: int | None = None
+    ) -> AsyncIterator[FineTuneEvent]:
+        while True:
+            events = await self.events(job_id, after)
+            for event in events:
+                after = event.seq
+                yield event
+                if event.terminal:
+                    return
+            if not events:
+                await asyncio.sleep(poll_interval)
+
+    async def wait(self, job_id: str, timeout: float | None = None, poll_interval: float = 0.5) -> FineTune:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            job = await self.get(job_id)
+            if job.done:
+                return _final(job)
+            if deadline is not None and loop.time() >= deadline:
+                raise FineTuneTimeout(job, timeout)
+            await asyncio.sleep(
+                poll_interval if deadline is None else min(poll_interval, max(0.0, deadline - loop.time()))
+            )
+
+    async def cancel(self, job_id: str) -> FineTune:
+        return FineTune.from_json(
+            (await self._client._request("POST", f"/fine-tunes/{job_id}/cancel")).json()
+        )
+
+
 class AsyncClient:
     """The ``Client`` API with ``await`` / ``async for``."""
 
@@ -377,6 +667,7 @@ class AsyncClient:
             base_url=base_url.rstrip("/"), headers=_headers(api_key), timeout=timeout, transport=transport
         )
         self.adapters = AsyncAdapters(self)
+        self.fine_tunes = AsyncFineTunes(self)
 
     async def _request(self, method: str, path: str, **kw) -> httpx.Response:
         try:

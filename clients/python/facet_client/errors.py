@@ -117,3 +117,19 @@ def from_response(response: httpx.Response) -> FacetError:
     except ValueError:
         body = response.text
     return from_body(response.status_code, body, retry_after)
+
+
+class FineTuneError(FacetError):
+    """A fine-tune job ended ``failed`` or ``cancelled``; ``job`` is its last state."""
+
+    def __init__(self, job, message: str):
+        self.job = job
+        super().__init__(0, f"fine_tune_{job.status}", message)
+
+
+class FineTuneTimeout(FacetError, TimeoutError):
+    """``wait`` gave up before the job reached a terminal state; ``job`` is its last state."""
+
+    def __init__(self, job, timeout: float):
+        self.job = job
+        super().__init__(0, "timeout", f"job {job.id} still {job.status} after {timeout:g} s")
