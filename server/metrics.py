@@ -15,7 +15,9 @@ Where the numbers come from:
 * Engine steps and queue time: ``Metrics.attach(engine)`` subscribes to the generator's
   ``StepStats`` (batch size, tokens, duration, queue time of newly admitted requests).
 * Everything else is read at scrape time (``_StateCollector``): running / waiting requests,
-  adapters resident per tier and family, the residency counters, device bytes and store bytes.
+  adapters resident per tier and family, the residency counters, device bytes and store bytes,
+  and the fine-tune jobs (``Metrics.fine_tunes``, the app's ``JobRunner``, set by
+  ``server.api.finetune`` when it creates one: jobs per state, training steps, latest loss).
 
 Label cardinality is bounded by construction: every label value comes from a server-side enum,
 a route template, or an adapter id that exists in the store *and* is in the top
@@ -178,6 +180,8 @@ class Metrics:
             registry=r,
         )
         self.adapters = AdapterTraffic(top_adapters)
+        # The app's fine-tune JobRunner (server.api.finetune sets it); None: job metrics stay empty.
+        self.fine_tunes = None
         self._families: frozenset[str] = frozenset()
         self._load_cursor = 0
         self._load_lock = threading.Lock()
@@ -306,6 +310,33 @@ class _StateCollector(Collector):
             except Exception:  # a broken store must not break the scrape
                 pass
         yield store_bytes
+
+        yield from self._fine_tunes(m.fine_tunes)
+
+    def _fine_tunes(self, runner) -> Iterable:
+        jobs = GaugeMetricFamily("facet_fine_tune_jobs", "Fine-tune jobs per state", labels=["state"])
+        steps = CounterMetricFamily(
+            "facet_fine_tune_steps", "Training steps done by fine-tune jobs (all jobs, as recorded)"
+        )
+        loss = GaugeMetricFamily(
+            "facet_fine_tune_last_loss",
+            "Latest train loss of the newest running fine-tune job (else of the last finished one)",
+        )
+        stats = None
+        if runner is not None:
+            try:
+                stats = runner.stats()
+            except Exception:  # a broken job database must not break the scrape
+                stats = None
+        if stats is not None:
+            for state, n in stats["jobs"].items():
+                jobs.add_metric([state], n)
+            steps.add_metric([], stats["steps"])
+            if stats["last_loss"] is not None:
+                loss.add_metric([], stats["last_loss"])
+        yield jobs
+        yield steps
+        yield loss
 
     def _residency(self, engine: Engine) -> Iterable:
         m = self.metrics

@@ -276,6 +276,43 @@ class JobRunner:
             )
             return [{"seq": r[0], "time": r[1], "type": r[2], "data": json.loads(r[3])} for r in rows]
 
+    def loss_curve(self, job_id: str) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """``(train, validation)`` as ``(step, loss)`` points, from the job's step and eval events."""
+        self.get(job_id)
+        train: list[tuple[int, float]] = []
+        val: list[tuple[int, float]] = []
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT type, data FROM events WHERE job_id = ? AND type IN ('step', 'eval') ORDER BY seq",
+                (job_id,),
+            ).fetchall()
+        for kind, data in rows:
+            info = json.loads(data)
+            if isinstance(info.get("step"), int) and isinstance(info.get("loss"), int | float):
+                (train if kind == "step" else val).append((info["step"], float(info["loss"])))
+        return train, val
+
+    def stats(self) -> dict:
+        """For metrics: jobs per status, training steps done (all jobs), and the latest train loss
+        of the newest running job (else of the job that finished last; None if none has one)."""
+        with self._db() as db:
+            counts = dict(db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+            steps = db.execute("SELECT COALESCE(SUM(step), 0) FROM jobs").fetchone()[0]
+            row = db.execute(
+                "SELECT loss FROM jobs WHERE status = ? AND loss IS NOT NULL ORDER BY seq DESC LIMIT 1",
+                (RUNNING,),
+            ).fetchone()
+            if row is None:
+                row = db.execute(
+                    "SELECT loss FROM jobs WHERE finished_at IS NOT NULL AND loss IS NOT NULL"
+                    " ORDER BY finished_at DESC LIMIT 1"
+                ).fetchone()
+        return {
+            "jobs": {s: counts.get(s, 0) for s in (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)},
+            "steps": int(steps),
+            "last_loss": None if row is None else row[0],
+        }
+
     def cancel(self, job_id: str) -> dict:
         job = self.get(job_id)
         if job["status"] in TERMINAL:
