@@ -26,28 +26,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bench.serve as serve_bench  # noqa: E402
 from adapters_store.store import AdapterStore  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
-from server.engine.requests import SamplingParams, TokenEvent  # noqa: E402
+from server.engine.requests import SamplingParams  # noqa: E402
 from server.jobs.runner import JobRunner, JobSpec  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 
 def run_batch(engine: Engine, prompts, params) -> tuple[float, int, list[float]]:
-    """Submit everything at once, step until done; returns (seconds, tokens, ttfts)."""
-    t0 = time.perf_counter()
-    reqs = [engine.submit(p, params) for p in prompts]
-    first: dict[int, float] = {}
-    tokens = 0
-    while engine.generator.num_running or engine.generator.num_waiting:
-        engine.generator.step()
-        now = time.perf_counter()
-        for i, r in enumerate(reqs):
-            for ev in r.sink.drain():
-                if isinstance(ev, TokenEvent):
-                    tokens += 1
-                    first.setdefault(i, now - t0)
-    return time.perf_counter() - t0, tokens, [first[i] for i in sorted(first)]
+    """``bench/serve.py``'s driver, every request on the base model."""
+    return serve_bench.run_batch(engine, prompts, [None] * len(prompts), params)
 
 
 def phase(engine: Engine, prompts, params, rounds: int) -> dict:
