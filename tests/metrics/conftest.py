@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import create_app
-from tests.api.tiny_server import build_tiny, tiny_settings
+from tests.api.conftest import make_app  # noqa: F401  (the same tiny-model app fixture)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@pytest.fixture
-def make_app(tmp_path) -> Callable:
-    """``make_app(**settings)`` -> a tiny-model app with a fresh store under ``tmp_path``."""
-
-    def make(**overrides):
-        settings = tiny_settings(data_dir=tmp_path / "data", **overrides)
-        engine, store = build_tiny(settings)
-        return create_app(settings, engine=engine, store=store)
-
-    return make
 
 
 def parse(text: str) -> Samples:
