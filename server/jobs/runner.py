@@ -16,7 +16,15 @@ step, so training still progresses under constant load). Checkpoints are stored 
 ``<adapter_id>@<step>``, the final adapter as ``<adapter_id>`` (a new version if it exists).
 
 Statuses: queued -> running -> succeeded | failed | cancelled (queued -> cancelled directly).
-A job found ``running`` when the runner opens (the process died mid-training) is marked failed.
+
+Restarts: while a job trains, its resumable state (adapter tensors, optimizer, data order:
+``server.jobs.state``) is saved to ``<job id>/resume.safetensors`` at every checkpoint, every
+``state_every_s`` seconds and when the server shuts down. A graceful shutdown puts the running job
+back to ``queued``; a job found ``running`` when the runner opens (the process died) is queued
+again to resume from its last saved state, or marked failed with the reason when there is none
+(or after ``max_interruptions`` crashes). A resumed job ends with the same weights as an
+uninterrupted one. No job stays ``running`` and no half-written adapter appears (the store's
+writes are atomic).
 """
 
 from __future__ import annotations
@@ -40,9 +48,20 @@ from server.engine.loader import BaseModel
 from server.methods import Adapter, AdapterError
 
 from .data import DataError, parse_jsonl, tokenize_records
+from .state import StateError, load_state, save_state
 from .train import Hyperparameters, TrainingError, build_config, train_adapter
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+RESUME_FILE = "resume.safetensors"
+# Columns added after the first release: (name, SQL type) added to an older jobs table at open.
+_ADDED_COLUMNS = (
+    ("epoch", "INTEGER"),
+    ("val_loss", "REAL"),
+    ("tokens_per_s", "REAL"),
+    ("eta_s", "REAL"),
+    ("interruptions", "INTEGER NOT NULL DEFAULT 0"),
+    ("resumed_from", "INTEGER"),
+)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 _SCHEMA = """
@@ -64,7 +83,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     n_train INTEGER NOT NULL,
     n_val INTEGER NOT NULL,
     error TEXT,
-    result TEXT
+    result TEXT,
+    epoch INTEGER,
+    val_loss REAL,
+    tokens_per_s REAL,
+    eta_s REAL,
+    interruptions INTEGER NOT NULL DEFAULT 0,
+    resumed_from INTEGER
 );
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
@@ -127,6 +152,8 @@ class JobRunner:
         max_examples: int = 100_000,
         max_pause_s: float = 1.0,
         step_event_every: int = 1,
+        state_every_s: float | None = 60.0,
+        max_interruptions: int = 3,
     ):
         self.base = base
         self.store = store
@@ -138,6 +165,8 @@ class JobRunner:
         self.max_examples = max_examples
         self.max_pause_s = max_pause_s
         self.step_event_every = max(1, step_event_every)
+        self.state_every_s = state_every_s
+        self.max_interruptions = max_interruptions
         self._db_path = self.root / "jobs.sqlite3"
         self._write_lock = threading.Lock()
         self._wake = threading.Condition()
@@ -146,9 +175,40 @@ class JobRunner:
         self._thread: threading.Thread | None = None
         with self._db() as db:
             db.executescript(_SCHEMA)
+            have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in _ADDED_COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
             stale = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = ?", (RUNNING,))]
         for job_id in stale:
-            self._finish(job_id, FAILED, error="interrupted: the server stopped while this job was running")
+            self._recover(job_id)
+
+    def _recover(self, job_id: str) -> None:
+        """A job the previous process left ``running``: queue it to resume, or fail it saying why."""
+        job = self.get(job_id)
+        crashes = job["interruptions"] + 1
+        self._update(job_id, interruptions=crashes)
+        reason = "interrupted: the server stopped while this job was running"
+        path = self.root / job_id / RESUME_FILE
+        if not path.exists():
+            every = f" and every {self.state_every_s:g} s" if self.state_every_s else ""
+            self._finish(
+                job_id,
+                FAILED,
+                error=f"{reason}, before any resumable state was saved "
+                f"(saved at each checkpoint_every step{every})",
+            )
+            return
+        try:
+            step = load_state(path).step
+        except StateError as e:
+            self._finish(job_id, FAILED, error=f"{reason}; cannot resume: {e}")
+            return
+        if crashes > self.max_interruptions:
+            self._finish(job_id, FAILED, error=f"{reason}, {crashes} times; not resumed again")
+            return
+        self._update(job_id, status=QUEUED, step=step)
+        self._event(job_id, "requeued", {"step": step, "reason": reason + f"; resumes from step {step}"})
 
     # ---- storage ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -183,8 +243,10 @@ class JobRunner:
             finished_at=time.time(),
             error=error,
             result=None if result is None else json.dumps(result),
+            eta_s=None,
         )
         self._event(job_id, status, {"error": error} if error else (result or {}))
+        (self.root / job_id / RESUME_FILE).unlink(missing_ok=True)
 
     # ---- public API ------------------------------------------------------------------------
     def validate(self, spec: JobSpec):
@@ -390,8 +452,18 @@ class JobRunner:
         if not cur.rowcount:
             return  # cancelled meanwhile
         job = self.get(job_id)
-        self._event(job_id, "started", {})
         folder = self.root / job_id
+        state_path = folder / RESUME_FILE
+        try:
+            resume = load_state(state_path) if state_path.exists() else None
+        except StateError as e:
+            self._finish(job_id, FAILED, error=f"cannot resume: {e}")
+            return
+        if resume is None:
+            self._event(job_id, "started", {})
+        else:
+            self._update(job_id, resumed_from=resume.step)
+            self._event(job_id, "resumed", {"step": resume.step})
         try:
             spec = JobSpec(
                 adapter_id=job["adapter_id"],
@@ -406,12 +478,27 @@ class JobRunner:
             )
             hp, train, val = self.validate(spec)
 
+            first_step = resume.step if resume is not None else 0
+
             def on_step(info: dict) -> None:
-                step = info["step"]
-                if step % self.step_event_every == 0 or step == info["total_steps"]:
-                    self._update(job_id, step=step, total_steps=info["total_steps"], loss=info["loss"])
+                step, total = info["step"], info["total_steps"]
+                if step % self.step_event_every == 0 or step == total:
+                    per_step = info["elapsed_s"] / max(step - first_step, 1)
+                    self._update(
+                        job_id,
+                        step=step,
+                        total_steps=total,
+                        loss=info["loss"],
+                        epoch=info["epoch"],
+                        tokens_per_s=info["tokens_per_s"],
+                        eta_s=per_step * (total - step),
+                    )
                     self._event(job_id, "step", info)
                 self._yield_to_serving()
+
+            def on_eval(entry: dict) -> None:
+                self._update(job_id, val_loss=entry["loss"])
+                self._event(job_id, "eval", entry)
 
             def on_checkpoint(step: int, adapter: Adapter) -> None:
                 record = self._put(f"{spec.adapter_id}@{step}", adapter)
@@ -426,32 +513,39 @@ class JobRunner:
                 val,
                 hp,
                 on_step=on_step,
-                on_eval=lambda entry: self._event(job_id, "eval", entry),
+                on_eval=on_eval,
                 should_stop=lambda: job_id in self._cancel or self._stop.is_set(),
                 on_checkpoint=on_checkpoint,
+                resume=resume,
+                on_state=lambda state: save_state(state_path, state),
+                state_every_s=self.state_every_s,
             )
             if job_id in self._cancel:
                 self._finish(job_id, CANCELLED)
                 return
-            if history.stopped:
-                self._finish(
-                    job_id, FAILED, error="interrupted: the server stopped while this job was running"
+            if history.stopped:  # the server is shutting down: resume on the next start
+                self._update(job_id, status=QUEUED, step=history.last_step, eta_s=None)
+                self._event(
+                    job_id,
+                    "paused",
+                    {"step": history.last_step, "reason": "the server is shutting down; resumes on restart"},
                 )
                 return
             record = self._put(spec.adapter_id, adapter)
             result = {
                 "adapter_id": record.adapter_id,
                 "version": record.version,
-                "steps": len(history.steps),
+                "steps": history.last_step,
+                "resumed_from": history.resumed_from,
                 "trainable_params": history.trainable_params,
                 "train_loss": history.final_loss,
                 "val_loss_before": history.val[0]["loss"] if history.val else None,
                 "val_loss_after": history.val[-1]["loss"] if history.val else None,
                 "wall_s": history.wall_s,
             }
-            self._update(job_id, step=len(history.steps), total_steps=history.total_steps)
+            self._update(job_id, step=history.last_step, total_steps=history.total_steps)
             self._finish(job_id, SUCCEEDED, result=result)
-        except (JobInvalid, TrainingError, StoreError, AdapterError, DataError) as e:
+        except (JobInvalid, TrainingError, StoreError, AdapterError, DataError, StateError) as e:
             self._finish(job_id, FAILED, error=str(e))
         except Exception as e:  # a bug or resource problem: record it, keep the worker alive
             self._finish(job_id, FAILED, error=f"internal error: {type(e).__name__}: {e}")

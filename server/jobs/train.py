@@ -42,6 +42,7 @@ from server.engine.loader import BaseModel
 from server.methods import Adapter, AdapterMethod, ConfigError, MethodConfig, get_method, matches_target
 
 from .data import IGNORE_INDEX, Example, Record, read_jsonl, tokenize_records
+from .state import StateError, TrainState
 
 # Starting points per family when no learning rate is given (rough; compare with bench/finetune.py).
 DEFAULT_LEARNING_RATES = {"lora": 1e-3, "hut": 1e-3, "ether": 1e-3, "dct": 1e-2, "surm": 1e-2}
@@ -87,6 +88,8 @@ class History:
     tokens_seen: int = 0  # every token forwarded (prompt + completion, no padding)
     wall_s: float = 0.0
     stopped: bool = False  # should_stop ended training early
+    last_step: int = 0  # optimizer steps done (counting those before a resume)
+    resumed_from: int | None = None  # the step training resumed at
 
     @property
     def final_loss(self) -> float | None:
@@ -226,6 +229,19 @@ def snapshot(method: AdapterMethod, cfg: MethodConfig, params, targets) -> Adapt
     return Adapter(method, cfg, modules, dict(targets))
 
 
+def _restore(params: dict[str, dict[str, torch.Tensor]], state: TrainState) -> None:
+    """Copy a resume state's tensors into freshly initialised ``params`` (same keys and shapes)."""
+    if {p: sorted(m) for p, m in params.items()} != {p: sorted(m) for p, m in state.params.items()}:
+        raise StateError("the resume state does not match the job's modules")
+    with torch.no_grad():
+        for path, mod in params.items():
+            for name, t in mod.items():
+                saved = state.params[path][name]
+                if saved.shape != t.shape or saved.dtype != t.dtype:
+                    raise StateError(f"the resume state's {path}.{name} has another shape or dtype")
+                t.copy_(saved)
+
+
 def train_adapter(
     base: BaseModel,
     method_name: str,
@@ -240,13 +256,20 @@ def train_adapter(
     should_stop: Callable[[], bool] | None = None,
     on_checkpoint: Callable[[int, Adapter], None] | None = None,
     tokenizer_lock=None,
+    resume: TrainState | None = None,
+    on_state: Callable[[TrainState], None] | None = None,
+    state_every_s: float | None = None,
 ) -> tuple[Adapter, History]:
     """Train one adapter of ``method_name`` on ``base``; returns it with its history.
 
     ``on_step(info)`` runs after every optimizer step (it may block, e.g. to yield to serving),
     ``should_stop()`` before every step (True: stop early, return what was trained so far),
     ``on_checkpoint(step, adapter)`` every ``checkpoint_every`` steps before the last.
-    Raises ConfigError (bad config or targets), DataError (bad data), TrainingError (NaN/Inf).
+    ``on_state(state)`` receives the resumable state (``server.jobs.state``; its tensors are only
+    valid during the call) after every checkpoint, every ``state_every_s`` seconds and when
+    ``should_stop`` ends training; ``resume`` continues from such a state.
+    Raises ConfigError (bad config or targets), DataError (bad data), TrainingError (NaN/Inf),
+    StateError (``resume`` does not fit this job).
     """
     hp = (
         hyperparameters
@@ -263,8 +286,15 @@ def train_adapter(
 
     generator = torch.Generator().manual_seed(hp.seed)
     params = init_trainable(base, method, cfg, targets, generator)
+    if resume is not None:
+        _restore(params, resume)
     trainable = [t for p in sorted(params) for _, t in sorted(params[p].items()) if t.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=hp.weight_decay, foreach=False)
+    if resume is not None:
+        try:
+            optimizer.load_state_dict(resume.optimizer)
+        except (ValueError, KeyError) as e:
+            raise StateError(f"the resume state's optimizer does not fit ({e})") from None
     binding = TrainBinding(method, cfg, params)
 
     micro_per_epoch = math.ceil(len(train) / hp.batch_size)
@@ -285,16 +315,44 @@ def train_adapter(
         if on_eval is not None:
             on_eval(entry)
 
-    start = time.perf_counter()
-    run_eval(0)
-    step, epoch = 0, 0
+    step, epoch, skip = 0, 0, 0
+    epoch_rng = generator.get_state()
+    if resume is not None:
+        step, epoch, skip = resume.step, resume.epoch, resume.batch_offset
+        generator.set_state(resume.epoch_rng)
+        history.val = list(resume.val)
+        history.tokens_seen, history.train_tokens = resume.tokens_seen, resume.train_tokens
+        history.last_step = history.resumed_from = step
+
+    def emit_state(offset: int) -> None:
+        on_state(
+            TrainState(
+                step=step,
+                epoch=epoch,
+                batch_offset=offset,
+                epoch_rng=epoch_rng,
+                params=params,
+                optimizer=optimizer.state_dict(),
+                tokens_seen=history.tokens_seen,
+                train_tokens=history.train_tokens,
+                val=list(history.val),
+            )
+        )
+
+    start = last_state = time.perf_counter()
+    tokens_before = history.tokens_seen  # tokens/s counts this run only
+    if resume is None:
+        run_eval(0)
     with torch.enable_grad():
         while step < total and not history.stopped:
+            epoch_rng = generator.get_state()
             order = torch.randperm(len(train), generator=generator).tolist()
             batches = [order[i : i + hp.batch_size] for i in range(0, len(order), hp.batch_size)]
-            for k in range(0, len(batches), hp.grad_accum):
+            for k in range(skip, len(batches), hp.grad_accum):
                 if should_stop is not None and should_stop():
                     history.stopped = True
+                    if on_state is not None:
+                        emit_state(k)
                     break
                 group = [[train[i] for i in b] for b in batches[k : k + hp.grad_accum]]
                 n_target = sum(e.n_target for b in group for e in b)
@@ -321,6 +379,7 @@ def train_adapter(
                     g["lr"] = step_lr
                 optimizer.step()
                 step += 1
+                history.last_step = step
                 history.train_tokens += n_target
                 history.tokens_seen += sum(len(e.input_ids) for b in group for e in b)
                 elapsed = time.perf_counter() - start
@@ -333,20 +392,26 @@ def train_adapter(
                     "grad_norm": grad_norm,
                     "tokens": history.tokens_seen,
                     "elapsed_s": elapsed,
-                    "tokens_per_s": history.tokens_seen / elapsed if elapsed > 0 else None,
+                    "tokens_per_s": (history.tokens_seen - tokens_before) / elapsed if elapsed > 0 else None,
                 }
                 history.steps.append(info)
                 if on_step is not None:
                     on_step(info)
                 if hp.eval_every and step % hp.eval_every == 0 and step < total:
                     run_eval(step)
-                if on_checkpoint is not None and hp.checkpoint_every and step % hp.checkpoint_every == 0:
-                    if step < total:
-                        on_checkpoint(step, snapshot(method, cfg, params, targets))
+                checkpoint = hp.checkpoint_every and step % hp.checkpoint_every == 0 and step < total
+                if checkpoint and on_checkpoint is not None:
+                    on_checkpoint(step, snapshot(method, cfg, params, targets))
+                now = time.perf_counter()
+                timed = state_every_s is not None and now - last_state >= state_every_s
+                if on_state is not None and step < total and (checkpoint or timed):
+                    emit_state(k + hp.grad_accum)
+                    last_state = now
                 if step >= total:
                     break
+            skip = 0
             epoch += 1
-    if not history.val or history.val[-1]["step"] != step:
+    if not history.stopped and (not history.val or history.val[-1]["step"] != step):
         run_eval(step)
     history.wall_s = time.perf_counter() - start
     return snapshot(method, cfg, params, targets), history
