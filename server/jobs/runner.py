@@ -29,13 +29,11 @@ writes are atomic).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,58 +46,11 @@ from server.engine.loader import BaseModel
 from server.methods import Adapter, AdapterError
 
 from .data import DataError, parse_jsonl, tokenize_records
+from .jobdb import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobDB, JobNotFound
 from .state import StateError, load_state, save_state
 from .train import Hyperparameters, TrainingError, build_config, train_adapter
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 RESUME_FILE = "resume.safetensors"
-# Columns added after the first release: (name, SQL type) added to an older jobs table at open.
-_ADDED_COLUMNS = (
-    ("epoch", "INTEGER"),
-    ("val_loss", "REAL"),
-    ("tokens_per_s", "REAL"),
-    ("eta_s", "REAL"),
-    ("interruptions", "INTEGER NOT NULL DEFAULT 0"),
-    ("resumed_from", "INTEGER"),
-)
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    adapter_id TEXT NOT NULL,
-    method TEXT NOT NULL,
-    config TEXT NOT NULL,
-    target_modules TEXT,
-    hyperparameters TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    step INTEGER NOT NULL DEFAULT 0,
-    total_steps INTEGER,
-    loss REAL,
-    n_train INTEGER NOT NULL,
-    n_val INTEGER NOT NULL,
-    error TEXT,
-    result TEXT,
-    epoch INTEGER,
-    val_loss REAL,
-    tokens_per_s REAL,
-    eta_s REAL,
-    interruptions INTEGER NOT NULL DEFAULT 0,
-    resumed_from INTEGER
-);
-CREATE TABLE IF NOT EXISTS events (
-    job_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    time REAL NOT NULL,
-    type TEXT NOT NULL,
-    data TEXT NOT NULL,
-    PRIMARY KEY (job_id, seq)
-);
-"""
 
 
 class JobInvalid(ValueError):
@@ -111,8 +62,7 @@ class JobInvalid(ValueError):
         super().__init__(f"{where}: {message}")
 
 
-class JobNotFound(KeyError):
-    pass
+__all__ = ["CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "TERMINAL", "JobNotFound"]
 
 
 class JobConflict(RuntimeError):
@@ -128,15 +78,6 @@ class JobSpec:
     target_modules: list[str] | str | None = None
     hyperparameters: dict | None = None
     validation_data: str | None = None
-
-
-def _row_dict(row: sqlite3.Row) -> dict:
-    d = dict(row)
-    d.pop("seq", None)
-    for key in ("config", "target_modules", "hyperparameters", "result"):
-        if d.get(key) is not None:
-            d[key] = json.loads(d[key])
-    return d
 
 
 class JobRunner:
@@ -167,27 +108,19 @@ class JobRunner:
         self.step_event_every = max(1, step_event_every)
         self.state_every_s = state_every_s
         self.max_interruptions = max_interruptions
-        self._db_path = self.root / "jobs.sqlite3"
-        self._write_lock = threading.Lock()
+        self.db = JobDB(self.root / "jobs.sqlite3")
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._cancel: set[str] = set()
         self._thread: threading.Thread | None = None
-        with self._db() as db:
-            db.executescript(_SCHEMA)
-            have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
-            for name, kind in _ADDED_COLUMNS:
-                if name not in have:
-                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
-            stale = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = ?", (RUNNING,))]
-        for job_id in stale:
+        for job_id in self.db.ids(RUNNING):
             self._recover(job_id)
 
     def _recover(self, job_id: str) -> None:
         """A job the previous process left ``running``: queue it to resume, or fail it saying why."""
         job = self.get(job_id)
         crashes = job["interruptions"] + 1
-        self._update(job_id, interruptions=crashes)
+        self.db.update(job_id, interruptions=crashes)
         reason = "interrupted: the server stopped while this job was running"
         path = self.root / job_id / RESUME_FILE
         if not path.exists():
@@ -207,37 +140,12 @@ class JobRunner:
         if crashes > self.max_interruptions:
             self._finish(job_id, FAILED, error=f"{reason}, {crashes} times; not resumed again")
             return
-        self._update(job_id, status=QUEUED, step=step)
-        self._event(job_id, "requeued", {"step": step, "reason": reason + f"; resumes from step {step}"})
+        self.db.update(job_id, status=QUEUED, step=step)
+        self.db.event(job_id, "requeued", {"step": step, "reason": reason + f"; resumes from step {step}"})
 
     # ---- storage ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        """A fresh autocommit connection, closed after use (writers BEGIN IMMEDIATE themselves)."""
-        db = sqlite3.connect(self._db_path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        try:
-            yield db
-        finally:
-            db.close()
-
-    def _event(self, job_id: str, kind: str, data: dict | None = None) -> None:
-        with self._write_lock, self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?", (job_id,))
-            db.execute(
-                "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
-                (job_id, seq.fetchone()[0], time.time(), kind, json.dumps(data or {})),
-            )
-            db.execute("COMMIT")
-
-    def _update(self, job_id: str, **fields) -> None:
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        with self._write_lock, self._db() as db:
-            db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
-
     def _finish(self, job_id: str, status: str, *, error: str | None = None, result: dict | None = None):
-        self._update(
+        self.db.update(
             job_id,
             status=status,
             finished_at=time.time(),
@@ -245,7 +153,7 @@ class JobRunner:
             result=None if result is None else json.dumps(result),
             eta_s=None,
         )
-        self._event(job_id, status, {"error": error} if error else (result or {}))
+        self.db.event(job_id, status, {"error": error} if error else (result or {}))
         (self.root / job_id / RESUME_FILE).unlink(missing_ok=True)
 
     # ---- public API ------------------------------------------------------------------------
@@ -290,107 +198,45 @@ class JobRunner:
         (folder / "train.jsonl").write_text(spec.training_data, encoding="utf-8")
         if spec.validation_data is not None:
             (folder / "val.jsonl").write_text(spec.validation_data, encoding="utf-8")
-        with self._write_lock, self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            db.execute(
-                "INSERT INTO jobs (id, seq, adapter_id, method, config, target_modules, hyperparameters,"
-                " status, created_at, n_train, n_val) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job_id,
-                    seq,
-                    spec.adapter_id,
-                    spec.method.lower(),
-                    json.dumps(spec.config or {}),
-                    json.dumps(spec.target_modules),
-                    json.dumps(spec.hyperparameters or {}),
-                    QUEUED,
-                    time.time(),
-                    len(train),
-                    len(val or []),
-                ),
-            )
-            db.execute("COMMIT")
-        self._event(job_id, "created", {"n_train": len(train), "n_val": len(val or [])})
+        self.db.insert(
+            job_id,
+            adapter_id=spec.adapter_id,
+            method=spec.method.lower(),
+            config=json.dumps(spec.config or {}),
+            target_modules=json.dumps(spec.target_modules),
+            hyperparameters=json.dumps(spec.hyperparameters or {}),
+            n_train=len(train),
+            n_val=len(val or []),
+        )
+        self.db.event(job_id, "created", {"n_train": len(train), "n_val": len(val or [])})
         with self._wake:
             self._wake.notify_all()
         return self.get(job_id)
 
     def get(self, job_id: str) -> dict:
-        with self._db() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise JobNotFound(job_id)
-        return _row_dict(row)
+        return self.db.get(job_id)
 
     def list(self, offset: int = 0, limit: int = 100) -> tuple[list[dict], int]:
-        with self._db() as db:
-            total = db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
-            rows = db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset))
-            return [_row_dict(r) for r in rows], total
+        return self.db.list(offset, limit)
 
     def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[dict]:
-        self.get(job_id)
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT seq, time, type, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (job_id, after, limit),
-            )
-            return [{"seq": r[0], "time": r[1], "type": r[2], "data": json.loads(r[3])} for r in rows]
+        return self.db.events(job_id, after, limit)
 
     def loss_curve(self, job_id: str) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-        """``(train, validation)`` as ``(step, loss)`` points, from the job's step and eval events."""
-        self.get(job_id)
-        train: list[tuple[int, float]] = []
-        val: list[tuple[int, float]] = []
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT type, data FROM events WHERE job_id = ? AND type IN ('step', 'eval') ORDER BY seq",
-                (job_id,),
-            ).fetchall()
-        for kind, data in rows:
-            info = json.loads(data)
-            if isinstance(info.get("step"), int) and isinstance(info.get("loss"), int | float):
-                (train if kind == "step" else val).append((info["step"], float(info["loss"])))
-        return train, val
+        return self.db.loss_curve(job_id)
 
     def stats(self) -> dict:
-        """For metrics: jobs per status, training steps done (all jobs), and the latest train loss
-        of the newest running job (else of the job that finished last; None if none has one)."""
-        with self._db() as db:
-            counts = dict(db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
-            steps = db.execute("SELECT COALESCE(SUM(step), 0) FROM jobs").fetchone()[0]
-            row = db.execute(
-                "SELECT loss FROM jobs WHERE status = ? AND loss IS NOT NULL ORDER BY seq DESC LIMIT 1",
-                (RUNNING,),
-            ).fetchone()
-            if row is None:
-                row = db.execute(
-                    "SELECT loss FROM jobs WHERE finished_at IS NOT NULL AND loss IS NOT NULL"
-                    " ORDER BY finished_at DESC LIMIT 1"
-                ).fetchone()
-        return {
-            "jobs": {s: counts.get(s, 0) for s in (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)},
-            "steps": int(steps),
-            "last_loss": None if row is None else row[0],
-        }
+        return self.db.stats()
 
     def cancel(self, job_id: str) -> dict:
         job = self.get(job_id)
         if job["status"] in TERMINAL:
             raise JobConflict(f"the job is already {job['status']}")
-        with self._write_lock, self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            cur = db.execute(
-                "UPDATE jobs SET status = ?, finished_at = ? WHERE id = ? AND status = ?",
-                (CANCELLED, time.time(), job_id, QUEUED),
-            )
-            db.execute("COMMIT")
-        if cur.rowcount:
-            self._event(job_id, CANCELLED, {})
+        if self.db.transition(job_id, QUEUED, CANCELLED, finished_at=time.time()):
+            self.db.event(job_id, CANCELLED, {})
         else:  # running: the training loop checks this before every step
             self._cancel.add(job_id)
-            self._event(job_id, "cancel_requested", {})
+            self.db.event(job_id, "cancel_requested", {})
         return self.get(job_id)
 
     # ---- worker thread ---------------------------------------------------------------------
@@ -408,21 +254,14 @@ class JobRunner:
             self._thread.join(timeout)
             self._thread = None
 
-    def _next_queued(self) -> str | None:
-        with self._db() as db:
-            row = db.execute(
-                "SELECT id FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,)
-            ).fetchone()
-        return None if row is None else row[0]
-
     def _loop(self) -> None:
         while not self._stop.is_set():
-            job_id = self._next_queued()
-            if job_id is None:
+            queued = self.db.ids(QUEUED, limit=1)
+            if not queued:
                 with self._wake:
                     self._wake.wait(0.5)
                 continue
-            self.run_job(job_id)
+            self.run_job(queued[0])
 
     def _yield_to_serving(self) -> None:
         if self.busy is None:
@@ -442,14 +281,7 @@ class JobRunner:
 
     def run_job(self, job_id: str) -> None:
         """Train one queued job to its end (called by the worker thread; tests call it directly)."""
-        with self._write_lock, self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            cur = db.execute(
-                "UPDATE jobs SET status = ?, started_at = ? WHERE id = ? AND status = ?",
-                (RUNNING, time.time(), job_id, QUEUED),
-            )
-            db.execute("COMMIT")
-        if not cur.rowcount:
+        if not self.db.transition(job_id, QUEUED, RUNNING, started_at=time.time()):
             return  # cancelled meanwhile
         job = self.get(job_id)
         folder = self.root / job_id
@@ -460,10 +292,10 @@ class JobRunner:
             self._finish(job_id, FAILED, error=f"cannot resume: {e}")
             return
         if resume is None:
-            self._event(job_id, "started", {})
+            self.db.event(job_id, "started", {})
         else:
-            self._update(job_id, resumed_from=resume.step)
-            self._event(job_id, "resumed", {"step": resume.step})
+            self.db.update(job_id, resumed_from=resume.step)
+            self.db.event(job_id, "resumed", {"step": resume.step})
         try:
             spec = JobSpec(
                 adapter_id=job["adapter_id"],
@@ -484,7 +316,7 @@ class JobRunner:
                 step, total = info["step"], info["total_steps"]
                 if step % self.step_event_every == 0 or step == total:
                     per_step = info["elapsed_s"] / max(step - first_step, 1)
-                    self._update(
+                    self.db.update(
                         job_id,
                         step=step,
                         total_steps=total,
@@ -493,16 +325,16 @@ class JobRunner:
                         tokens_per_s=info["tokens_per_s"],
                         eta_s=per_step * (total - step),
                     )
-                    self._event(job_id, "step", info)
+                    self.db.event(job_id, "step", info)
                 self._yield_to_serving()
 
             def on_eval(entry: dict) -> None:
-                self._update(job_id, val_loss=entry["loss"])
-                self._event(job_id, "eval", entry)
+                self.db.update(job_id, val_loss=entry["loss"])
+                self.db.event(job_id, "eval", entry)
 
             def on_checkpoint(step: int, adapter: Adapter) -> None:
                 record = self._put(f"{spec.adapter_id}@{step}", adapter)
-                self._event(job_id, "checkpoint", {"step": step, "adapter_id": record.adapter_id})
+                self.db.event(job_id, "checkpoint", {"step": step, "adapter_id": record.adapter_id})
 
             adapter, history = train_adapter(
                 self.base,
@@ -524,8 +356,8 @@ class JobRunner:
                 self._finish(job_id, CANCELLED)
                 return
             if history.stopped:  # the server is shutting down: resume on the next start
-                self._update(job_id, status=QUEUED, step=history.last_step, eta_s=None)
-                self._event(
+                self.db.update(job_id, status=QUEUED, step=history.last_step, eta_s=None)
+                self.db.event(
                     job_id,
                     "paused",
                     {"step": history.last_step, "reason": "the server is shutting down; resumes on restart"},
@@ -543,7 +375,7 @@ class JobRunner:
                 "val_loss_after": history.val[-1]["loss"] if history.val else None,
                 "wall_s": history.wall_s,
             }
-            self._update(job_id, step=history.last_step, total_steps=history.total_steps)
+            self.db.update(job_id, step=history.last_step, total_steps=history.total_steps)
             self._finish(job_id, SUCCEEDED, result=result)
         except (JobInvalid, TrainingError, StoreError, AdapterError, DataError, StateError) as e:
             self._finish(job_id, FAILED, error=str(e))

@@ -131,7 +131,7 @@ async def test_after_a_restart_no_job_stays_running_even_before_any_fine_tune_re
     previous = JobRunner(engine.base, store, settings.data_dir / "jobs")
     jsonl = "".join(json.dumps(r) + "\n" for r in RECORDS)
     job = previous.submit(JobSpec(adapter_id="tuned", method="lora", training_data=jsonl, config={"r": 2}))
-    previous._update(job["id"], status="running")  # as if the process died mid-job
+    previous.db.update(job["id"], status="running")  # as if the process died mid-job
     app = create_app(settings, engine=engine, store=store)
     async with serve(app) as client:
         assert app.state.fine_tunes is not None  # created at start, not on first use

@@ -169,8 +169,8 @@ def test_no_state_damaged_state_or_too_many_crashes_fail_with_the_reason(setup):
     run("lora", stop_at=1, states=saved)
     save_state(root / looping / RESUME_FILE, saved[0])
     for job in (no_state, damaged, looping):
-        runner._update(job, status=RUNNING)
-    runner._update(looping, interruptions=1)
+        runner.db.update(job, status=RUNNING)
+    runner.db.update(looping, interruptions=1)
 
     again = JobRunner(base, store, root, max_interruptions=1)
     errors = {job: again.get(job) for job in (no_state, damaged, looping)}

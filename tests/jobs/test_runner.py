@@ -123,7 +123,7 @@ def test_restart_marks_interrupted_jobs_failed_and_keeps_the_rest(setup):
     runner = JobRunner(base, store, root)
     a = runner.submit(spec())
     b = runner.submit(spec(adapter_id="b"))
-    runner._update(a["id"], status="running")
+    runner.db.update(a["id"], status="running")
     again = JobRunner(base, store, root)
     assert again.get(a["id"])["status"] == FAILED
     assert "interrupted" in again.get(a["id"])["error"]
