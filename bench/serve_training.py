@@ -126,7 +126,7 @@ def main() -> None:
                 adapter_id="bench-lora",
                 method="lora",
                 training_data=jsonl,
-                config={"r": 8},
+                config={"r": 8},  # JobSpec (the HTTP field is method_config)
                 hyperparameters={"max_steps": 1_000_000, "batch_size": args.batch_size, "max_length": 64},
             )
         )

@@ -154,7 +154,12 @@ def create_app(
         app.include_router(router)
     upload_cap = settings.max_upload_bytes + store_limits(settings).max_config_bytes + _MULTIPART_OVERHEAD
     app.add_middleware(
-        BodyLimitMiddleware, default_cap=settings.max_body_bytes, caps={("POST", "/adapters"): upload_cap}
+        BodyLimitMiddleware,
+        default_cap=settings.max_body_bytes,
+        caps={
+            ("POST", "/adapters"): upload_cap,
+            ("POST", "/files"): settings.max_file_bytes + _MULTIPART_OVERHEAD,
+        },
     )
     app.add_middleware(AuthMiddleware, keys=keys)  # runs before the body cap: no body read without a key
     # Outermost: counts every request, 401s and 413s included.

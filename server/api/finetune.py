@@ -1,24 +1,25 @@
 """``/fine-tunes``: train an adapter on the resident model in the background. Admin scope.
 
-    POST /fine-tunes                 202 + the job (queued); 422 before any work if anything is invalid
-    GET  /fine-tunes                 jobs, newest first (paginated)
-    GET  /fine-tunes/{name}          one job (status, step, loss, result or error)
-    GET  /fine-tunes/{name}/events   its events (created, started, step, eval, checkpoint, ...); ?after=seq
-                                     with Accept: text/event-stream (or ?stream=true): Server-Sent
-                                     Events that follow the job until its terminal event
-    GET  /fine-tunes/{name}/loss.png the train (blue) and validation (orange) loss curves
-    POST /fine-tunes/{name}/cancel   queued: cancelled at once; running: stops before its next step
+    POST /fine-tunes                  202 + the job (queued); 422 before any work if anything is invalid
+    GET  /fine-tunes                  jobs, newest first (paginated)
+    GET  /fine-tunes/{job_id}         one job (status, step, epoch, losses, tokens/s, ETA, result, error)
+    GET  /fine-tunes/{job_id}/events  its events (created, started, step, eval, checkpoint, ...);
+                                      ?after=seq; with Accept: text/event-stream (or ?stream=true):
+                                      Server-Sent Events that follow the job to its terminal event
+    GET  /fine-tunes/{job_id}/loss.png  the train (blue) and validation (orange) loss curves
+    POST /fine-tunes/{job_id}/cancel  queued: cancelled at once; running: stops before its next step
 
-``{name}`` is the job's id (``ft-...``, returned by POST). It is called ``name`` only because the
-auth sweep in tests/api/test_auth.py fills path parameters from a fixed table (``PATH_VALUES``);
-rename it to ``job_id`` once that table has a ``job_id`` entry.
+``{job_id}`` is the job's id (``ft-...``, returned by POST).
 
+Training data comes inline (``training_data``) or as a file uploaded earlier (``training_file``,
+``server.api.files``); the same for validation. Errors name the field and the line.
 ``training_data`` may be JSONL text or a list of records (errors then name the record's position
 from 1 as its ``line``). The request body is capped by ``max_body_bytes`` like every JSON body.
 
 The runner (``server.jobs.runner``) is created when the server becomes ready (so jobs a previous
-process left running are marked failed at once), with its
-SQLite file under ``<data_dir>/jobs``; the app's lifespan stops it on shutdown. The finished
+process left running are resumed or failed at once), with its SQLite file under
+``<data_dir>/jobs``; the app's lifespan stops it on shutdown (a running job pauses and resumes
+on the next start). The finished
 adapter is stored as ``adapter_id`` (checkpoints as ``adapter_id@step``) and is served at once.
 """
 
@@ -26,23 +27,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
-import struct
 import threading
-import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
+from server.jobs.files import FileNotFound
 from server.jobs.runner import TERMINAL, JobConflict, JobInvalid, JobNotFound, JobRunner, JobSpec
 
 from .deps import AdminScope, ReadyRuntime
 from .errors import ApiError
+from .files import get_or_create_files
 from .inference import EventStream, sse
+from .plot import TRAIN_COLOR, VAL_COLOR, plot_png
 from .runtime import Runtime
 
 router = APIRouter(prefix="/fine-tunes", tags=["fine-tunes"], dependencies=[AdminScope])
@@ -54,13 +55,29 @@ class FineTuneRequest(BaseModel):
 
     adapter_id: str = Field(max_length=128, description="id the trained adapter is stored under")
     method: str = Field(max_length=32, description="adapter family: lora, hut, ether, dct, surm")
-    config: dict[str, Any] = Field(default_factory=dict, description='family config, e.g. {"r": 8}')
-    target_modules: list[str] | str | None = Field(None, description="default: every adaptable linear")
-    hyperparameters: dict[str, Any] = Field(default_factory=dict, description="see server.jobs.train")
-    training_data: str | list[dict[str, Any]] = Field(
-        description='JSONL text, or a list of {"prompt","completion"} / {"messages"} records'
+    method_config: dict[str, Any] = Field(
+        default_factory=dict, description='family config, e.g. {"r": 8}; defaults per family'
     )
+    target_modules: list[str] | str | None = Field(None, description="default: every adaptable linear")
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="epochs, max_steps, learning_rate, batch_size, seed, grad_accum, checkpoint_every,"
+        " eval_every, ... (see docs/api.md)",
+    )
+    training_data: str | list[dict[str, Any]] | None = Field(
+        None, description='JSONL text, or a list of {"prompt","completion"} / {"messages"} records'
+    )
+    training_file: str | None = Field(None, max_length=64, description="id of a file from POST /files")
     validation_data: str | list[dict[str, Any]] | None = None
+    validation_file: str | None = Field(None, max_length=64, description="id of a file from POST /files")
+
+    @model_validator(mode="after")
+    def _one_source_each(self):
+        if (self.training_data is None) == (self.training_file is None):
+            raise ValueError("give exactly one of training_data and training_file")
+        if self.validation_data is not None and self.validation_file is not None:
+            raise ValueError("give at most one of validation_data and validation_file")
+        return self
 
 
 def _jsonl(data: str | list | None) -> str | None:
@@ -116,24 +133,40 @@ JobName = Annotated[str, PathParam(max_length=64, description="the job's id (ft-
 
 
 def _not_found() -> ApiError:
-    return ApiError(404, "no fine-tune job with this id", "name")
+    return ApiError(404, "no fine-tune job with this id", "job_id")
+
+
+def _file_text(request: Request, rt: Runtime, file_id: str | None, field: str) -> str | None:
+    if file_id is None:
+        return None
+    try:
+        return get_or_create_files(request.app, rt).text(file_id)
+    except FileNotFound:
+        raise ApiError(422, "no file with this id (upload it with POST /files)", f"body.{field}") from None
 
 
 @router.post("", status_code=202, summary="Start a fine-tune job")
-async def create_job(body: FineTuneRequest, runner: RunnerDep):
+async def create_job(body: FineTuneRequest, request: Request, rt: ReadyRuntime, runner: RunnerDep):
+    train_text = await asyncio.to_thread(_file_text, request, rt, body.training_file, "training_file")
+    val_text = await asyncio.to_thread(_file_text, request, rt, body.validation_file, "validation_file")
     spec = JobSpec(
         adapter_id=body.adapter_id,
         method=body.method,
-        training_data=_jsonl(body.training_data),
-        config=body.config,
+        training_data=train_text if train_text is not None else _jsonl(body.training_data),
+        config=body.method_config,
         target_modules=body.target_modules,
         hyperparameters=body.hyperparameters,
-        validation_data=_jsonl(body.validation_data),
+        validation_data=val_text if val_text is not None else _jsonl(body.validation_data),
     )
     try:
         return await asyncio.to_thread(runner.submit, spec)
     except JobInvalid as e:
-        raise ApiError(422, e.message, f"body.{e.where}") from None
+        where = "method_config" + e.where[len("config") :] if e.where.startswith("config") else e.where
+        if where.startswith("training_data") and body.training_file is not None:
+            where = "training_file"
+        if where.startswith("validation_data") and body.validation_file is not None:
+            where = "validation_file"
+        raise ApiError(422, e.message, f"body.{where}") from None
 
 
 @router.get("", summary="List fine-tune jobs, newest first")
@@ -146,10 +179,10 @@ async def list_jobs(
     return {"jobs": jobs, "total": total, "offset": offset, "limit": limit}
 
 
-@router.get("/{name}", summary="One fine-tune job")
-async def get_job(name: JobName, runner: RunnerDep):
+@router.get("/{job_id}", summary="One fine-tune job")
+async def get_job(job_id: JobName, runner: RunnerDep):
     try:
-        return await asyncio.to_thread(runner.get, name)
+        return await asyncio.to_thread(runner.get, job_id)
     except JobNotFound:
         raise _not_found() from None
 
@@ -166,9 +199,9 @@ _EVENTS_DOC = {
 }
 
 
-@router.get("/{name}/events", summary="Events of a fine-tune job", responses=_EVENTS_DOC)
+@router.get("/{job_id}/events", summary="Events of a fine-tune job", responses=_EVENTS_DOC)
 async def job_events(
-    name: JobName,
+    job_id: JobName,
     request: Request,
     runner: RunnerDep,
     after: Annotated[int, Query(ge=0)] = 0,
@@ -176,11 +209,11 @@ async def job_events(
     stream: bool = False,
 ):
     try:
-        events = await asyncio.to_thread(runner.events, name, after, limit)
+        events = await asyncio.to_thread(runner.events, job_id, after, limit)
     except JobNotFound:
         raise _not_found() from None
     if stream or "text/event-stream" in request.headers.get("accept", ""):
-        return EventStream(follow_events(runner, name, after, events), on_close=lambda: None)
+        return EventStream(follow_events(runner, job_id, after, events), on_close=lambda: None)
     return {"events": events}
 
 
@@ -238,148 +271,25 @@ async def follow_events(
 
 
 @router.get(
-    "/{name}/loss.png",
+    "/{job_id}/loss.png",
     summary="Loss curve of a fine-tune job (PNG)",
     responses={200: {"content": {"image/png": {}}, "description": "train (blue), validation (orange)"}},
     response_class=Response,
 )
-async def job_loss_png(name: JobName, runner: RunnerDep):
+async def job_loss_png(job_id: JobName, runner: RunnerDep):
     try:
-        train, val = await asyncio.to_thread(runner.loss_curve, name)
+        train, val = await asyncio.to_thread(runner.loss_curve, job_id)
     except JobNotFound:
         raise _not_found() from None
     png = await asyncio.to_thread(plot_png, [(train, TRAIN_COLOR), (val, VAL_COLOR)])
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
-# ---- a tiny line-plot rasteriser and PNG encoder (no plotting dependency) ----------------------
-TRAIN_COLOR = (31, 119, 180)
-VAL_COLOR = (255, 127, 14)
-_AXIS_COLOR = (0, 0, 0)
-_GRID_COLOR = (225, 225, 225)
-_BACKGROUND = (255, 255, 255)
-
-
-class Canvas:
-    """RGB pixels, row-major, origin top-left."""
-
-    def __init__(self, width: int, height: int, color=_BACKGROUND):
-        self.width, self.height = width, height
-        self.pixels = bytearray(bytes(color) * (width * height))
-
-    def set(self, x: int, y: int, color) -> None:
-        if 0 <= x < self.width and 0 <= y < self.height:
-            i = 3 * (y * self.width + x)
-            self.pixels[i : i + 3] = bytes(color)
-
-    def get(self, x: int, y: int) -> tuple[int, int, int]:
-        i = 3 * (y * self.width + x)
-        return tuple(self.pixels[i : i + 3])
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, color) -> None:
-        for y in range(max(0, y0), min(self.height, y1 + 1)):
-            for x in range(max(0, x0), min(self.width, x1 + 1)):
-                self.set(x, y, color)
-
-    def line(self, x0: int, y0: int, x1: int, y1: int, color, width: int = 1) -> None:
-        """Bresenham; ``width`` > 1 draws a square brush."""
-        dx, dy = abs(x1 - x0), -abs(y1 - y0)
-        sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
-        err = dx + dy
-        lo, hi = -((width - 1) // 2), width // 2
-        while True:
-            if width == 1:
-                self.set(x0, y0, color)
-            else:
-                self.rect(x0 + lo, y0 + lo, x0 + hi, y0 + hi, color)
-            if x0 == x1 and y0 == y1:
-                return
-            e2 = 2 * err
-            if e2 >= dy:
-                err += dy
-                x0 += sx
-            if e2 <= dx:
-                err += dx
-                y0 += sy
-
-    def png(self) -> bytes:
-        row = 3 * self.width
-        raw = b"".join(b"\x00" + bytes(self.pixels[y * row : (y + 1) * row]) for y in range(self.height))
-        return encode_png(self.width, self.height, raw)
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def encode_png(width: int, height: int, raw: bytes) -> bytes:
-    """8-bit RGB PNG from filtered scanlines (each row: filter byte 0 + ``3 * width`` bytes)."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(raw, 6))
-        + _chunk(b"IEND", b"")
-    )
-
-
-def plot_png(
-    series: Sequence[tuple[Sequence[tuple[float, float]], tuple[int, int, int]]],
-    width: int = 640,
-    height: int = 360,
-) -> bytes:
-    """Line plot of ``(points, color)`` series on shared axes (x: step, y: loss), light grid;
-    no text. Empty (or all non-finite) series give empty axes."""
-    left, right, top, bottom = 40, 16, 16, 32
-    x_lo, x_hi, y_lo, y_hi = left, width - 1 - right, top, height - 1 - bottom
-    canvas = Canvas(width, height)
-    for i in range(1, 5):  # grid
-        y = y_lo + (y_hi - y_lo) * i // 5
-        canvas.line(x_lo, y, x_hi, y, _GRID_COLOR)
-        x = x_lo + (x_hi - x_lo) * i // 5
-        canvas.line(x, y_lo, x, y_hi, _GRID_COLOR)
-    points = [
-        [(float(x), float(y)) for x, y in pts if math.isfinite(x) and math.isfinite(y)] for pts, _ in series
-    ]
-    every = [p for pts in points for p in pts]
-    if every:
-        xmin, xmax = min(x for x, _ in every), max(x for x, _ in every)
-        ymin, ymax = min(y for _, y in every), max(y for _, y in every)
-        if xmax == xmin:
-            xmin, xmax = xmin - 1, xmax + 1
-        pad = (ymax - ymin) * 0.05 or max(abs(ymax) * 0.05, 0.5)
-        ymin, ymax = ymin - pad, ymax + pad
-
-        def px(x: float, y: float) -> tuple[int, int]:
-            return (
-                round(x_lo + (x - xmin) / (xmax - xmin) * (x_hi - x_lo)),
-                round(y_hi - (y - ymin) / (ymax - ymin) * (y_hi - y_lo)),
-            )
-
-        for pts, (_, color) in zip(points, series, strict=True):
-            coords = [px(x, y) for x, y in pts]
-            for (a, b), (c, d) in zip(coords, coords[1:], strict=False):
-                canvas.line(a, b, c, d, color, width=2)
-            if len(coords) == 1:
-                canvas.rect(coords[0][0] - 2, coords[0][1] - 2, coords[0][0] + 2, coords[0][1] + 2, color)
-    canvas.line(x_lo, y_lo, x_lo, y_hi, _AXIS_COLOR, width=2)  # axes over the curves' edges
-    canvas.line(x_lo, y_hi, x_hi, y_hi, _AXIS_COLOR, width=2)
-    for i in range(6):  # ticks
-        x = x_lo + (x_hi - x_lo) * i // 5
-        canvas.line(x, y_hi, x, y_hi + 5, _AXIS_COLOR)
-        y = y_lo + (y_hi - y_lo) * i // 5
-        canvas.line(x_lo - 5, y, x_lo, y, _AXIS_COLOR)
-    for i, (_, color) in enumerate(series):  # legend: a swatch per series that has points
-        if points[i]:
-            canvas.rect(x_hi - 14 - 20 * i, y_lo + 4, x_hi - 4 - 20 * i, y_lo + 14, color)
-    return canvas.png()
-
-
-@router.post("/{name}/cancel", summary="Cancel a queued or running fine-tune job")
-async def cancel_job(name: JobName, runner: RunnerDep):
+@router.post("/{job_id}/cancel", summary="Cancel a queued or running fine-tune job")
+async def cancel_job(job_id: JobName, runner: RunnerDep):
     try:
-        return await asyncio.to_thread(runner.cancel, name)
+        return await asyncio.to_thread(runner.cancel, job_id)
     except JobNotFound:
         raise _not_found() from None
     except JobConflict as e:
-        raise ApiError(409, str(e), "name") from None
+        raise ApiError(409, str(e), "job_id") from None

@@ -1,10 +1,10 @@
-"""Streaming parser for ``POST /adapters`` (multipart/form-data).
+"""Streaming multipart/form-data parsers: ``POST /adapters`` and ``POST /files``.
 
 Parts: text field ``adapter_id``, files ``config`` (adapter_config.json) and ``weights``
 (adapter_model.safetensors). The weights part goes straight to a temp file under
 ``<data_dir>/uploads`` (written from a worker thread, one request chunk at a time); the small
 parts are buffered up to their caps. Nothing is ever held beyond a cap: the answer is 413 naming
-the part, and the temp file is removed.
+the part, and the temp file is removed. ``read_form`` buffers every part (small forms only).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class AdapterUpload:
 @dataclass
 class _Part:
     name: str = ""
+    filename: str = ""
     buffer: bytearray = field(default_factory=bytearray)
     size: int = 0
 
@@ -46,8 +47,9 @@ class _Reader:
     """Callbacks of ``MultipartParser``. File data is queued in ``pending`` and flushed to the temp
     file by the async driver, so the parser itself never blocks on I/O."""
 
-    def __init__(self, caps: dict[str, int]):
+    def __init__(self, caps: dict[str, int], streamed: str | None = "weights"):
         self.caps = caps
+        self.streamed = streamed
         self.parts: dict[str, _Part] = {}
         self.current: _Part | None = None
         self.header_field = bytearray()
@@ -84,17 +86,19 @@ class _Reader:
         _, options = parse_options_header(self.headers.get(b"content-disposition"))
         name = options.get(b"name", b"").decode("latin-1")
         if name not in self.caps:
-            raise ApiError(422, "unexpected form field; expected adapter_id, config and weights", "body")
+            expected = ", ".join(self.caps)
+            raise ApiError(422, f"unexpected form field; expected {expected}", "body")
         if name in self.parts:
             raise ApiError(422, "form field given twice", f"body.{name}")
-        self.current = self.parts[name] = _Part(name)
+        filename = options.get(b"filename", b"").decode("utf-8", "replace")
+        self.current = self.parts[name] = _Part(name, filename)
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.current
         part.size += end - start
         if part.size > self.caps[part.name]:
             raise ApiError(413, f"{part.name} exceeds {self.caps[part.name]} bytes", f"body.{part.name}")
-        if part.name == "weights":
+        if part.name == self.streamed:
             self.pending.append(data[start:end])
         else:
             part.buffer.extend(data[start:end])
@@ -150,3 +154,28 @@ async def read_adapter_upload(
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+async def read_form(request: Request, caps: dict[str, int]) -> dict[str, _Part]:
+    """Every part of a small multipart form, buffered (each up to its cap; 413 above). The parts
+    named in ``caps`` are all required (422 naming the missing one)."""
+    ctype, options = parse_options_header(request.headers.get("content-type"))
+    boundary = options.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise ApiError(415, f"expected multipart/form-data with {', '.join(caps)}", "body")
+    reader = _Reader(caps, streamed=None)
+    parser = MultipartParser(boundary, reader.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError:
+        raise ApiError(400, "malformed multipart body", "body") from None
+    except ClientDisconnect:
+        raise ApiError(400, "the client went away during the upload", "body") from None
+    if not reader.ended:
+        raise ApiError(400, "incomplete multipart body", "body")
+    for required in caps:
+        if required not in reader.parts:
+            raise ApiError(422, "field required", f"body.{required}")
+    return reader.parts

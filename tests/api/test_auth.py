@@ -17,7 +17,13 @@ pytestmark = pytest.mark.asyncio
 ADMIN, INFER = "admin-key-0123456789", "infer-key-0123456789"
 OPEN = {"/health", "/ready"}
 INFER_ROUTES = {"/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model}"}
-PATH_VALUES = {"adapter_id": "some-id", "name": "adapter_config.json", "model": "tiny-llama"}
+PATH_VALUES = {
+    "adapter_id": "some-id",
+    "name": "adapter_config.json",
+    "model": "tiny-llama",
+    "job_id": "ft-0123456789abcdef",
+    "file_id": "file-0123456789abcdef01234567",
+}
 
 
 def _routes(app):

@@ -16,7 +16,7 @@ RECORDS = [{"prompt": f"t{1 + i} t{10 + i}", "completion": f"t{40 + i} t{50 + i}
 BODY = {
     "adapter_id": "tuned",
     "method": "lora",
-    "config": {"r": 2},
+    "method_config": {"r": 2},
     "hyperparameters": {"max_steps": 3, "batch_size": 2, "learning_rate": 0.01},
     "training_data": RECORDS,
     "validation_data": RECORDS,
@@ -80,7 +80,7 @@ async def test_a_fine_tune_trains_stores_and_serves_the_adapter(app):
             "line 2",
         ),
         ({"method": "nope"}, "body.method", "unknown adapter family"),
-        ({"config": {"r": 0}}, "body.config.r", ""),
+        ({"method_config": {"r": 0}}, "body.method_config.r", ""),
         ({"hyperparameters": {"batch_size": 0}}, "body.hyperparameters.batch_size", ""),
         ({"adapter_id": "../x"}, "body.adapter_id", ""),
     ],

@@ -9,7 +9,8 @@ import zlib
 
 import pytest
 
-from server.api.finetune import TRAIN_COLOR, VAL_COLOR, follow_events, plot_png
+from server.api.finetune import follow_events
+from server.api.plot import TRAIN_COLOR, VAL_COLOR, plot_png
 from tests.api.conftest import serve
 from tests.jobs.test_api import BODY, app, wait_done  # noqa: F401  (app is a fixture)
 from tests.metrics.conftest import parse, value

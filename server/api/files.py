@@ -1,0 +1,129 @@
+"""``/files``: training data uploaded once and used by fine-tune jobs (``training_file``). Admin scope.
+
+    POST   /files                 multipart: ``file`` (JSONL) and ``purpose`` ("fine-tune");
+                                  201 + the file object; 422 naming the bad line; 413 above
+                                  ``max_file_bytes``
+    GET    /files                 every file, newest first
+    GET    /files/{file_id}       one file object
+    GET    /files/{file_id}/content  the JSONL as uploaded
+    DELETE /files/{file_id}       jobs already submitted keep their own copy of the data
+
+Shapes follow OpenAI's Files API (``{"id": "file-...", "object": "file", "bytes", "created_at",
+"filename", "purpose"}``) plus ``records``, the number of examples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi import Path as PathParam
+from starlette.responses import Response
+
+from server.jobs.files import FileInvalid, FileNotFound, FileStore
+
+from .deps import AdminScope, ReadyRuntime
+from .errors import ApiError
+from .runtime import Runtime
+from .schemas import ErrorBody
+from .uploads import read_form
+
+router = APIRouter(prefix="/files", tags=["files"], dependencies=[AdminScope])
+_LOCK = threading.Lock()
+_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 422, 503)}
+_UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "JSONL records"},
+                        "purpose": {"type": "string", "enum": ["fine-tune"]},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def get_or_create_files(app, rt: Runtime) -> FileStore:
+    files = getattr(app.state, "files", None)
+    if files is None:
+        with _LOCK:
+            files = getattr(app.state, "files", None)
+            if files is None:
+                files = app.state.files = FileStore(rt.settings.data_dir / "files")
+    return files
+
+
+def get_files(request: Request, rt: ReadyRuntime) -> FileStore:
+    return get_or_create_files(request.app, rt)
+
+
+FilesDep = Annotated[FileStore, Depends(get_files)]
+FileId = Annotated[str, PathParam(max_length=64, description="the file's id (file-...)")]
+
+
+def _not_found() -> ApiError:
+    return ApiError(404, "no file with this id", "file_id")
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Upload a JSONL training file",
+    openapi_extra=_UPLOAD_DOC,
+    responses={**_ERRORS, 400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody}},
+)
+async def upload_file(request: Request, rt: ReadyRuntime, files: FilesDep):
+    parts = await read_form(request, {"file": rt.settings.max_file_bytes, "purpose": 64})
+    try:
+        purpose = bytes(parts["purpose"].buffer).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(422, "purpose must be UTF-8 text", "body.purpose") from None
+    data = bytes(parts["file"].buffer)
+    try:
+        return await asyncio.to_thread(files.put, parts["file"].filename, purpose, data)
+    except FileInvalid as e:
+        raise ApiError(422, e.message, f"body.{e.where}") from None
+
+
+@router.get("", summary="List training files, newest first", responses=_ERRORS)
+async def list_files(files: FilesDep):
+    return {"object": "list", "data": await asyncio.to_thread(files.list)}
+
+
+@router.get("/{file_id}", summary="One training file", responses=_ERRORS)
+async def get_file(file_id: FileId, files: FilesDep):
+    try:
+        return await asyncio.to_thread(files.get, file_id)
+    except FileNotFound:
+        raise _not_found() from None
+
+
+@router.get(
+    "/{file_id}/content",
+    summary="A training file's content (JSONL)",
+    response_class=Response,
+    responses={**_ERRORS, 200: {"content": {"application/jsonl": {}}, "description": "the JSONL"}},
+)
+async def file_content(file_id: FileId, files: FilesDep):
+    try:
+        text = await asyncio.to_thread(files.text, file_id)
+    except FileNotFound:
+        raise _not_found() from None
+    return Response(text, media_type="application/jsonl")
+
+
+@router.delete("/{file_id}", summary="Delete a training file", responses=_ERRORS)
+async def delete_file(file_id: FileId, files: FilesDep):
+    try:
+        return await asyncio.to_thread(files.delete, file_id)
+    except FileNotFound:
+        raise _not_found() from None
