@@ -3,7 +3,10 @@
 For every family, on the resident base model (default: the offline SmolLM2-135M-Instruct), train
 with the family's default config and learning rate (``server.jobs.train``) for a bounded wall
 time / step count, and report trainable parameters, wall time, tokens/s (every token forwarded),
-held-out loss before and after, and held-out greedy exact-match before and after.
+held-out loss before and after, and on held-out prompts (greedy replies) the share that is
+exactly right and the share that follows the taught format (one word, "zo" + ... + "k", three
+letters longer than the source word), before and after; and each family's tokens/s relative to
+LoRA (rank 8) measured in the same run.
 
     .venv/bin/python bench/finetune.py [--families lora hut ...] [--budget-s 300] [--max-steps 300]
     .venv/bin/python bench/finetune.py --quick          # one family, a few steps: a smoke test
@@ -55,17 +58,30 @@ def load_task() -> tuple[list, list]:
     return read_jsonl(train), read_jsonl(val)
 
 
+def follows_format(reply: str, target: str) -> bool:
+    """The taught answer format: one lowercase word, "zo" + (as many letters as the source) + "k"."""
+    return (
+        reply.isalpha()
+        and reply.islower()
+        and reply.startswith("zo")
+        and reply.endswith("k")
+        and (len(reply) == len(target))
+    )
+
+
 @torch.no_grad()
-def exact_match(
+def reply_shares(
     base: BaseModel, adapter: Adapter | None, examples: list[Example], targets: list[str]
-) -> float:
-    """Share of examples whose greedy reply (up to 16 tokens) is exactly the expected text."""
+) -> dict:
+    """Greedy replies (up to 16 tokens) to held-out prompts: the share exactly right, the share in
+    the taught format, and a few samples."""
     binding = None
     if adapter is not None:
         dev = base.device
         params = {p: {n: t.to(dev) for n, t in m.items()} for p, m in adapter.modules.items()}
         binding = TrainBinding(adapter.method, adapter.config, params)
-    hits = 0
+    exact = fmt = 0
+    samples = []
     for ex, target in zip(examples, targets, strict=True):
         n_prompt = next(i for i, t in enumerate(ex.labels) if t != IGNORE_INDEX)
         ids = torch.tensor([ex.input_ids[:n_prompt]], device=base.device)
@@ -79,8 +95,12 @@ def exact_match(
                 pad_token_id=base.eos_token_ids[0] if base.eos_token_ids else 0,
             )
         text = base.tokenizer.decode(out[0, n_prompt:], skip_special_tokens=True).strip()
-        hits += text == target
-    return hits / max(len(examples), 1)
+        exact += text == target
+        fmt += follows_format(text, target)
+        if len(samples) < 5:
+            samples.append({"expected": target, "reply": text})
+    n = max(len(examples), 1)
+    return {"exact": exact / n, "format": fmt / n, "samples": samples}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     val = tokenize_records(base.tokenizer, val_records, 512)
     em_examples = val[: args.em_limit]
     em_targets = [r.messages[-1]["content"] for r in val_records[: args.em_limit]]
-    em_base = exact_match(base, None, em_examples, em_targets) if em_examples else None
+    em_base = reply_shares(base, None, em_examples, em_targets) if em_examples else None
 
     results = {
         "model": base.name,
@@ -162,15 +182,47 @@ def main(argv: list[str] | None = None) -> int:
             "train_loss_last": history.final_loss,
             "val_loss_before": history.val[0]["loss"],
             "val_loss_after": history.val[-1]["loss"],
-            "exact_match_before": em_base,
-            "exact_match_after": exact_match(base, adapter, em_examples, em_targets) if em_examples else None,
         }
+        if em_examples:
+            after = reply_shares(base, adapter, em_examples, em_targets)
+            row |= {
+                "exact_match_before": em_base["exact"],
+                "exact_match_after": after["exact"],
+                "format_share_before": em_base["format"],
+                "format_share_after": after["format"],
+                "samples_after": after["samples"],
+            }
         results["families"][family] = row
         print(f"[{family}] {json.dumps(row)}", file=sys.stderr)
+    lora_tps = results["families"].get("lora", {}).get("tokens_per_s")
+    for row in results["families"].values():
+        tps = row["tokens_per_s"]
+        row["tokens_per_s_vs_lora"] = round(tps / lora_tps, 2) if tps and lora_tps else None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"wrote {out}")
     return 0
+
+
+def print_table(results: dict) -> None:
+    head = ("family", "params", "steps", "train s", "tok/s", "vs LoRA", "val loss", "drop", "exact", "format")
+    print(" | ".join(head))
+    for family, r in results["families"].items():
+        drop = 1 - r["val_loss_after"] / r["val_loss_before"]
+        cells = (
+            family,
+            f"{r['trainable_params']:,}",
+            str(r["steps"]),
+            f"{r['train_wall_s']:.0f}",
+            f"{r['tokens_per_s']}",
+            f"{r['tokens_per_s_vs_lora']}",
+            f"{r['val_loss_before']:.2f} -> {r['val_loss_after']:.2f}",
+            f"{drop:.0%}",
+            f"{r.get('exact_match_before', 0):.0%} -> {r.get('exact_match_after', 0):.0%}",
+            f"{r.get('format_share_before', 0):.0%} -> {r.get('format_share_after', 0):.0%}",
+        )
+        print(" | ".join(cells))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,12 @@ def phase(engine: Engine, prompts, params, rounds: int) -> dict:
 
 
 def build(args, data_dir: Path):
-    overrides = {"threads": args.threads, "max_batch_size": max(64, args.requests), "data_dir": data_dir}
+    overrides = {
+        "threads": args.threads,
+        "max_batch_size": max(64, args.requests),
+        "data_dir": data_dir,  # a fresh store and jobs folder per run ...
+        "models_dir": Settings().model_cache_dir,  # ... but the usual model cache (no re-conversion)
+    }
     if args.quick:
         from tests.api.tiny_server import build_tiny, tiny_settings
 
