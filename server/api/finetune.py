@@ -31,13 +31,21 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
 from server.jobs.files import FileNotFound
-from server.jobs.runner import TERMINAL, JobConflict, JobInvalid, JobNotFound, JobRunner, JobSpec
+from server.jobs.runner import (
+    TERMINAL,
+    JobConflict,
+    JobInvalid,
+    JobNotFound,
+    JobQueueFull,
+    JobRunner,
+    JobSpec,
+)
 
 from .deps import AdminScope, ReadyRuntime
 from .errors import ApiError
@@ -45,6 +53,7 @@ from .files import get_or_create_files
 from .inference import EventStream, sse
 from .plot import TRAIN_COLOR, VAL_COLOR, plot_png
 from .runtime import Runtime
+from .schemas import ErrorBody
 
 router = APIRouter(prefix="/fine-tunes", tags=["fine-tunes"], dependencies=[AdminScope])
 _LOCK = threading.Lock()
@@ -145,8 +154,27 @@ def _file_text(request: Request, rt: Runtime, file_id: str | None, field: str) -
         raise ApiError(422, "no file with this id (upload it with POST /files)", f"body.{field}") from None
 
 
-@router.post("", status_code=202, summary="Start a fine-tune job")
-async def create_job(body: FineTuneRequest, request: Request, rt: ReadyRuntime, runner: RunnerDep):
+@router.post(
+    "",
+    status_code=202,
+    summary="Start a fine-tune job",
+    responses={code: {"model": ErrorBody} for code in (401, 403, 413, 422, 429, 503)},
+)
+async def create_job(
+    body: FineTuneRequest,
+    request: Request,
+    response: Response,
+    rt: ReadyRuntime,
+    runner: RunnerDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            max_length=255,
+            description="retry-safe submission: the same key and body return the same job",
+        ),
+    ] = None,
+):
     train_text = await asyncio.to_thread(_file_text, request, rt, body.training_file, "training_file")
     val_text = await asyncio.to_thread(_file_text, request, rt, body.validation_file, "validation_file")
     spec = JobSpec(
@@ -159,14 +187,21 @@ async def create_job(body: FineTuneRequest, request: Request, rt: ReadyRuntime, 
         validation_data=val_text if val_text is not None else _jsonl(body.validation_data),
     )
     try:
-        return await asyncio.to_thread(runner.submit, spec)
+        job = await asyncio.to_thread(runner.submit, spec, idempotency_key)
+    except JobQueueFull as e:
+        raise ApiError(429, str(e), headers={"Retry-After": str(rt.settings.retry_after_s)}) from None
     except JobInvalid as e:
+        if e.where == "Idempotency-Key":
+            raise ApiError(422, e.message, "header.Idempotency-Key") from None
         where = "method_config" + e.where[len("config") :] if e.where.startswith("config") else e.where
         if where.startswith("training_data") and body.training_file is not None:
             where = "training_file"
         if where.startswith("validation_data") and body.validation_file is not None:
             where = "validation_file"
         raise ApiError(422, e.message, f"body.{where}") from None
+    if job.pop("replayed", False):
+        response.headers["Idempotent-Replayed"] = "true"
+    return job
 
 
 @router.get("", summary="List fine-tune jobs, newest first")

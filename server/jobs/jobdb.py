@@ -25,6 +25,8 @@ _ADDED_COLUMNS = (
     ("eta_s", "REAL"),
     ("interruptions", "INTEGER NOT NULL DEFAULT 0"),
     ("resumed_from", "INTEGER"),
+    ("idempotency_key", "TEXT"),
+    ("request_hash", "TEXT"),
 )
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
@@ -53,7 +55,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     tokens_per_s REAL,
     eta_s REAL,
     interruptions INTEGER NOT NULL DEFAULT 0,
-    resumed_from INTEGER
+    resumed_from INTEGER,
+    idempotency_key TEXT,
+    request_hash TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
@@ -73,6 +77,7 @@ class JobNotFound(KeyError):
 def _row_dict(row: sqlite3.Row) -> dict:
     d = dict(row)
     d.pop("seq", None)
+    d.pop("request_hash", None)
     for key in ("config", "target_modules", "hyperparameters", "result"):
         if d.get(key) is not None:
             d[key] = json.loads(d[key])
@@ -127,6 +132,16 @@ class JobDB:
                 (job_id, seq, QUEUED, time.time(), *fields.values()),
             )
             db.execute("COMMIT")
+
+    def find_by_key(self, idempotency_key: str) -> dict | None:
+        """The job submitted with this Idempotency-Key (with its ``request_hash``), if any."""
+        with self._db() as db:
+            row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+        return None if row is None else {**_row_dict(row), "request_hash": row["request_hash"]}
+
+    def count(self, status: str) -> int:
+        with self._db() as db:
+            return db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
 
     def transition(self, job_id: str, old: str, new: str, **fields) -> bool:
         """Set status ``new`` (and ``fields``) only if the job is in status ``old``; True if it was."""

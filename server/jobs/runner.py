@@ -29,12 +29,13 @@ writes are atomic).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pydantic import ValidationError as PydanticValidationError
@@ -69,6 +70,10 @@ class JobConflict(RuntimeError):
     """The job is in a state that does not allow the operation (API: 409)."""
 
 
+class JobQueueFull(RuntimeError):
+    """Too many jobs are waiting (API: 429)."""
+
+
 @dataclass(frozen=True)
 class JobSpec:
     adapter_id: str
@@ -95,6 +100,7 @@ class JobRunner:
         step_event_every: int = 1,
         state_every_s: float | None = 60.0,
         max_interruptions: int = 3,
+        max_queued: int | None = 32,
     ):
         self.base = base
         self.store = store
@@ -108,6 +114,8 @@ class JobRunner:
         self.step_event_every = max(1, step_event_every)
         self.state_every_s = state_every_s
         self.max_interruptions = max_interruptions
+        self.max_queued = max_queued
+        self._submit_lock = threading.Lock()
         self.db = JobDB(self.root / "jobs.sqlite3")
         self._wake = threading.Condition()
         self._stop = threading.Event()
@@ -190,8 +198,37 @@ class JobRunner:
             parsed[field] = examples
         return hp, parsed["training_data"], parsed.get("validation_data")
 
-    def submit(self, spec: JobSpec) -> dict:
+    def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> dict:
+        """Validate and queue a job. With an ``idempotency_key`` already used for the same request,
+        return that job (``replayed: True``) instead of queueing another one; the same key with a
+        different request is ``JobInvalid``. ``JobQueueFull`` when ``max_queued`` jobs wait."""
+        request_hash = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()
+        if idempotency_key is not None:
+            replay = self._replay(idempotency_key, request_hash)
+            if replay is not None:
+                return replay
         _, train, val = self.validate(spec)
+        with self._submit_lock:  # the key check and the insert are one step
+            if idempotency_key is not None:
+                replay = self._replay(idempotency_key, request_hash)
+                if replay is not None:
+                    return replay
+            if self.max_queued is not None and self.db.count(QUEUED) >= self.max_queued:
+                raise JobQueueFull(f"{self.max_queued} jobs are already queued; try again later")
+            job_id = self._create(spec, train, val, idempotency_key, request_hash)
+        with self._wake:
+            self._wake.notify_all()
+        return self.get(job_id)
+
+    def _replay(self, idempotency_key: str, request_hash: str) -> dict | None:
+        job = self.db.find_by_key(idempotency_key)
+        if job is None:
+            return None
+        if job.pop("request_hash") != request_hash:
+            raise JobInvalid("Idempotency-Key", "this key was used for a different request")
+        return {**job, "replayed": True}
+
+    def _create(self, spec: JobSpec, train, val, idempotency_key, request_hash) -> str:
         job_id = "ft-" + uuid.uuid4().hex[:16]
         folder = self.root / job_id
         folder.mkdir()
@@ -207,11 +244,11 @@ class JobRunner:
             hyperparameters=json.dumps(spec.hyperparameters or {}),
             n_train=len(train),
             n_val=len(val or []),
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
         )
         self.db.event(job_id, "created", {"n_train": len(train), "n_val": len(val or [])})
-        with self._wake:
-            self._wake.notify_all()
-        return self.get(job_id)
+        return job_id
 
     def get(self, job_id: str) -> dict:
         return self.db.get(job_id)
