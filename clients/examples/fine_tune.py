@@ -3,9 +3,11 @@
     python clients/examples/fine_tune.py --base-url http://127.0.0.1:8000 --adapter-id my-lora \\
         --data train.jsonl [--method lora] [--config '{"r": 8}'] [--max-steps 100] --prompt "..."
 
-``train.jsonl`` holds ``{"prompt", "completion"}`` or ``{"messages"}`` records, one a line (without
-``--data`` a few toy records are used). Needs an admin key (``--api-key`` / ``$FACET_API_KEY``).
-Exits 1 if the job fails, is cancelled, or does not finish within ``--timeout`` seconds.
+``train.jsonl`` holds ``{"prompt", "completion"}`` or ``{"messages"}`` records, one a line; it is
+uploaded to the server's ``/files`` first (``--data`` may also be the id of a file uploaded before,
+``file-...``). Without ``--data`` a few toy records are sent inline. Needs an admin key
+(``--api-key`` / ``$FACET_API_KEY``). Exits 1 if the job fails, is cancelled, or does not finish
+within ``--timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-id", default="example-lora")
     parser.add_argument("--method", default="lora")
     parser.add_argument("--config", type=json.loads, default=None, help='family config JSON, e.g. {"r": 8}')
-    parser.add_argument("--data", default=None, help="training JSONL file (default: toy records)")
+    parser.add_argument("--data", default=None, help="training JSONL file or file id (default: toy records)")
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the job")

@@ -41,6 +41,7 @@ def test_create_wait_events_list_and_serve(server_url):
             validation_data=RECORDS, hyperparameters=HP,
         )  # fmt: skip
         assert job.id.startswith("ft-") and job.adapter_id == "ft-client" and job.method == "lora"
+        assert job.raw["config"] == {"r": 2}  # sent as method_config
         events = list(facet.fine_tunes.watch(job.id, poll_interval=0.05))
         assert [e.type for e in events][:2] == ["created", "started"] and events[-1].type == "succeeded"
         assert [e.seq for e in events] == sorted(e.seq for e in events)
@@ -61,9 +62,15 @@ def test_invalid_requests_raise_with_the_servers_where(server_url, tmp_path):
     with Client(server_url, api_key=ADMIN) as facet:
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"prompt": "t1", "completion": "t2"}\nnot json\n')
-        with pytest.raises(ValidationError) as info:
-            facet.fine_tunes.create("x", "lora", training_file=bad)
+        with pytest.raises(ValidationError) as info:  # inline data: the job's 422
+            facet.fine_tunes.create("x", "lora", training_data=bad.read_text())
         assert info.value.where == "body.training_data" and "line 2" in info.value.message
+        with pytest.raises(ValidationError) as info:  # a local file: the upload's 422 (POST /files)
+            facet.fine_tunes.create("x", "lora", training_file=bad)
+        assert info.value.where == "body.file" and "line 2" in info.value.message
+        with pytest.raises(ValidationError) as info:
+            facet.fine_tunes.create("x", "lora", training_data=RECORDS, method_config={"r": 0})
+        assert info.value.where.startswith("body.method_config")
         with pytest.raises(ValidationError) as info:
             facet.fine_tunes.create("x", "nope", training_data=RECORDS)
         assert info.value.where == "body.method"

@@ -1,18 +1,7 @@
 """Python client for the Facet adapter inference server (``Client``, ``AsyncClient``, ``FacetError``)."""
 
-from .client import (
-    Adapter,
-    AdapterPage,
-    AsyncClient,
-    AsyncGenerationStream,
-    Client,
-    FineTune,
-    FineTuneEvent,
-    FineTunePage,
-    Generation,
-    GenerationStream,
-    Token,
-)
+from ._async import AsyncClient
+from ._sse import AsyncGenerationStream, GenerationStream
 from .errors import (
     AuthenticationError,
     BadRequestError,
@@ -28,6 +17,18 @@ from .errors import (
     ServerError,
     ValidationError,
 )
+from .models import (
+    Adapter,
+    AdapterPage,
+    DeletedFile,
+    FineTune,
+    FineTuneEvent,
+    FineTunePage,
+    Generation,
+    Token,
+    TrainingFile,
+)
+from .sync import Client
 
 __all__ = [
     "Adapter",
@@ -38,6 +39,7 @@ __all__ = [
     "BadRequestError",
     "Client",
     "ConflictError",
+    "DeletedFile",
     "FacetConnectionError",
     "FacetError",
     "FineTune",
@@ -53,5 +55,6 @@ __all__ = [
     "PermissionDeniedError",
     "ServerError",
     "Token",
+    "TrainingFile",
     "ValidationError",
 ]

@@ -6,14 +6,23 @@
     facet adapters list [--offset N] [--limit N]
     facet adapters get ID
     facet adapters rm ID
-    facet fine-tune create --adapter-id ID --method lora --data train.jsonl [--validation-data FILE]
-                           [--config JSON] [--hyperparameters JSON] [--max-steps N]
-                           [--target-modules M,...] [--watch]
+    facet files upload PATH [--purpose fine-tune]     (JSONL; the server checks every line)
+    facet files list
+    facet files get ID
+    facet files content ID
+    facet files delete ID
+    facet fine-tune create --adapter-id ID --method lora --training-file PATH|FILE_ID
+                           [--validation-file PATH|FILE_ID] [--method-config JSON]
+                           [--hyperparameters JSON] [--max-steps N] [--target-modules M,...] [--watch]
     facet fine-tune list [--offset N] [--limit N]
     facet fine-tune get ID
     facet fine-tune events ID [--after SEQ]
     facet fine-tune watch ID          (a progress bar on stderr; exit 1 unless it succeeds)
     facet fine-tune cancel ID
+
+A local ``--training-file`` / ``--validation-file`` is uploaded to ``/files`` first (as ``files
+upload`` does) and the job refers to it by id; a ``file-...`` id that is not a local path is used
+as is. ``--data``, ``--validation-data`` and ``--config`` are the older names of these options.
 
 ``--url`` / ``--api-key`` default to ``$FACET_URL`` / ``$FACET_API_KEY``. Errors print the
 server's message on stderr and exit 1 (2 for usage errors).
@@ -26,11 +35,14 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from .client import DEFAULT_URL, Adapter, Client, FineTune
+from ._ops import DEFAULT_URL
 from .errors import FacetError
+from .models import Adapter, FineTune, TrainingFile
+from .sync import Client
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,9 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     create = sub.add_parser("create", help="start a fine-tune job")
     create.add_argument("--adapter-id", required=True, help="id the trained adapter is stored under")
     create.add_argument("--method", required=True, help="adapter family: lora, hut, ether, dct, surm")
-    create.add_argument("--data", required=True, help="training JSONL file")
-    create.add_argument("--validation-data", default=None, help="validation JSONL file")
-    create.add_argument("--config", type=_json_object, default=None, help='family config JSON, e.g. {"r": 8}')
+    create.add_argument(
+        "--training-file", "--data", dest="training_file", required=True,
+        help="training JSONL: a local path (uploaded to /files first) or a file id (file-...)",
+    )  # fmt: skip
+    create.add_argument(
+        "--validation-file", "--validation-data", dest="validation_file", default=None,
+        help="validation JSONL: a local path or a file id",
+    )  # fmt: skip
+    create.add_argument(
+        "--method-config", "--config", dest="method_config", type=_json_object, default=None,
+        help='family config JSON, e.g. {"r": 8}',
+    )  # fmt: skip
     create.add_argument("--hyperparameters", type=_json_object, default=None, help="hyperparameters JSON")
     create.add_argument("--max-steps", type=int, default=None, help="sets hyperparameters.max_steps")
     create.add_argument("--target-modules", default=None, help="comma-separated (default: all)")
@@ -93,6 +114,20 @@ def _parser() -> argparse.ArgumentParser:
     for p in (create, sub.choices["watch"]):
         p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between polls")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    files = commands.add_parser("files", help="JSONL training files on the server (admin key)")
+    sub = files.add_subparsers(dest="action", required=True)
+    upload = sub.add_parser("upload", help="upload a JSONL file (its id is a fine-tune's --training-file)")
+    upload.add_argument("path")
+    upload.add_argument("--purpose", default="fine-tune", help="only fine-tune for now")
+    upload.add_argument("--no-progress", action="store_true", help="no upload progress bar")
+    sub.add_parser("list", help="every file, newest first")
+    for name, text, aliases in (
+        ("get", "one file", []),
+        ("content", "print a file's JSONL", []),
+        ("delete", "delete a file (jobs made from it keep their data)", ["rm"]),
+    ):
+        sub.add_parser(name, help=text, aliases=aliases).add_argument("file_id")
     return parser
 
 
@@ -109,8 +144,26 @@ def _json_object(text: str) -> dict:
 def _job_line(j: FineTune) -> str:
     steps = f"{j.step}/{j.total_steps}" if j.total_steps else str(j.step)
     loss = f"loss {j.loss:.4g}" if j.loss is not None else "-"
-    tail = f"\t{j.error}" if j.error else ""
+    extra = [f"epoch {j.epoch + 1}"] if j.epoch is not None else []
+    if j.val_loss is not None:
+        extra.append(f"val_loss {j.val_loss:.4g}")
+    if j.eta_s is not None and not j.done:
+        extra.append(f"eta {_duration(j.eta_s)}")
+    tail = "".join(f"\t{x}" for x in extra) + (f"\t{j.error}" if j.error else "")
     return f"{j.id}\t{j.status}\t{j.adapter_id}\t{j.method}\tstep {steps}\t{loss}{tail}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def _file_line(f: TrainingFile) -> str:
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f.created_at))
+    return f"{f.id}\t{f.filename}\t{f.records} records\t{f.bytes} B\t{f.purpose}\t{created}"
 
 
 def _adapter_line(a: Adapter) -> str:
@@ -185,15 +238,19 @@ def _watch(client: Client, job_id: str, args, out: TextIO, err: TextIO) -> int:
                 out.flush()
             elif event.type == "step":
                 step, total = event.data.get("step", 0), event.data.get("total_steps")
+                epoch, loss = event.data.get("epoch"), event.data.get("loss")
                 if bar is not None:
                     if total and bar.total != total:
                         bar.total = total
                     bar.update(max(0, step - bar.n))
-                    if event.data.get("loss") is not None:
-                        bar.set_postfix(loss=f"{event.data['loss']:.4g}", refresh=False)
+                    postfix = {"loss": f"{loss:.4g}"} if loss is not None else {}
+                    if epoch is not None:
+                        postfix["epoch"] = epoch + 1
+                    bar.set_postfix(postfix, refresh=False)
                 else:
-                    out.write(f"step {step}/{total} loss {event.data.get('loss')}\n")
-            elif event.type in ("eval", "checkpoint"):
+                    at = f" epoch {epoch + 1}" if epoch is not None else ""
+                    out.write(f"step {step}/{total}{at} loss {loss}\n")
+            elif event.type in ("eval", "checkpoint", "paused", "requeued", "resumed", "cancel_requested"):
                 line = f"{event.type}: {json.dumps(event.data)}"
                 if bar is not None:
                     bar.write(line, file=err)
@@ -245,11 +302,11 @@ def _fine_tune(client: Client, args, out: TextIO, err: TextIO) -> int:
         job = ft.create(
             args.adapter_id,
             args.method,
-            method_config=args.config,
+            method_config=args.method_config,
             target_modules=targets,
-            training_file=args.data,
+            training_file=args.training_file,
             hyperparameters=hp or None,
-            validation_file=args.validation_data,
+            validation_file=args.validation_file,
         )
         out.write((json.dumps(job.raw) if args.json else _job_line(job)) + "\n")
         out.flush()
@@ -257,6 +314,36 @@ def _fine_tune(client: Client, args, out: TextIO, err: TextIO) -> int:
     job = ft.get(args.job_id) if args.action == "get" else ft.cancel(args.job_id)
     out.write((json.dumps(job.raw) if args.json else _job_line(job)) + "\n")
     return 0
+
+
+def _files(client: Client, args, out: TextIO, err: TextIO) -> None:
+    files = client.files
+    if args.action == "list":
+        found = files.list()
+        if args.json:
+            out.write(json.dumps({"object": "list", "data": [f.raw for f in found]}) + "\n")
+        else:
+            for f in found:
+                out.write(_file_line(f) + "\n")
+            out.write(f"{len(found)} files\n")
+        return
+    if args.action == "content":
+        out.write(files.content(args.file_id))
+        return
+    if args.action in ("delete", "rm"):
+        gone = files.delete(args.file_id)
+        out.write((json.dumps(gone.raw) if args.json else f"deleted {gone.id}\t{gone.filename}") + "\n")
+        return
+    if args.action == "get":
+        file = files.get(args.file_id)
+    elif args.no_progress or args.json:
+        file = files.create(args.path, args.purpose)
+    else:
+        from tqdm import tqdm
+
+        with tqdm(unit="B", unit_scale=True, desc="upload", file=err, leave=False) as bar:
+            file = files.create(args.path, args.purpose, progress=bar.update)
+    out.write((json.dumps(file.raw) if args.json else _file_line(file)) + "\n")
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -277,6 +364,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
                 _generate(client, args, out)
             elif args.command == "fine-tune":
                 return _fine_tune(client, args, out, err)
+            elif args.command == "files":
+                _files(client, args, out, err)
             else:
                 _adapters(client, args, out, err)
     except FacetError as exc:
