@@ -20,7 +20,7 @@ from adapters_store.ids import CONFIG_NAME, WEIGHTS_NAME
 from .deps import AdapterIdPath, AdminScope, ReadyRuntime, StoreDep
 from .errors import ApiError
 from .runtime import Runtime
-from .schemas import AdapterInfo, AdapterList, ErrorBody
+from .schemas import MAX_OFFSET, AdapterInfo, AdapterList, ErrorBody
 from .uploads import read_adapter_upload
 
 router = APIRouter(prefix="/adapters", tags=["adapters"], dependencies=[AdminScope])
@@ -82,7 +82,7 @@ async def upload_adapter(request: Request, rt: ReadyRuntime, store: StoreDep):
 async def list_adapters(
     rt: ReadyRuntime,
     store: StoreDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ):
     records, total = await asyncio.to_thread(store.list, offset, limit)

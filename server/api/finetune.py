@@ -53,9 +53,12 @@ from .files import get_or_create_files
 from .inference import EventStream, sse
 from .plot import TRAIN_COLOR, VAL_COLOR, plot_png
 from .runtime import Runtime
-from .schemas import ErrorBody
+from .schemas import MAX_OFFSET, ErrorBody
 
-router = APIRouter(prefix="/fine-tunes", tags=["fine-tunes"], dependencies=[AdminScope])
+# Documented on every route (tests/reliability/test_schema_fuzz.py checks each answer against it).
+_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 422, 503)}
+_NOT_FOUND = {404: {"model": ErrorBody}}
+router = APIRouter(prefix="/fine-tunes", tags=["fine-tunes"], dependencies=[AdminScope], responses=_ERRORS)
 _LOCK = threading.Lock()
 
 
@@ -158,7 +161,7 @@ def _file_text(request: Request, rt: Runtime, file_id: str | None, field: str) -
     "",
     status_code=202,
     summary="Start a fine-tune job",
-    responses={code: {"model": ErrorBody} for code in (401, 403, 413, 422, 429, 503)},
+    responses={code: {"model": ErrorBody} for code in (400, 401, 403, 413, 422, 429, 503)},
 )
 async def create_job(
     body: FineTuneRequest,
@@ -207,14 +210,14 @@ async def create_job(
 @router.get("", summary="List fine-tune jobs, newest first")
 async def list_jobs(
     runner: RunnerDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ):
     jobs, total = await asyncio.to_thread(runner.list, offset, limit)
     return {"jobs": jobs, "total": total, "offset": offset, "limit": limit}
 
 
-@router.get("/{job_id}", summary="One fine-tune job")
+@router.get("/{job_id}", summary="One fine-tune job", responses=_NOT_FOUND)
 async def get_job(job_id: JobName, runner: RunnerDep):
     try:
         return await asyncio.to_thread(runner.get, job_id)
@@ -234,12 +237,12 @@ _EVENTS_DOC = {
 }
 
 
-@router.get("/{job_id}/events", summary="Events of a fine-tune job", responses=_EVENTS_DOC)
+@router.get("/{job_id}/events", summary="Events of a fine-tune job", responses={**_EVENTS_DOC, **_NOT_FOUND})
 async def job_events(
     job_id: JobName,
     request: Request,
     runner: RunnerDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     stream: bool = False,
 ):
@@ -308,7 +311,10 @@ async def follow_events(
 @router.get(
     "/{job_id}/loss.png",
     summary="Loss curve of a fine-tune job (PNG)",
-    responses={200: {"content": {"image/png": {}}, "description": "train (blue), validation (orange)"}},
+    responses={
+        200: {"content": {"image/png": {}}, "description": "train (blue), validation (orange)"},
+        **_NOT_FOUND,
+    },
     response_class=Response,
 )
 async def job_loss_png(job_id: JobName, runner: RunnerDep):
@@ -320,7 +326,11 @@ async def job_loss_png(job_id: JobName, runner: RunnerDep):
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
-@router.post("/{job_id}/cancel", summary="Cancel a queued or running fine-tune job")
+@router.post(
+    "/{job_id}/cancel",
+    summary="Cancel a queued or running fine-tune job",
+    responses={**_NOT_FOUND, 409: {"model": ErrorBody}},
+)
 async def cancel_job(job_id: JobName, runner: RunnerDep):
     try:
         return await asyncio.to_thread(runner.cancel, job_id)

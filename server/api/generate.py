@@ -16,7 +16,8 @@ from .schemas import ErrorBody, GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generate"], dependencies=[InferScope])
 
-_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 413, 422, 429, 503)}
+# 400: a body that cannot be decoded at all (e.g. not UTF-8); invalid JSON text is 422.
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)}
 _SSE_DOC = {
     "description": "With `stream: true`: Server-Sent Events. `event: token` per generated token "
     '(`{"token_id", "text", "logprob"?}`), then `event: done` with the JSON response above, or '

@@ -33,7 +33,8 @@ from .schemas import (
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[InferScope])
 
-_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 413, 422, 429, 503)}
+# 400: a body that cannot be decoded at all (e.g. not UTF-8); invalid JSON text is 422.
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)}
 _STREAM_DOC = {"content": {"text/event-stream": {}}, "description": "With `stream: true`: OpenAI chunks"}
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 OWNER = "facet"

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
 
 from adapters_store.errors import StoreError
 from adapters_store.ids import check_id
@@ -34,12 +42,28 @@ def _not_blank(value: str) -> str:
 
 AdapterId = Annotated[str, Field(max_length=256), AfterValidator(_check_adapter_id)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+_STOP_STRING_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LENGTH}
+# One string is a list of one. The length cap sits on the list itself: on the union it would also
+# be applied to ``null`` (a TypeError, i.e. a 500, for ``"stop": null``). The documented schema
+# names all three forms.
 StopField = Annotated[
-    list[StopString] | None,
-    BeforeValidator(lambda v: [v] if isinstance(v, str) else v),  # one string = a list of one
-    Field(max_length=MAX_STOP_STRINGS, description="a stop string or a list of them"),
+    Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None,
+    BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                _STOP_STRING_SCHEMA,
+                {"type": "array", "items": _STOP_STRING_SCHEMA, "maxItems": MAX_STOP_STRINGS},
+                {"type": "null"},
+            ]
+        }
+    ),
+    Field(description="a stop string or a list of them"),
 ]
 Count = Annotated[int, Field(ge=1, strict=True)]
+# Upper bound of query offsets/cursors: they go to SQLite, whose INTEGER is 64-bit signed (a larger
+# Python int raises OverflowError there, i.e. a 500).
+MAX_OFFSET = 2**63 - 1
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)]
 
 
