@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(
         32 << 20, ge=1024, description="cap on an uploaded training file (POST /files; 413 above)"
     )
+    upload_idle_timeout_s: float = Field(
+        30.0, gt=0, description="an upload that sends nothing for this long gets 408"
+    )
     max_prompt_tokens: int = Field(4096, ge=1, description="cap on prompt tokens (422 above)")
     max_new_tokens: int = Field(2048, ge=1, description="cap on a request's max_new_tokens (422 above)")
     max_queue: int = Field(256, ge=1, description="waiting requests; beyond it new ones get 429")

@@ -56,14 +56,18 @@ def _info(rt: Runtime, record, *, on_disk: bool = True) -> dict:
     "",
     status_code=201,
     response_model=AdapterInfo,
-    responses={**_ERRORS, 400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody}},
+    responses={**_ERRORS, **{c: {"model": ErrorBody} for c in (400, 408, 413, 415)}},
     openapi_extra=_UPLOAD_DOC,
     summary="Upload an adapter (a new id, or a new version of an existing one)",
 )
 async def upload_adapter(request: Request, rt: ReadyRuntime, store: StoreDep):
     limits = store.limits
     upload = await read_adapter_upload(
-        request, rt.uploads_dir, limits.max_config_bytes, limits.max_weights_bytes
+        request,
+        rt.uploads_dir,
+        limits.max_config_bytes,
+        limits.max_weights_bytes,
+        idle_timeout_s=rt.settings.upload_idle_timeout_s,
     )
     try:
         if upload.adapter_id == rt.engine.base.name:

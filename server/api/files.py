@@ -79,10 +79,11 @@ def _not_found() -> ApiError:
     status_code=201,
     summary="Upload a JSONL training file",
     openapi_extra=_UPLOAD_DOC,
-    responses={**_ERRORS, 400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody}},
+    responses={**_ERRORS, **{c: {"model": ErrorBody} for c in (400, 408, 413, 415)}},
 )
 async def upload_file(request: Request, rt: ReadyRuntime, files: FilesDep):
-    parts = await read_form(request, {"file": rt.settings.max_file_bytes, "purpose": 64})
+    caps = {"file": rt.settings.max_file_bytes, "purpose": 64}
+    parts = await read_form(request, caps, idle_timeout_s=rt.settings.upload_idle_timeout_s)
     try:
         purpose = bytes(parts["purpose"].buffer).decode("utf-8")
     except UnicodeDecodeError:

@@ -5,6 +5,7 @@ Parts: text field ``adapter_id``, files ``config`` (adapter_config.json) and ``w
 ``<data_dir>/uploads`` (written from a worker thread, one request chunk at a time); the small
 parts are buffered up to their caps. Nothing is ever held beyond a cap: the answer is 413 naming
 the part, and the temp file is removed. ``read_form`` buffers every part (small forms only).
+A client that stops sending for ``idle_timeout_s`` gets 408 (and its temp file is removed).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +109,19 @@ class _Reader:
         self.ended = True
 
 
+async def _chunks(request: Request, idle_timeout_s: float | None) -> AsyncIterator[bytes]:
+    """The request body, chunk by chunk; 408 when no chunk arrives for ``idle_timeout_s``."""
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ApiError(408, f"the upload stalled: no data for {idle_timeout_s:g} s", "body") from None
+        yield chunk
+
+
 def _write_all(fd: int, chunks: list[bytes]) -> None:
     for chunk in chunks:
         view = memoryview(chunk)
@@ -115,7 +130,11 @@ def _write_all(fd: int, chunks: list[bytes]) -> None:
 
 
 async def read_adapter_upload(
-    request: Request, uploads_dir: Path, max_config: int, max_weights: int
+    request: Request,
+    uploads_dir: Path,
+    max_config: int,
+    max_weights: int,
+    idle_timeout_s: float | None = None,
 ) -> AdapterUpload:
     ctype, options = parse_options_header(request.headers.get("content-type"))
     boundary = options.get(b"boundary")
@@ -129,7 +148,7 @@ async def read_adapter_upload(
     path = Path(name)
     try:
         try:
-            async for chunk in request.stream():
+            async for chunk in _chunks(request, idle_timeout_s):
                 parser.write(chunk)
                 if reader.pending:
                     chunks, reader.pending = reader.pending, []
@@ -156,7 +175,9 @@ async def read_adapter_upload(
         raise
 
 
-async def read_form(request: Request, caps: dict[str, int]) -> dict[str, _Part]:
+async def read_form(
+    request: Request, caps: dict[str, int], idle_timeout_s: float | None = None
+) -> dict[str, _Part]:
     """Every part of a small multipart form, buffered (each up to its cap; 413 above). The parts
     named in ``caps`` are all required (422 naming the missing one)."""
     ctype, options = parse_options_header(request.headers.get("content-type"))
@@ -166,7 +187,7 @@ async def read_form(request: Request, caps: dict[str, int]) -> dict[str, _Part]:
     reader = _Reader(caps, streamed=None)
     parser = MultipartParser(boundary, reader.callbacks())
     try:
-        async for chunk in request.stream():
+        async for chunk in _chunks(request, idle_timeout_s):
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError:

@@ -13,9 +13,8 @@ uvicorn, sockets, multipart streamed to a temp file) and proves, for every one:
 
 Also: a declared-oversized body is refused with 413 before it is sent; a streamed oversized
 body is cut off at the cap; a client that trickles bytes holds only its own connection (the
-server keeps answering) and its temp file is removed when it gives up. There is no request-body
-timeout setting: a trickling client is not cut off by the server (a gap, noted in
-RELIABILITY work for issue 7).
+server keeps answering) and its temp file is removed when it gives up; a client that stops
+sending gets 408 after ``upload_idle_timeout_s`` and its temp file is removed at once.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ ADMIN_KEY = "hostile-admin-key"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MAX_UPLOAD = 64 << 10  # weights cap; the whole multipart body may be ~128 KiB more
 EXISTING = "existing-lora"
+IDLE_TIMEOUT_S = 2.0
 
 
 class Canary:
@@ -62,7 +62,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     data = root / "data"
     args = ["--data-dir", str(data), "--api-keys", f"admin:{ADMIN_KEY}"]
-    args += ["--max-upload-bytes", str(MAX_UPLOAD)]
+    args += ["--max-upload-bytes", str(MAX_UPLOAD), "--upload-idle-timeout-s", str(IDLE_TIMEOUT_S)]
     base = wrap_model(BASE_NAME, make_tiny_llama(), make_tokenizer(), TARGETS)
     config, weights = adapter_files(base, "lora", root / "files")
     with server_process("tests.api.tiny_server", args, root / "server.log") as url:
@@ -363,7 +363,7 @@ def test_streamed_oversize_body_is_cut_off_at_the_cap(server):
 
 def test_trickling_upload_does_not_block_the_server(server):
     """A client sending a byte at a time holds its own connection only; when it gives up, its
-    temp file goes. (No server-side body timeout exists: the server would wait for it.)"""
+    temp file goes (each byte comes well within the idle timeout, so it is not cut off)."""
     before = snapshot(server["root"])
     head = (
         f"POST /adapters HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
@@ -382,4 +382,21 @@ def test_trickling_upload_does_not_block_the_server(server):
     deadline = time.monotonic() + 10
     while list((server["data"] / "uploads").iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert_unharmed(server, before)
+
+
+def test_a_stalled_upload_gets_408_and_its_temp_file_goes(server):
+    before = snapshot(server["root"])
+    head = (
+        f"POST /adapters HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n"
+    )
+    part = b'--b\r\nContent-Disposition: form-data; name="weights"; filename="w"\r\n\r\n' + b"\0" * 100
+    started = time.monotonic()
+    with _raw_request(server["url"], head, part) as sock:  # then nothing more: the client stalls
+        answer = _read_response(sock)
+        waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"stalled" in answer and IDLE_TIMEOUT_S <= waited < IDLE_TIMEOUT_S + 5
+        assert list((server["data"] / "uploads").iterdir()) == []  # gone while the socket is open
     assert_unharmed(server, before)
