@@ -115,7 +115,7 @@ class Engine:
         adapter_id: str | None = None,
         sink: EventSink | None = None,
     ) -> GenerationRequest:
-        key = self.resolve(adapter_id)
+        key = None if adapter_id is None else self._hold(adapter_id)
         kwargs = {} if sink is None else {"sink": sink}
         req = GenerationRequest(
             prompt_token_ids=list(prompt_token_ids),
@@ -124,17 +124,34 @@ class Engine:
             **kwargs,
         )
         if key is not None:
-            # The request holds its version until it finishes: a delete or re-upload meanwhile
-            # never changes what it runs, and memory is freed after the last user ends.
-            self.residency.acquire(key)
             req.on_finish.append(lambda: self.residency.release(key))
-            try:
-                self.residency.get_host(key)  # load once, before queueing: errors reach the caller
-            except BaseException:
-                self.residency.release(key)
-                raise
         self.generator.submit(req)
         return req
+
+    def _hold(self, adapter_id: str, tries: int = 3) -> AdapterKey:
+        """Resolve ``adapter_id``, take a reference on that version and load its host copy.
+
+        The request holds its version until it finishes: a delete or re-upload meanwhile never
+        changes what it runs, and memory is freed after the last user ends. Loading happens
+        once, before queueing, so errors reach the caller. A re-upload (or delete) landing
+        between the resolve and the load removes the resolved version: resolve again rather
+        than fail a request for an adapter that exists (UnknownAdapter once it is deleted).
+        """
+        key = self.resolve(adapter_id)
+        for attempt in range(tries):
+            self.residency.acquire(key)
+            try:
+                self.residency.get_host(key)
+                return key
+            except BaseException as exc:
+                self.residency.release(key)
+                if not isinstance(exc, Exception) or attempt == tries - 1:
+                    raise
+                newer = self.resolve(adapter_id)
+                if newer == key:
+                    raise
+                key = newer
+        raise AssertionError("unreachable")
 
     def forget(self, adapter_id: str, version: int) -> None:
         """The store deleted or replaced this version: no new request gets it; memory is freed
