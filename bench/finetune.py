@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             val,
             hp,
             should_stop=lambda deadline=deadline: time.perf_counter() > deadline,
+            eval_when_stopped=True,  # the budget ends training: the held-out loss after is the point
         )
         cfg = adapter.config.model_dump(mode="json")
         steps = len(history.steps)

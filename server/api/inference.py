@@ -171,12 +171,17 @@ async def token_strings(rt: Runtime, tokens: list[TokenEvent]) -> list[str]:
 
 
 def check_finish(rt: Runtime, finish: FinishEvent) -> None:
-    """A generation that failed becomes 503 while shutting down, else a generic 500."""
+    """A generation that failed becomes 503 while shutting down or when the engine had no room for
+    it (e.g. the device adapter budget is full of pinned adapters), else a generic 500."""
     if finish.finish_reason != "error":
         return
+    retry = {"Retry-After": str(rt.settings.retry_after_s)}
     if rt.not_ready_reason() is not None:
+        raise ApiError(503, "the server is shutting down", headers=retry)
+    if finish.retryable:
+        log.warning("no room for a request: %s", finish.error)
         raise ApiError(
-            503, "the server is shutting down", headers={"Retry-After": str(rt.settings.retry_after_s)}
+            503, "no room for this adapter right now (device adapter budget in use)", headers=retry
         )
     log.error("generation failed: %s", finish.error)
     raise ApiError(500, "generation failed")

@@ -193,8 +193,7 @@ class Generator:
             with self._cond:
                 while not self._waiting and not len(self._running) and not stop_event.is_set():
                     self._cond.wait(timeout=self.idle_wait_s)
-                    if self.housekeeping is not None:
-                        self.housekeeping()
+                    self._housekeeping()
             if stop_event.is_set():
                 break
             try:
@@ -204,6 +203,15 @@ class Generator:
                 self._fail(list(self._running.seqs), exc)
                 self._running = self._new_batch()
         self.abort_all("generator stopped")
+
+    def _housekeeping(self) -> None:
+        """Idle work (freeing forgotten adapters); a failure is logged, never kills the thread."""
+        if self.housekeeping is None:
+            return
+        try:
+            self.housekeeping()
+        except Exception:
+            log.exception("engine housekeeping failed")
 
     def abort_all(self, message: str) -> None:
         """Finish every waiting and running request with ``"error"`` (engine thread, or engine stopped)."""
@@ -362,15 +370,16 @@ class Generator:
         self._finish(seq, reason)
         return False
 
-    def _finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None) -> None:
+    def _finish(
+        self, seq: _Sequence, reason: FinishReason, error: str | None = None, retryable: bool = False
+    ) -> None:
         req = seq.request
-        req.emit(
-            FinishEvent(reason, seq.text.final_text, len(req.prompt_token_ids), len(seq.generated), error)
-        )
+        n_prompt, n_generated = len(req.prompt_token_ids), len(seq.generated)
+        req.emit(FinishEvent(reason, seq.text.final_text, n_prompt, n_generated, error, retryable))
 
     def _fail(self, seqs: list[_Sequence], exc: BaseException) -> int:
         """Finish the still-unfinished ``seqs`` with ``"error"``; return how many that was."""
         pending = [s for s in seqs if not s.request.finished]
         for seq in pending:
-            self._finish(seq, "error", f"{type(exc).__name__}: {exc}")
+            self._finish(seq, "error", f"{type(exc).__name__}: {exc}", isinstance(exc, RetryLater))
         return len(pending)

@@ -107,6 +107,7 @@ class FinishEvent:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    retryable: bool = False  # the error was a lack of room (RetryLater): the same request may work later
 
 
 Event = TokenEvent | FinishEvent

@@ -50,6 +50,9 @@ class SlotPool:
         cap = self.capacity if len(self.owners) < self.capacity else self.capacity * 2
         return cap * self.bytes_per_slot
 
+    # The tables are made in inference mode (engine steps); every in-place change must be too, also
+    # when it runs outside a step (freeing a forgotten adapter's slot while idle).
+    @torch.inference_mode()
     def _resize(self, capacity: int) -> None:
         new = {}
         n = len(self.owners)
@@ -64,6 +67,7 @@ class SlotPool:
         self.capacity = capacity
 
     @torch.no_grad()
+    @torch.inference_mode()
     def add(self, owner: Hashable, prepared: Prepared) -> int:
         if len(self.owners) == self.capacity:
             self._resize(self.capacity * 2)
@@ -75,6 +79,7 @@ class SlotPool:
         return slot
 
     @torch.no_grad()
+    @torch.inference_mode()
     def remove(self, slot: int) -> Hashable | None:
         """Free ``slot``. Returns the owner that moved into it (now at ``slot``), if any."""
         last = len(self.owners) - 1

@@ -259,6 +259,7 @@ def train_adapter(
     resume: TrainState | None = None,
     on_state: Callable[[TrainState], None] | None = None,
     state_every_s: float | None = None,
+    eval_when_stopped: bool = False,
 ) -> tuple[Adapter, History]:
     """Train one adapter of ``method_name`` on ``base``; returns it with its history.
 
@@ -267,7 +268,8 @@ def train_adapter(
     ``on_checkpoint(step, adapter)`` every ``checkpoint_every`` steps before the last.
     ``on_state(state)`` receives the resumable state (``server.jobs.state``; its tensors are only
     valid during the call) after every checkpoint, every ``state_every_s`` seconds and when
-    ``should_stop`` ends training; ``resume`` continues from such a state.
+    ``should_stop`` ends training; ``resume`` continues from such a state. The final validation
+    is skipped when ``should_stop`` ended training, unless ``eval_when_stopped`` (a time budget).
     Raises ConfigError (bad config or targets), DataError (bad data), TrainingError (NaN/Inf),
     StateError (``resume`` does not fit this job).
     """
@@ -411,7 +413,7 @@ def train_adapter(
                     break
             skip = 0
             epoch += 1
-    if not history.stopped and (not history.val or history.val[-1]["step"] != step):
+    if (eval_when_stopped or not history.stopped) and (not history.val or history.val[-1]["step"] != step):
         run_eval(step)
     history.wall_s = time.perf_counter() - start
     return snapshot(method, cfg, params, targets), history

@@ -3,6 +3,7 @@ folders and upload errors."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 
@@ -179,3 +180,25 @@ async def test_traversal_in_the_url_never_reaches_a_file(client):
         response = await client.get(path)
         assert response.status_code in (404, 422), path
         assert "root" not in response.text
+
+
+async def test_replacing_an_adapter_below_another_in_its_slot_pool_keeps_the_engine_alive(client, tmp_path):
+    """Freeing a forgotten version's device slot moves the last slot into it while the engine is
+    idle (outside an inference step); that must not kill the engine thread (it once did)."""
+    files = {
+        name: adapter_files(client.app, "lora", tmp_path / name, seed=i + 1) for i, name in enumerate("ab")
+    }
+    for name, (config, weights) in files.items():
+        assert (await upload(client, name, config, weights)).status_code == 201
+        got = await client.post("/generate", json={"prompt": "t1", "adapter": name, "max_new_tokens": 2})
+        assert got.status_code == 200, got.text
+    assert (await upload(client, "a", *files["b"])).status_code == 201  # a v2: v1's slot is freed
+    runtime = client.app.state.runtime
+    deadline = asyncio.get_running_loop().time() + 10
+    while runtime.engine.residency.tier_of(("a", 1)):
+        assert asyncio.get_running_loop().time() < deadline, "a v1 never left the device"
+        await asyncio.sleep(0.05)
+    assert runtime.engine_alive() and (await client.get("/ready")).status_code == 200
+    b = await client.post("/generate", json={"prompt": "t1 t2", "adapter": "b", "max_new_tokens": 4})
+    a = await client.post("/generate", json={"prompt": "t1 t2", "adapter": "a", "max_new_tokens": 4})
+    assert b.status_code == a.status_code == 200 and a.json()["text"] == b.json()["text"]  # same weights

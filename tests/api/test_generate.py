@@ -10,7 +10,7 @@ import pytest
 
 import server.app as app_module
 
-from .conftest import serve, sse_json, wait_ready
+from .conftest import adapter_files, serve, sse_json, upload, wait_ready
 
 pytestmark = pytest.mark.asyncio
 
@@ -261,3 +261,19 @@ async def test_openapi_docs_are_served(client):
     paths = (await client.get("/openapi.json")).json()["paths"]
     for path in ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/adapters"):
         assert path in paths
+
+
+async def test_no_device_room_because_of_pinned_adapters_is_503_with_retry_after(client, tmp_path):
+    """A request that can never fit while the device budget is full of pinned adapters is told to
+    retry later (503), not given a 500; the pinned adapter keeps serving."""
+    for i, name in enumerate(("pinned", "other")):
+        config, weights = adapter_files(client.app, "lora", tmp_path / name, seed=i + 1)
+        assert (await upload(client, name, config, weights)).status_code == 201
+    engine = client.app.state.runtime.engine
+    engine.pin(("pinned", 1))
+    assert (await client.post("/generate", json={"prompt": "t1", "adapter": "pinned"})).status_code == 200
+    engine.residency.device_bytes = engine.residency.device_used  # exactly full of the pinned one
+    response = await client.post("/generate", json={"prompt": "t1", "adapter": "other"})
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] and "device adapter budget" in response.json()["error"]["message"]
+    assert (await client.post("/generate", json={"prompt": "t1", "adapter": "pinned"})).status_code == 200
