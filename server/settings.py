@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     max_tokens_per_step: int = Field(4096, ge=16, description="prefill + decode tokens in one step")
     device_adapter_bytes: int = Field(256 << 20, ge=0, description="byte budget of device slot tables")
     host_adapter_bytes: int = Field(1 << 30, ge=0, description="byte budget of the host adapter LRU")
+    pinned_adapters: list[str] = Field(
+        [], description="adapter ids never evicted once loaded (also PUT /adapters/{id}/pin)"
+    )
     merged_cache_bytes: int = Field(0, ge=0, description="byte budget of merged-weight copies (0 = off)")
     merge_after_steps: int = Field(
         4, ge=1, description="whole steps on one adapter before it is served merged"

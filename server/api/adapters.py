@@ -48,8 +48,13 @@ _CHUNK = 1 << 20
 
 
 def _info(rt: Runtime, record, *, on_disk: bool = True) -> dict:
-    tiers = rt.engine.residency.tier_of((record.adapter_id, record.version))
-    return {**dataclasses.asdict(record), "residency": (["disk"] if on_disk else []) + tiers}
+    key = (record.adapter_id, record.version)
+    tiers = rt.engine.residency.tier_of(key)
+    return {
+        **dataclasses.asdict(record),
+        "residency": (["disk"] if on_disk else []) + tiers,
+        "pinned": rt.engine.residency.is_pinned(key),
+    }
 
 
 @router.post(
@@ -135,8 +140,26 @@ async def download_file(
     return StreamingResponse(_chunks(fh), media_type=media, headers=headers)
 
 
+@router.put("/{adapter_id}/pin", response_model=AdapterInfo, responses=_ERRORS, summary="Pin an adapter")
+async def pin_adapter(adapter_id: AdapterIdPath, rt: ReadyRuntime, store: StoreDep):
+    """Keep every version of this adapter in host and device memory once loaded (until unpinned or
+    deleted; the ``pinned_adapters`` setting pins ids at start-up). Pinned adapters that fill the
+    device budget make requests for others answer 503."""
+    record = await asyncio.to_thread(store.get, adapter_id)
+    rt.engine.residency.pinned_ids.add(adapter_id)
+    return _info(rt, record)
+
+
+@router.delete("/{adapter_id}/pin", response_model=AdapterInfo, responses=_ERRORS, summary="Unpin an adapter")
+async def unpin_adapter(adapter_id: AdapterIdPath, rt: ReadyRuntime, store: StoreDep):
+    record = await asyncio.to_thread(store.get, adapter_id)
+    rt.engine.residency.pinned_ids.discard(adapter_id)
+    return _info(rt, record)
+
+
 @router.delete("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS, summary="Delete an adapter")
 async def delete_adapter(adapter_id: AdapterIdPath, rt: ReadyRuntime, store: StoreDep):
     record = await asyncio.to_thread(store.delete, adapter_id)
+    rt.engine.residency.pinned_ids.discard(adapter_id)
     rt.engine.forget(record.adapter_id, record.version)
     return _info(rt, record, on_disk=False)

@@ -145,6 +145,7 @@ class AdapterInfo(BaseModel):
     status: Literal["ready", "quarantined"]
     error: str | None = None
     residency: list[Literal["disk", "host", "device", "merged"]]
+    pinned: bool = Field(False, description="never evicted from host or device memory once loaded")
 
 
 class AdapterList(BaseModel):

@@ -55,6 +55,7 @@ class Engine:
             host_bytes=settings.host_adapter_bytes,
             merged_bytes=settings.merged_cache_bytes,
         )
+        self.residency.pinned_ids.update(settings.pinned_adapters)
         self.planner = StepPlanner(self.residency, base.device, settings.merge_after_steps)
         plain = hf_forward(base.model)
 

@@ -86,7 +86,8 @@ class Residency:
         self._refs_lock = threading.Lock()
         self._forgotten: set[AdapterKey] = set()  # deleted/replaced, dropped when the last user ends
         self._drop_queue: list[AdapterKey] = []  # device/merged drops for the engine thread
-        self.pinned: set[AdapterKey] = set()
+        self.pinned: set[AdapterKey] = set()  # these versions
+        self.pinned_ids: set[str] = set()  # every version of these adapter ids (keys (id, version))
         self.protected: set[AdapterKey] = set()  # the current step's adapters (set by the planner)
         self.epoch = 0  # bumped whenever a slot or merged copy appears, moves or disappears
 
@@ -123,12 +124,15 @@ class Residency:
         fut.set_result(adapter)
         return adapter
 
+    def is_pinned(self, key: AdapterKey) -> bool:
+        return key in self.pinned or (isinstance(key, tuple) and bool(key) and key[0] in self.pinned_ids)
+
     def _evict_host(self) -> None:
         total = sum(a.nbytes() for a in self._host.values())
         for key in list(self._host):
             if total <= self.host_bytes or len(self._host) <= 1:
                 break
-            if key in self.pinned or self._refs.get(key):
+            if self.is_pinned(key) or self._refs.get(key):
                 continue
             total -= self._host.pop(key).nbytes()
             self.stats.evictions["host"] += 1
@@ -233,7 +237,7 @@ class Residency:
             if self.device_used + needed <= self.device_bytes:
                 return
             victim = next(
-                (k for k in self._device if k != keep and k not in self.pinned and k not in self.protected),
+                (k for k in self._device if k != keep and not self.is_pinned(k) and k not in self.protected),
                 None,
             )
             if victim is None:

@@ -202,3 +202,31 @@ async def test_replacing_an_adapter_below_another_in_its_slot_pool_keeps_the_eng
     b = await client.post("/generate", json={"prompt": "t1 t2", "adapter": "b", "max_new_tokens": 4})
     a = await client.post("/generate", json={"prompt": "t1 t2", "adapter": "a", "max_new_tokens": 4})
     assert b.status_code == a.status_code == 200 and a.json()["text"] == b.json()["text"]  # same weights
+
+
+async def test_pinning_over_http_keeps_an_adapter_resident_across_versions(client, tmp_path):
+    residency = client.app.state.runtime.engine.residency
+    files = {n: adapter_files(client.app, "lora", tmp_path / n, seed=i + 1) for i, n in enumerate("abc")}
+    for name, (config, weights) in files.items():
+        assert (await upload(client, name, config, weights)).status_code == 201
+    pinned = await client.put("/adapters/a/pin")
+    assert pinned.status_code == 200 and pinned.json()["pinned"] is True
+    assert (await client.put("/adapters/nope/pin")).status_code == 404
+    assert (await client.put("/adapters/..%2fx/pin")).status_code in (404, 422)
+
+    async def use(name):
+        got = await client.post("/generate", json={"prompt": "t1", "adapter": name, "max_new_tokens": 1})
+        assert got.status_code == 200, got.text
+
+    await use("a")
+    residency.device_bytes = 2 * residency.device_used  # room for "a" and one more: b and c take turns
+    evictions = residency.stats.evictions["device"]
+    for name in "bcbc":
+        await use(name)
+        assert "device" in (await client.get("/adapters/a")).json()["residency"]
+    assert residency.stats.evictions["device"] >= evictions + 3
+    assert (await upload(client, "a", *files["b"])).status_code == 201  # the pin follows new versions
+    assert (await client.get("/adapters/a")).json()["pinned"] and residency.is_pinned(("a", 2))
+    unpinned = await client.delete("/adapters/a/pin")
+    assert unpinned.status_code == 200 and unpinned.json()["pinned"] is False
+    assert not residency.is_pinned(("a", 2))
