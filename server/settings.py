@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         [], description="'SCOPE:TOKEN' bearer keys, SCOPE = infer | admin; none = no auth"
     )
     api_keys_file: Path | None = Field(None, description="file of 'SCOPE:TOKEN' lines (# comments)")
+    engine_stall_s: float = Field(
+        120.0,
+        gt=0,
+        description="/ready and new requests answer 503 when a step takes longer (a wedged engine)",
+    )
     shutdown_grace_s: int = Field(30, ge=0, description="seconds in-flight requests get on shutdown")
 
     # ---- metrics ----

@@ -55,6 +55,9 @@ class Runtime:
             return "the server is shutting down"
         if not self.engine_alive():
             return "the engine is not running"
+        stalled = self.engine.generator.stalled_for()
+        if stalled > self.settings.engine_stall_s:
+            return f"the engine has made no progress for {stalled:.0f} s"
         return None
 
     def check_ready(self) -> None:

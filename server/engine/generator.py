@@ -142,6 +142,8 @@ class Generator:
         self.max_seq_len = max_seq_len
         self.cache_factory = cache_factory
         self.idle_wait_s = idle_wait_s
+        self._progress = time.monotonic()  # the last finished step, or the last idle moment
+        self._step_started: float | None = None  # set while a step runs
         # Run on the engine thread between steps and when woken while idle (e.g. freeing the
         # device memory of deleted adapters).
         self.housekeeping = housekeeping
@@ -171,6 +173,15 @@ class Generator:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work but finished no step (0 while idle or progressing)."""
+        started = self._step_started
+        if started is not None:
+            return max(0.0, time.monotonic() - started)
+        if not self._waiting and not len(self._running):
+            return 0.0
+        return max(0.0, time.monotonic() - self._progress)
+
     def submit(self, request: GenerationRequest) -> None:
         """Queue ``request`` (thread-safe). Impossible requests finish at once with ``"error"``."""
         n = len(request.prompt_token_ids)
@@ -193,6 +204,7 @@ class Generator:
             with self._cond:
                 while not self._waiting and not len(self._running) and not stop_event.is_set():
                     self._cond.wait(timeout=self.idle_wait_s)
+                    self._progress = time.monotonic()
                     self._housekeeping()
             if stop_event.is_set():
                 break
@@ -225,6 +237,14 @@ class Generator:
 
     def step(self) -> StepStats:
         """One scheduling iteration (engine thread only)."""
+        self._step_started = time.monotonic()
+        try:
+            return self._step()
+        finally:
+            self._step_started = None
+            self._progress = time.monotonic()
+
+    def _step(self) -> StepStats:
         t0 = time.perf_counter()
         finished = self._drop_cancelled()
         admitted = self._admit()

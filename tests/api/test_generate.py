@@ -277,3 +277,36 @@ async def test_no_device_room_because_of_pinned_adapters_is_503_with_retry_after
     assert response.status_code == 503, response.text
     assert response.headers["Retry-After"] and "device adapter budget" in response.json()["error"]["message"]
     assert (await client.post("/generate", json={"prompt": "t1", "adapter": "pinned"})).status_code == 200
+
+
+async def test_a_wedged_engine_turns_ready_503_and_new_requests_503_until_it_moves_again(make_app):
+    """The engine thread is alive but a step never ends (e.g. a hung kernel): after
+    ``engine_stall_s`` /ready and new requests answer 503 at once instead of hanging; /health
+    stays 200; when the step finishes, everything is served again."""
+    app = make_app(engine_stall_s=0.5)
+    async with serve(app) as client:
+        generator = app.state.runtime.engine.generator
+        release = threading.Event()
+        forward = generator.forward
+
+        def wedged(*args, **kwargs):
+            release.wait(30)
+            return forward(*args, **kwargs)
+
+        generator.forward = wedged
+        stuck = asyncio.create_task(client.post("/generate", json={"prompt": "t1", "max_new_tokens": 2}))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while (ready := await client.get("/ready")).status_code == 200:
+            assert loop.time() < deadline, "the stall was never reported"
+            await asyncio.sleep(0.1)
+        assert ready.status_code == 503 and "no progress" in ready.json()["error"]["message"]
+        assert (await client.get("/health")).status_code == 200
+        started = loop.time()
+        late = await client.post("/generate", json={"prompt": "t1", "max_new_tokens": 2})
+        assert late.status_code == 503 and late.headers["Retry-After"] and loop.time() - started < 2
+        generator.forward = forward
+        release.set()
+        assert (await stuck).status_code == 200
+        assert (await client.get("/ready")).status_code == 200
+        assert (await client.post("/generate", json={"prompt": "t1", "max_new_tokens": 2})).status_code == 200
