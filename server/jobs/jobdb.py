@@ -139,6 +139,12 @@ class JobDB:
             row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
         return None if row is None else {**_row_dict(row), "request_hash": row["request_hash"]}
 
+    def active(self, status: str) -> list[dict]:
+        """The ``id`` and ``adapter_id`` of every job in ``status``."""
+        with self._db() as db:
+            rows = db.execute("SELECT id, adapter_id FROM jobs WHERE status = ?", (status,))
+            return [{"id": r[0], "adapter_id": r[1]} for r in rows]
+
     def count(self, status: str) -> int:
         with self._db() as db:
             return db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]

@@ -13,7 +13,7 @@ trains queued jobs in order on the *resident* base model (``server.jobs.train``:
 per-thread binding, no model copy). After every optimizer step it yields to serving: while
 ``busy()`` says requests are waiting it sleeps in short slices (at most ``max_pause_s`` per
 step, so training still progresses under constant load). Checkpoints are stored as
-``<adapter_id>@<step>``, the final adapter as ``<adapter_id>`` (a new version if it exists).
+``<adapter_id>@<step>``, the final adapter as ``<adapter_id>``, which must be a new id (checked at submit).
 
 Statuses: queued -> running -> succeeded | failed | cancelled (queued -> cancelled directly).
 
@@ -213,12 +213,20 @@ class JobRunner:
                 replay = self._replay(idempotency_key, request_hash)
                 if replay is not None:
                     return replay
+            self._check_new_id(spec.adapter_id)
             if self.max_queued is not None and self.db.count(QUEUED) >= self.max_queued:
                 raise JobQueueFull(f"{self.max_queued} jobs are already queued; try again later")
             job_id = self._create(spec, train, val, idempotency_key, request_hash)
         with self._wake:
             self._wake.notify_all()
         return self.get(job_id)
+
+    def _check_new_id(self, adapter_id: str) -> None:
+        """A job trains a *new* adapter: the id must not be stored nor taken by an active job."""
+        if self.store.current_version(adapter_id) is not None:
+            raise JobInvalid("adapter_id", "an adapter with this id exists; choose a new id (or delete it)")
+        if any(j["adapter_id"] == adapter_id for s in (QUEUED, RUNNING) for j in self.db.active(s)):
+            raise JobInvalid("adapter_id", "a queued or running job already trains this adapter id")
 
     def _replay(self, idempotency_key: str, request_hash: str) -> dict | None:
         job = self.db.find_by_key(idempotency_key)

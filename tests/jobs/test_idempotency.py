@@ -32,13 +32,18 @@ async def test_the_same_key_and_body_give_the_same_job(app):  # noqa: F811
         )
         # Retries racing each other still make one job.
         racing = await asyncio.gather(
-            *(client.post("/fine-tunes", json=BODY, headers={"Idempotency-Key": "race"}) for _ in range(6))
+            *(
+                client.post(
+                    "/fine-tunes", json={**BODY, "adapter_id": "raced"}, headers={"Idempotency-Key": "r"}
+                )
+                for _ in range(6)
+            )
         )
         assert {r.status_code for r in racing} == {202} and len({r.json()["id"] for r in racing}) == 1
         assert (await client.get("/fine-tunes")).json()["total"] == 2
-        # Without a key every submission is a new job.
-        plain = [await client.post("/fine-tunes", json=BODY) for _ in range(2)]
-        assert plain[0].json()["id"] != plain[1].json()["id"]
+        # Without a key the same body again is refused: its adapter id is taken by the queued job.
+        again = await client.post("/fine-tunes", json=BODY)
+        assert again.status_code == 422 and again.json()["error"]["where"] == "body.adapter_id"
 
 
 async def test_the_same_key_with_another_body_is_422(app):  # noqa: F811
@@ -58,11 +63,11 @@ async def test_a_full_queue_is_429_with_retry_after(app):  # noqa: F811
     async with serve(app) as client:
         runner = stopped_runner(app)
         runner.max_queued = 2
-        for _ in range(2):
-            assert (await client.post("/fine-tunes", json=BODY)).status_code == 202
-        full = await client.post("/fine-tunes", json=BODY)
+        for i in range(2):
+            assert (await client.post("/fine-tunes", json={**BODY, "adapter_id": f"q{i}"})).status_code == 202
+        full = await client.post("/fine-tunes", json={**BODY, "adapter_id": "q2"})
         assert full.status_code == 429 and full.headers["Retry-After"]
         assert "queued" in full.json()["error"]["message"]
         job = (await client.get("/fine-tunes")).json()["jobs"][0]
         assert (await client.post(f"/fine-tunes/{job['id']}/cancel")).status_code == 200
-        assert (await client.post("/fine-tunes", json=BODY)).status_code == 202  # room again
+        assert (await client.post("/fine-tunes", json={**BODY, "adapter_id": "q3"})).status_code == 202

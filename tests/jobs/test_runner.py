@@ -92,11 +92,20 @@ def test_a_job_runs_to_a_stored_adapter_with_events_and_checkpoints(setup):
     assert kinds[:2] == ["created", "started"] and kinds[-1] == SUCCEEDED
     assert kinds.count("step") == 4 and "checkpoint" in kinds and kinds.count("eval") == 2
     assert [e["seq"] for e in runner.events(job["id"], after=3)][0] == 4
-    # A second job for the same id stores a new version; the engine is told the old one.
-    job2 = runner.submit(spec())
-    runner.run_job(job2["id"])
-    assert runner.get(job2["id"])["result"]["version"] == 2 and stored[-1] == ("my-job", 1)
-    assert [j["id"] for j in runner.list()[0]] == [job2["id"], job["id"]]
+    # A job trains a new adapter: an id that exists is refused before anything is queued.
+    with pytest.raises(JobInvalid, match="exists") as exc:
+        runner.submit(spec())
+    assert exc.value.where == "adapter_id" and runner.list()[1] == 1
+
+
+def test_an_id_taken_by_an_active_job_is_refused(setup):
+    base, store, root = setup
+    runner = JobRunner(base, store, root)
+    first = runner.submit(spec(adapter_id="twin"))
+    with pytest.raises(JobInvalid, match="queued or running job"):
+        runner.submit(spec(adapter_id="twin"))
+    runner.cancel(first["id"])
+    assert runner.submit(spec(adapter_id="twin"))["status"] == QUEUED  # free again
 
 
 def test_cancel_queued_running_and_finished(setup):
