@@ -273,7 +273,8 @@ def test_dead_engine_thread_turns_ready_503_while_health_stays_200(tmp_path):
         def crash() -> None:
             raise RuntimeError("simulated engine crash")
 
-        generator.housekeeping = crash  # runs on the engine thread while it idles
+        # An error escaping the engine loop (its idle hook is guarded, so replace the guard itself).
+        generator._housekeeping = crash  # runs on the engine thread while it idles
         generator.wake()
         wait_until(lambda: httpx.get(url + "/ready").status_code == 503, 5, "/ready stayed 200")
         assert "engine is not running" in httpx.get(url + "/ready").json()["error"]["message"]
