@@ -34,6 +34,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def replace_durable(path: Path, data: bytes) -> None:
+    """Create or atomically replace ``path`` with ``data``: a temp file beside it (``<name>.tmp``,
+    a stale one removed first), fsync, rename over ``path``, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    write_durable(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def remove_tree(path: Path) -> None:
     """Remove a file, symlink (not its target) or directory tree; missing is fine."""
     try:

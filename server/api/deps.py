@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import threading
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Path, Request
 
@@ -11,6 +13,23 @@ from adapters_store.store import AdapterStore
 from .errors import ApiError
 from .runtime import Runtime
 from .schemas import AdapterId
+
+T = TypeVar("T")
+
+
+_ONCE = threading.Lock()
+
+
+def app_singleton(app, name: str, make: Callable[[], T]) -> T:
+    """``app.state.<name>``, made by ``make()`` the first time (once, even when asked concurrently)."""
+    value = getattr(app.state, name, None)
+    if value is None:
+        with _ONCE:
+            value = getattr(app.state, name, None)
+            if value is None:
+                value = make()
+                setattr(app.state, name, value)
+    return value
 
 
 def get_runtime(request: Request) -> Runtime:

@@ -15,7 +15,6 @@ Shapes follow OpenAI's Files API (``{"id": "file-...", "object": "file", "bytes"
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -24,14 +23,13 @@ from starlette.responses import Response
 
 from server.jobs.files import FileInvalid, FileNotFound, FileStore
 
-from .deps import AdminScope, ReadyRuntime
+from .deps import AdminScope, ReadyRuntime, app_singleton
 from .errors import ApiError
 from .runtime import Runtime
 from .schemas import ErrorBody
 from .uploads import read_form
 
 router = APIRouter(prefix="/files", tags=["files"], dependencies=[AdminScope])
-_LOCK = threading.Lock()
 _ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 422, 503)}
 _UPLOAD_DOC = {
     "requestBody": {
@@ -53,13 +51,7 @@ _UPLOAD_DOC = {
 
 
 def get_or_create_files(app, rt: Runtime) -> FileStore:
-    files = getattr(app.state, "files", None)
-    if files is None:
-        with _LOCK:
-            files = getattr(app.state, "files", None)
-            if files is None:
-                files = app.state.files = FileStore(rt.settings.data_dir / "files")
-    return files
+    return app_singleton(app, "files", lambda: FileStore(rt.settings.data_dir / "files"))
 
 
 def get_files(request: Request, rt: ReadyRuntime) -> FileStore:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -47,7 +46,7 @@ from server.jobs.runner import (
     JobSpec,
 )
 
-from .deps import AdminScope, ReadyRuntime
+from .deps import AdminScope, ReadyRuntime, app_singleton
 from .errors import ApiError
 from .files import get_or_create_files
 from .inference import EventStream, sse
@@ -59,7 +58,6 @@ from .schemas import MAX_OFFSET, ErrorBody
 _ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 422, 503)}
 _NOT_FOUND = {404: {"model": ErrorBody}}
 router = APIRouter(prefix="/fine-tunes", tags=["fine-tunes"], dependencies=[AdminScope], responses=_ERRORS)
-_LOCK = threading.Lock()
 
 
 class FineTuneRequest(BaseModel):
@@ -104,18 +102,15 @@ def get_runner(request: Request, rt: ReadyRuntime) -> JobRunner:
 
 def get_or_create_runner(app, rt: Runtime) -> JobRunner:
     """The app's job runner (created when the server becomes ready, or on first use)."""
-    runner = getattr(app.state, "fine_tunes", None)
-    if runner is not None:
+
+    def make() -> JobRunner:
+        runner = make_runner(rt)
+        runner.start()
+        if rt.metrics is not None:  # job metrics are read from it at scrape time
+            rt.metrics.fine_tunes = runner
         return runner
-    with _LOCK:
-        runner = getattr(app.state, "fine_tunes", None)
-        if runner is None:
-            runner = make_runner(rt)
-            runner.start()
-            app.state.fine_tunes = runner
-            if rt.metrics is not None:  # job metrics are read from it at scrape time
-                rt.metrics.fine_tunes = runner
-    return runner
+
+    return app_singleton(app, "fine_tunes", make)
 
 
 def make_runner(rt: Runtime) -> JobRunner:

@@ -49,7 +49,7 @@ class _Reader:
     """Callbacks of ``MultipartParser``. File data is queued in ``pending`` and flushed to the temp
     file by the async driver, so the parser itself never blocks on I/O."""
 
-    def __init__(self, caps: dict[str, int], streamed: str | None = "weights"):
+    def __init__(self, caps: dict[str, int], streamed: str | None):
         self.caps = caps
         self.streamed = streamed
         self.parts: dict[str, _Part] = {}
@@ -88,8 +88,7 @@ class _Reader:
         _, options = parse_options_header(self.headers.get(b"content-disposition"))
         name = options.get(b"name", b"").decode("latin-1")
         if name not in self.caps:
-            expected = ", ".join(self.caps)
-            raise ApiError(422, f"unexpected form field; expected {expected}", "body")
+            raise ApiError(422, f"unexpected form field; expected {_names(self.caps)}", "body")
         if name in self.parts:
             raise ApiError(422, "form field given twice", f"body.{name}")
         filename = options.get(b"filename", b"").decode("utf-8", "replace")
@@ -129,66 +128,37 @@ def _write_all(fd: int, chunks: list[bytes]) -> None:
             view = view[os.write(fd, view) :]
 
 
-async def read_adapter_upload(
+def _names(caps: dict[str, int]) -> str:
+    *rest, last = caps
+    return f"{', '.join(rest)} and {last}" if rest else last
+
+
+def _boundary(request: Request, caps: dict[str, int]) -> bytes:
+    ctype, options = parse_options_header(request.headers.get("content-type"))
+    boundary = options.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise ApiError(415, f"expected multipart/form-data with {_names(caps)}", "body")
+    return boundary
+
+
+async def _parse_form(
     request: Request,
-    uploads_dir: Path,
-    max_config: int,
-    max_weights: int,
-    idle_timeout_s: float | None = None,
-) -> AdapterUpload:
-    ctype, options = parse_options_header(request.headers.get("content-type"))
-    boundary = options.get(b"boundary")
-    if ctype != b"multipart/form-data" or not boundary:
-        raise ApiError(415, "expected multipart/form-data with adapter_id, config and weights", "body")
-    reader = _Reader({"adapter_id": MAX_ID_BYTES, "config": max_config, "weights": max_weights})
-    parser = MultipartParser(boundary, reader.callbacks())
-    fd, name = await asyncio.to_thread(
-        tempfile.mkstemp, prefix="upload-", suffix=".safetensors", dir=uploads_dir
-    )
-    path = Path(name)
-    try:
-        try:
-            async for chunk in _chunks(request, idle_timeout_s):
-                parser.write(chunk)
-                if reader.pending:
-                    chunks, reader.pending = reader.pending, []
-                    await asyncio.to_thread(_write_all, fd, chunks)
-            parser.finalize()
-        except MultipartParseError:
-            raise ApiError(400, "malformed multipart body", "body") from None
-        except ClientDisconnect:
-            raise ApiError(400, "the client went away during the upload", "body") from None
-        finally:
-            os.close(fd)
-        if not reader.ended:
-            raise ApiError(400, "incomplete multipart body", "body")
-        for required in ("adapter_id", "config", "weights"):
-            if required not in reader.parts:
-                raise ApiError(422, "field required", f"body.{required}")
-        try:
-            adapter_id = reader.parts["adapter_id"].buffer.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(422, "adapter_id must be UTF-8 text", "body.adapter_id") from None
-        return AdapterUpload(adapter_id, bytes(reader.parts["config"].buffer), path)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-
-
-async def read_form(
-    request: Request, caps: dict[str, int], idle_timeout_s: float | None = None
+    boundary: bytes,
+    caps: dict[str, int],
+    idle_timeout_s: float | None,
+    streamed: str | None = None,
+    flush=None,
 ) -> dict[str, _Part]:
-    """Every part of a small multipart form, buffered (each up to its cap; 413 above). The parts
-    named in ``caps`` are all required (422 naming the missing one)."""
-    ctype, options = parse_options_header(request.headers.get("content-type"))
-    boundary = options.get(b"boundary")
-    if ctype != b"multipart/form-data" or not boundary:
-        raise ApiError(415, f"expected multipart/form-data with {', '.join(caps)}", "body")
-    reader = _Reader(caps, streamed=None)
+    """Parse the body; the ``streamed`` part's data goes to ``await flush(chunks)``, every other
+    part is buffered. The parts named in ``caps`` are all required (422 naming the missing one)."""
+    reader = _Reader(caps, streamed)
     parser = MultipartParser(boundary, reader.callbacks())
     try:
         async for chunk in _chunks(request, idle_timeout_s):
             parser.write(chunk)
+            if reader.pending:
+                chunks, reader.pending = reader.pending, []
+                await flush(chunks)
         parser.finalize()
     except MultipartParseError:
         raise ApiError(400, "malformed multipart body", "body") from None
@@ -200,3 +170,46 @@ async def read_form(
         if required not in reader.parts:
             raise ApiError(422, "field required", f"body.{required}")
     return reader.parts
+
+
+async def read_adapter_upload(
+    request: Request,
+    uploads_dir: Path,
+    max_config: int,
+    max_weights: int,
+    idle_timeout_s: float | None = None,
+) -> AdapterUpload:
+    caps = {"adapter_id": MAX_ID_BYTES, "config": max_config, "weights": max_weights}
+    boundary = _boundary(request, caps)
+    fd, name = await asyncio.to_thread(
+        tempfile.mkstemp, prefix="upload-", suffix=".safetensors", dir=uploads_dir
+    )
+    path = Path(name)
+    try:
+        try:
+            parts = await _parse_form(
+                request,
+                boundary,
+                caps,
+                idle_timeout_s,
+                streamed="weights",
+                flush=lambda chunks: asyncio.to_thread(_write_all, fd, chunks),
+            )
+        finally:
+            os.close(fd)
+        try:
+            adapter_id = parts["adapter_id"].buffer.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(422, "adapter_id must be UTF-8 text", "body.adapter_id") from None
+        return AdapterUpload(adapter_id, bytes(parts["config"].buffer), path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+async def read_form(
+    request: Request, caps: dict[str, int], idle_timeout_s: float | None = None
+) -> dict[str, _Part]:
+    """Every part of a small multipart form, buffered (each up to its cap; 413 above). The parts
+    named in ``caps`` are all required (422 naming the missing one)."""
+    return await _parse_form(request, _boundary(request, caps), caps, idle_timeout_s)

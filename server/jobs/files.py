@@ -15,12 +15,13 @@ uses the file. Opening the folder removes leftovers of an interrupted upload.
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
 import uuid
 from pathlib import Path
+
+from adapters_store.fsutil import replace_durable
 
 from .data import DataError, parse_jsonl
 
@@ -38,23 +39,6 @@ class FileInvalid(ValueError):
 
 class FileNotFound(KeyError):
     pass
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileStore:
@@ -96,9 +80,8 @@ class FileStore:
             "records": len(records),
         }
         with self._lock:
-            _write_atomic(self._path(file_id, ".jsonl"), data)
-            _write_atomic(self._path(file_id, ".json"), json.dumps(info).encode())
-            _fsync_dir(self.root)
+            replace_durable(self._path(file_id, ".jsonl"), data)
+            replace_durable(self._path(file_id, ".json"), json.dumps(info).encode())
         return info
 
     def get(self, file_id: str) -> dict:

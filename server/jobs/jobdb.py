@@ -139,11 +139,12 @@ class JobDB:
             row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
         return None if row is None else {**_row_dict(row), "request_hash": row["request_hash"]}
 
-    def active(self, status: str) -> list[dict]:
-        """The ``id`` and ``adapter_id`` of every job in ``status``."""
+    def adapter_ids(self, *statuses: str) -> set[str]:
+        """The ``adapter_id`` of every job in one of ``statuses``."""
+        marks = ", ".join("?" for _ in statuses)
         with self._db() as db:
-            rows = db.execute("SELECT id, adapter_id FROM jobs WHERE status = ?", (status,))
-            return [{"id": r[0], "adapter_id": r[1]} for r in rows]
+            rows = db.execute(f"SELECT DISTINCT adapter_id FROM jobs WHERE status IN ({marks})", statuses)
+            return {r[0] for r in rows}
 
     def count(self, status: str) -> int:
         with self._db() as db:

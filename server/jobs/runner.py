@@ -225,7 +225,7 @@ class JobRunner:
         """A job trains a *new* adapter: the id must not be stored nor taken by an active job."""
         if self.store.current_version(adapter_id) is not None:
             raise JobInvalid("adapter_id", "an adapter with this id exists; choose a new id (or delete it)")
-        if any(j["adapter_id"] == adapter_id for s in (QUEUED, RUNNING) for j in self.db.active(s)):
+        if adapter_id in self.db.adapter_ids(QUEUED, RUNNING):
             raise JobInvalid("adapter_id", "a queued or running job already trains this adapter id")
 
     def _replay(self, idempotency_key: str, request_hash: str) -> dict | None:

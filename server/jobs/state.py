@@ -17,14 +17,14 @@ done in it, so a resumed job ends with exactly the weights an uninterrupted one 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
+
+from adapters_store.fsutil import replace_durable
 
 
 class StateError(ValueError):
@@ -73,27 +73,15 @@ def _flatten(state: TrainState) -> tuple[dict[str, torch.Tensor], dict]:
 def save_state(path: Path, state: TrainState) -> None:
     """Write ``state`` to ``path`` atomically."""
     tensors, meta = _flatten(state)
-    data = st_save(tensors, metadata={"state": json.dumps(meta)})
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_durable(path, st_save(tensors, metadata={"state": json.dumps(meta)}))
 
 
 def load_state(path: Path) -> TrainState:
     """Read a file written by ``save_state``; raises ``StateError`` if it is missing or damaged."""
     try:
-        raw = Path(path).read_bytes()
-        tensors = st_load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        meta = json.loads(json.loads(raw[8 : 8 + header_len])["__metadata__"]["state"])
+        with safe_open(path, framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+            meta = json.loads((f.metadata() or {})["state"])
         params = {p: {n: tensors[f"param.{p}.{n}"] for n in names} for p, names in meta["modules"].items()}
         opt_state: dict[int, dict] = {}
         for key, t in tensors.items():
