@@ -39,6 +39,15 @@ RUN if ! python3 -m venv --help >/dev/null 2>&1; then \
     fi \
     && python3 -m venv /opt/venv
 
+# CPU images: a C++ compiler for the fused adapter kernels (server/kernels, built on first start
+# into /data/.cache/facet for the machine's own instruction set).
+# hadolint ignore=DL3008
+RUN if [ "$DEVICE" = "cpu" ]; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 RUN if [ "$DEVICE" = "cpu" ]; then index=https://download.pytorch.org/whl/cpu; \
     else index="https://download.pytorch.org/whl/${TORCH_CUDA}"; fi \
     && pip install "torch==${TORCH_VERSION}" --index-url "$index" \

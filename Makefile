@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 
 model: $(STAMP)
 	$(BIN)/python -m server.engine.model_cache
+	# the fused CPU adapter kernels, compiled once per machine (~30 s; the server serves with the
+	# torch code where no C++ compiler exists, so a failed build does not stop anything)
+	$(BIN)/python -m server.kernels || echo "CPU kernels not built: serving uses the torch code"
 
 serve: $(STAMP) model
 	$(BIN)/python -m server --host 127.0.0.1 --port 8000

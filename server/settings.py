@@ -6,6 +6,7 @@ Build one ``Settings`` at start-up and pass it down; nothing else reads the envi
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -45,6 +46,12 @@ class Settings(BaseSettings):
         4, ge=1, description="whole steps on one adapter before it is served merged"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    cpu_kernels: bool = Field(
+        True, description="fused C++ kernels for mixed-adapter batches on CPU (built once; torch code if off)"
+    )
+    kernels_dir: Path | None = Field(
+        None, description="build cache of the CPU kernels; default: $XDG_CACHE_HOME/facet (~/.cache/facet)"
+    )
 
     # ---- http ----
     host: str = "127.0.0.1"
@@ -82,6 +89,13 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.models_dir if self.models_dir is not None else self.data_dir / "models"
+
+    @property
+    def kernels_build_dir(self) -> Path:
+        if self.kernels_dir is not None:
+            return self.kernels_dir
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(cache) / "facet"
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:

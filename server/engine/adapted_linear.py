@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.kernels.fast import fast_op
 from server.methods import AdapterMethod, Group, MethodConfig, adapted_forward, batched_linear
 
 from .slots import SlotPool
@@ -49,20 +50,37 @@ class MergedRows:
 
 @dataclass
 class ServeBinding(StepBinding):
-    """A serving step: rows grouped by slot pool (on the fly) and by merged adapter."""
+    """A serving step: rows grouped by slot pool (on the fly) and by merged adapter.
+
+    ``kernels``: the fused CPU kernels (``server/kernels``), or None for the torch code. A
+    binding is reused by the planner while a step's adapters do not change (decode), so the
+    per-layer group lists are built once and cached here.
+    """
 
     pools: list[PoolRows] = field(default_factory=list)
     merged: list[MergedRows] = field(default_factory=list)
+    kernels: object | None = None
+    _groups: dict[str, list[Group]] = field(default_factory=dict, repr=False)
+
+    def _groups_of(self, path: str) -> list[Group]:
+        groups = self._groups.get(path)
+        if groups is None:
+            groups = self._groups[path] = [
+                Group(pr.pool.method, pr.pool.sigs[path], pr.pool.tables[path], pr.rows, pr.slots)
+                for pr in self.pools
+                if path in pr.pool.tables
+            ]
+            for g in groups:
+                for hook in g.hooks:
+                    if (f := fast_op(self.kernels, g.method.name, g.sig, hook)) is not None:
+                        g.fused[hook] = f
+        return groups
 
     def apply(self, path: str, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
         if len(self.merged) == 1 and self.merged[0].rows is None and not self.pools:
             w = self.merged[0].weights.get(path)  # the whole step is one merged adapter
             return base(x) if w is None else F.linear(x, w[0], w[1])
-        groups = [
-            Group(pr.pool.method, pr.pool.sigs[path], pr.pool.tables[path], pr.rows, pr.slots)
-            for pr in self.pools
-            if path in pr.pool.tables
-        ]
+        groups = self._groups_of(path)
         merged = [m for m in self.merged if path in m.weights]
         if not groups and not merged:
             return base(x)

@@ -56,7 +56,12 @@ class Engine:
             merged_bytes=settings.merged_cache_bytes,
         )
         self.residency.pinned_ids.update(settings.pinned_adapters)
-        self.planner = StepPlanner(self.residency, base.device, settings.merge_after_steps)
+        kernels = None
+        if settings.cpu_kernels and base.device.type == "cpu":
+            from server import kernels as cpu_kernels
+
+            kernels = cpu_kernels.load(settings.kernels_build_dir)
+        self.planner = StepPlanner(self.residency, base.device, settings.merge_after_steps, kernels)
         plain = hf_forward(base.model)
 
         def forward(input_ids, attention_mask, position_ids, past_key_values, adapter_keys):

@@ -26,8 +26,15 @@ from .residency import Residency
 
 
 class StepPlanner:
-    def __init__(self, residency: Residency, device: torch.device, merge_after_steps: int = 4):
+    def __init__(
+        self,
+        residency: Residency,
+        device: torch.device,
+        merge_after_steps: int = 4,
+        kernels: object | None = None,
+    ):
         self.residency = residency
+        self.kernels = kernels  # fused CPU kernels for on-the-fly groups (server/kernels), or None
         self.device = device
         self.merge_after_steps = merge_after_steps
         self._whole_steps: dict[Hashable, int] = defaultdict(int)
@@ -120,7 +127,7 @@ class StepPlanner:
             pool_rows.append(rows)
             pool_slots.append(torch.full_like(rows, e.slot))
         pools = [PoolRows(pool, torch.cat(r), torch.cat(s)) for r, s, pool in by_pool.values()]
-        return ServeBinding(pools, merged)
+        return ServeBinding(pools, merged, kernels=self.kernels)
 
     def _token_rows(self, seq_rows: list[int], t: int) -> torch.Tensor:
         b = torch.tensor(seq_rows, dtype=torch.long, device=self.device)

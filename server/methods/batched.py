@@ -8,8 +8,8 @@ passed down explicitly; nothing here keeps state between calls.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,12 @@ class Group:
     table: dict[str, torch.Tensor]  # name -> [S, ...] stacked per-slot tensors
     rows: torch.Tensor | None  # [R] long, or None = every row of the batch
     slots: torch.Tensor | None  # [R] long, or None = every row uses entry 0
+    # hook -> in-place fused replacement ``f(target, x, group)`` (the engine's CPU kernels,
+    # server/kernels); used only for float32 CPU rows outside autograd.
+    fused: dict[str, Callable] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.hooks = self.method.hooks(self.sig)
 
 
 def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -38,29 +44,46 @@ def batched_linear(
     x2 = x.reshape(-1, shape[-1])
     if not groups:
         return F.linear(x, weight, bias)
+    fusable = (
+        x2.device.type == "cpu"
+        and x2.dtype == torch.float32
+        and x2.is_contiguous()
+        and not torch.is_grad_enabled()
+    )
 
-    hooks = [g.method.hooks(g.sig) for g in groups]
+    def fused(g: Group, hook: str) -> Callable | None:
+        return g.fused.get(hook) if fusable and g.rows is not None else None
+
     xin = x2
-    for g, h in zip(groups, hooks, strict=True):
-        if "pre" in h:
+    for g in groups:
+        if "pre" in g.hooks:
+            if xin is x2 and g.rows is not None:
+                xin = x2.clone()
+            if (f := fused(g, "pre")) is not None:
+                f(xin, x2, g)
+                continue
             new = g.method.pre(g.sig, _take(x2, g.rows), g.table, g.slots)
             if g.rows is None:
                 xin = new
             else:
-                if xin is x2:
-                    xin = x2.clone()
                 xin.index_copy_(0, g.rows, new)
-    posts = [(g, h) for g, h in zip(groups, hooks, strict=True) if "post" in h]
+    posts = [g for g in groups if "post" in g.hooks]
     # Without output-side transforms the bias can ride in the shared GEMM (one addmm).
     y = F.linear(xin, weight, None if posts else bias)
-    for g, _ in posts:
+    for g in posts:
+        if (f := fused(g, "post")) is not None:
+            f(y, x2, g)
+            continue
         new = g.method.post(g.sig, _take(y, g.rows), g.table, g.slots)
         if g.rows is None:
             y = new
         else:  # in place: y is a fresh result the GEMM's backward does not need
             y.index_copy_(0, g.rows, new)
-    for g, h in zip(groups, hooks, strict=True):
-        if "delta" in h:
+    for g in groups:
+        if "delta" in g.hooks:
+            if (f := fused(g, "delta")) is not None:
+                f(y, x2, g)
+                continue
             d = g.method.delta(g.sig, _take(x2, g.rows), g.table, g.slots, weight)
             if g.rows is None:
                 y = y + d.to(y.dtype)

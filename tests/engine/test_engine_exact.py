@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 
@@ -36,10 +37,21 @@ def _run(engine, plan, max_new):
     return outs
 
 
-@pytest.mark.parametrize("merged_budget", [0, 1 << 30], ids=["on-the-fly", "with-merged-cache"])
-def test_mixed_batch_equals_each_request_alone_on_merged_model(tiny_llama, merged_budget):
+@pytest.mark.parametrize(
+    "merged_budget,cpu_kernels",
+    [(0, True), (0, False), (1 << 30, True)],
+    ids=["on-the-fly", "on-the-fly-torch-code", "with-merged-cache"],
+)
+def test_mixed_batch_equals_each_request_alone_on_merged_model(tiny_llama, merged_budget, cpu_kernels):
     model, tok = tiny_llama
-    engine, reference = make_engine(model, tok, merged_cache_bytes=merged_budget, merge_after_steps=1)
+    engine, reference = make_engine(
+        model, tok, merged_cache_bytes=merged_budget, merge_after_steps=1, cpu_kernels=cpu_kernels
+    )
+    # Where a C++ compiler exists the fused CPU kernels must be what serves (server/kernels).
+    if not cpu_kernels:
+        assert engine.planner.kernels is None
+    elif shutil.which("c++") or shutil.which("g++"):
+        assert engine.planner.kernels is not None
     shapes = engine.base.module_shapes
     weights = {p: m.base.weight for p, m in engine.base.modules.items()}
     adapters = {}

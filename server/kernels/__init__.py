@@ -1,0 +1,90 @@
+"""Fused CPU kernels for mixed-batch adapter work, built once with the system C++ compiler.
+
+``load(build_root)`` compiles ``adapters_cpu.cpp`` (torch's C++ extension builder, about 40 s the
+first time on a 2-core machine; later starts load the cached library in well under a second)
+and returns a ``CpuKernels`` handle, or ``None`` when no compiler is available or the build
+fails: the engine then serves with the plain torch code of ``server/methods`` (same results,
+slower on CPU). The build folder is keyed by the CPU's instruction-set flags, because the code
+is compiled for the machine it runs on (``-march=native``).
+
+Which (family, signature, hook) has a kernel is decided in ``fast.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import threading
+from pathlib import Path
+
+log = logging.getLogger("facet.kernels")
+
+SOURCE = Path(__file__).with_name("adapters_cpu.cpp")
+# -O3 vectorises the row loops; the reassociation flags let it vectorise the dot products too
+# (the summation order then differs from torch's, within float32 rounding).
+CFLAGS = [
+    "-O3",
+    "-march=native",
+    "-fno-math-errno",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+]
+
+_lock = threading.Lock()
+_loaded: dict[Path, object] = {}
+
+
+def _cpu_key() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+
+
+def build_dir(build_root: Path) -> Path:
+    return Path(build_root) / f"adapters_cpu-{_cpu_key()}"
+
+
+def load(build_root: Path, verbose: bool = False):
+    """The compiled kernel module, or None (logged) when it cannot be built here."""
+    folder = build_dir(build_root)
+    with _lock:
+        if folder in _loaded:
+            return _loaded[folder]
+        module = None
+        try:
+            from torch.utils.cpp_extension import load as build
+
+            folder.mkdir(parents=True, exist_ok=True)
+            if not any(folder.glob("*.so")):
+                log.info("compiling the CPU adapter kernels once (about a minute) into %s", folder)
+            module = build(
+                name="facet_adapters_cpu",
+                sources=[str(SOURCE)],
+                extra_cflags=CFLAGS,
+                build_directory=str(folder),
+                verbose=verbose,
+            )
+        except Exception as e:  # no compiler, headers missing, ...: serve with the torch code
+            log.warning(
+                "CPU adapter kernels unavailable (%s); using the torch code", str(e).splitlines()[0][:200]
+            )
+        _loaded[folder] = module
+        return module
+
+
+if __name__ == "__main__":  # python -m server.kernels [BUILD_ROOT]: build ahead of time
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    from server.settings import Settings
+
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Settings().kernels_build_dir
+    sys.exit(0 if load(root, verbose=False) is not None else 1)

@@ -1,0 +1,265 @@
+// Fused CPU kernels for the on-the-fly adapter work of a mixed batch (float32).
+//
+// Each function does, in one call, what the family's torch code in server/methods/ does in 4-12
+// small ops for the token rows of one slot pool: gather each row's slot parameters, apply them,
+// write the result back into the batch's activations. At decode sizes (a few rows per pool) the
+// cost of those small ops is their fixed overhead, not their arithmetic, so one loop per family
+// is several times cheaper. The math is the same as the torch code; tests/methods/test_kernels.py
+// checks every kernel against it.
+//
+// Conventions: ``z``, ``x``, ``y`` are contiguous [N, D] float32 activations of the whole step;
+// ``rows`` [R] (int64) picks this pool's rows, ``slots`` [R] (int64) the slot of each row in the
+// pool's stacked tables ``[S, ...]`` (contiguous float32). Functions ending in ``_`` write in place.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+namespace {
+
+using torch::Tensor;
+
+// Shapes, dtypes and every row/slot index are checked before any raw pointer is used.
+void check_rows(const Tensor& z, const Tensor& rows, const Tensor& slots, const Tensor& table) {
+  TORCH_CHECK(z.dim() == 2 && z.is_contiguous() && z.scalar_type() == at::kFloat, "activations: contiguous [N, D] float32");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "rows/slots: int64");
+  TORCH_CHECK(rows.is_contiguous() && slots.is_contiguous() && rows.numel() == slots.numel(), "rows/slots: same length");
+  TORCH_CHECK(table.is_contiguous() && table.scalar_type() == at::kFloat, "slot table: contiguous float32");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t k = 0; k < rows.numel(); ++k) {
+    TORCH_CHECK(rp[k] >= 0 && rp[k] < z.size(0), "row index out of range");
+    TORCH_CHECK(sp[k] >= 0 && sp[k] < table.size(0), "slot index out of range");
+  }
+}
+
+// Rows are independent: split them over threads when there are enough of them (prefill).
+template <typename F>
+void for_rows(int64_t n_rows, int64_t row_cost, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_cost));
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) f(k);
+  });
+}
+
+// HUT rank 1, input side: z[row] *= t[slot]   (t [S, D])
+void scale_rows_(Tensor z, Tensor rows, Tensor slots, Tensor t) {
+  check_rows(z, rows, slots, t);
+  const int64_t d = z.size(1);
+  float* zp = z.data_ptr<float>();
+  const float* tp = t.data_ptr<float>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for_rows(rows.numel(), d, [&](int64_t k) {
+    float* zr = zp + rp[k] * d;
+    const float* tr = tp + sp[k] * d;
+    for (int64_t i = 0; i < d; ++i) zr[i] *= tr[i];
+  });
+}
+
+// HUT rank 1, output side: y[row] = y[row] * t[slot, 0] + t[slot, 1]   (t [S, 2, D])
+void scale_shift_rows_(Tensor y, Tensor rows, Tensor slots, Tensor t) {
+  check_rows(y, rows, slots, t);
+  const int64_t d = y.size(1);
+  float* yp = y.data_ptr<float>();
+  const float* tp = t.data_ptr<float>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for_rows(rows.numel(), d, [&](int64_t k) {
+    float* yr = yp + rp[k] * d;
+    const float* g = tp + sp[k] * 2 * d;
+    const float* b = g + d;
+    for (int64_t i = 0; i < d; ++i) yr[i] = yr[i] * g[i] + b[i];
+  });
+}
+
+// ETHER, block by block (t [S, n, b], n * b = D):  z_k -= 2 u (u . z_k)
+// ETHER+ (t [S, 2, n, b] = (p0, p1)):              z_k -= 1/2 p1 (p0 . z_k) + 1/2 p0 (p1 . z_k)
+void reflect_rows_(Tensor z, Tensor rows, Tensor slots, Tensor t) {
+  check_rows(z, rows, slots, t);
+  const bool plus = t.dim() == 4;
+  const int64_t d = z.size(1), n = t.size(-2), b = t.size(-1);
+  TORCH_CHECK(n * b == d, "ETHER table blocks do not cover the row");
+  float* zp = z.data_ptr<float>();
+  const float* tp = t.data_ptr<float>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t per_slot = plus ? 2 * d : d;
+  for_rows(rows.numel(), 4 * d, [&](int64_t k) {
+    float* zr = zp + rp[k] * d;
+    const float* p0 = tp + sp[k] * per_slot;
+    for (int64_t blk = 0; blk < n; ++blk) {
+      float* zb = zr + blk * b;
+      const float* u = p0 + blk * b;
+      if (!plus) {
+        float s = 0.f;
+        for (int64_t i = 0; i < b; ++i) s += u[i] * zb[i];
+        const float c = -2.f * s;
+        for (int64_t i = 0; i < b; ++i) zb[i] += c * u[i];
+      } else {
+        const float* v = u + d;  // p1 of the same block
+        float s0 = 0.f, s1 = 0.f;
+        for (int64_t i = 0; i < b; ++i) {
+          s0 += u[i] * zb[i];
+          s1 += v[i] * zb[i];
+        }
+        const float c0 = -0.5f * s0, c1 = -0.5f * s1;
+        for (int64_t i = 0; i < b; ++i) zb[i] += c0 * v[i] + c1 * u[i];
+      }
+    }
+  });
+}
+
+// LoRA: y[row] += (A[slot] x[row]) Bt[slot]   (A [S, r, in], Bt [S, r, out], scaling folded in)
+void lora_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor a, Tensor bt) {
+  check_rows(y, rows, slots, a);
+  check_rows(x, rows, slots, bt);
+  const int64_t in_f = x.size(1), out_f = y.size(1), r = a.size(1);
+  float* yp = y.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* bp = bt.data_ptr<float>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for_rows(rows.numel(), r * (in_f + out_f), [&](int64_t k) {
+    const float* xr = xp + rp[k] * in_f;
+    float* yr = yp + rp[k] * out_f;
+    const float* ar = ap + sp[k] * r * in_f;
+    const float* br = bp + sp[k] * r * out_f;
+    for (int64_t j = 0; j < r; ++j) {
+      const float* aj = ar + j * in_f;
+      float h = 0.f;
+      for (int64_t i = 0; i < in_f; ++i) h += aj[i] * xr[i];
+      const float* bj = br + j * out_f;
+      for (int64_t o = 0; o < out_f; ++o) yr[o] += h * bj[o];
+    }
+  });
+}
+
+// Complex multiply of interleaved (re, im) arrays: a[i] *= b[i] for m bins.
+inline void cmul_(float* a, const float* b, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float re = a[2 * i] * b[2 * i] - a[2 * i + 1] * b[2 * i + 1];
+    const float im = a[2 * i] * b[2 * i + 1] + a[2 * i + 1] * b[2 * i];
+    a[2 * i] = re;
+    a[2 * i + 1] = im;
+  }
+}
+
+// The FFT families below work on chunks of rows, one chunk per thread: at decode sizes an FFT
+// of a few rows runs single-threaded, so splitting the rows is what uses the second core.
+template <typename F>
+void for_row_chunks(int64_t n_rows, const F& f) {
+  at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) { f(begin, end); });
+}
+
+// SURM circulant: y[row] += irfft(rfft(x[row], N) * spec[slot], N)[:out]   (spec [S, N/2+1, 2])
+void circulant_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor spec, int64_t n) {
+  check_rows(y, rows, slots, spec);
+  check_rows(x, rows, slots, spec);
+  const int64_t in_f = x.size(1), out_f = y.size(1), m = n / 2 + 1;
+  TORCH_CHECK(spec.size(1) == m && n >= in_f && n >= out_f, "circulant spectrum has the wrong length");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const float* xp = x.data_ptr<float>();
+  const float* cp = spec.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
+    const int64_t rc = end - begin;
+    auto buf = torch::zeros({rc, n}, x.options());  // x rows, zero-padded to N
+    float* bp = buf.data_ptr<float>();
+    for (int64_t k = 0; k < rc; ++k) {
+      const float* xr = xp + rp[begin + k] * in_f;
+      std::copy(xr, xr + in_f, bp + k * n);
+    }
+    Tensor f = at::view_as_real(at::fft_rfft(buf, n, 1)).contiguous();  // [rc, m, 2]
+    float* fp = f.data_ptr<float>();
+    for (int64_t k = 0; k < rc; ++k) cmul_(fp + k * 2 * m, cp + sp[begin + k] * 2 * m, m);
+    Tensor out = at::fft_irfft(at::view_as_complex(f), n, 1).contiguous();  // [rc, N]
+    const float* op = out.data_ptr<float>();
+    for (int64_t k = 0; k < rc; ++k) {
+      float* yr = yp + rp[begin + k] * out_f;
+      const float* orow = op + k * n;
+      for (int64_t o = 0; o < out_f; ++o) yr[o] += orow[o];
+    }
+  });
+}
+
+// DCT (sDCTFT): y[row] += alpha z C_out with z[u_j] += c_j (x C_in^T)[v_j], both transforms as
+// length-N real FFTs (Makhoul). ``pos [S, 2, n]`` = flat spectrum slots of v_j (input) and u_j
+// (output), ``coef [S, n]`` with every per-position constant folded in (see dct.py prepare).
+// Plan tensors: ``perm_in [in]``, ``fwd_in [in/2+1, 2]`` (twiddle), ``inv_out [out/2+1, 2]``,
+// ``unperm_out [out]``.
+void dct_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor pos, Tensor coef, Tensor perm_in,
+              Tensor fwd_in, Tensor inv_out, Tensor unperm_out) {
+  check_rows(y, rows, slots, coef);
+  check_rows(x, rows, slots, coef);
+  const int64_t in_f = x.size(1), out_f = y.size(1), npos = coef.size(1);
+  const int64_t m_in = in_f / 2 + 1, m_out = out_f / 2 + 1;
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.size(0) == coef.size(0) &&
+                  pos.size(1) == 2 && pos.size(2) == npos, "dct positions: contiguous int64 [S, 2, n]");
+  TORCH_CHECK(perm_in.numel() == in_f && unperm_out.numel() == out_f && fwd_in.numel() == 2 * m_in &&
+                  inv_out.numel() == 2 * m_out, "dct plan does not match the layer");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t k = 0; k < rows.numel(); ++k) {
+    const int64_t* pk = pp + sp[k] * 2 * npos;
+    for (int64_t j = 0; j < npos; ++j)
+      TORCH_CHECK(pk[j] >= 0 && pk[j] < 2 * m_in && pk[npos + j] >= 0 && pk[npos + j] < 2 * m_out,
+                  "dct position out of range");
+  }
+  const float* xp = x.data_ptr<float>();
+  const float* cp = coef.data_ptr<float>();
+  const int64_t* pin = perm_in.data_ptr<int64_t>();
+  const int64_t* unp = unperm_out.data_ptr<int64_t>();
+  const float* fwd = fwd_in.data_ptr<float>();
+  const float* inv = inv_out.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
+    const int64_t rc = end - begin;
+    // 1. x rows in Makhoul's order, 2. their rfft, 3. the forward twiddle.
+    auto buf = torch::empty({rc, in_f}, x.options());
+    float* bp = buf.data_ptr<float>();
+    for (int64_t k = 0; k < rc; ++k) {
+      const float* xr = xp + rp[begin + k] * in_f;
+      for (int64_t i = 0; i < in_f; ++i) bp[k * in_f + i] = xr[pin[i]];
+    }
+    Tensor spec = at::view_as_real(at::fft_rfft(buf, c10::nullopt, 1)).contiguous();  // [rc, m_in, 2]
+    float* fp = spec.data_ptr<float>();
+    // 4. z[u_j] += c_j x_hat[v_j] in the output spectrum's slots, 5. the inverse twiddle.
+    auto outs = torch::zeros({rc, m_out, 2}, x.options());
+    float* op = outs.data_ptr<float>();
+    for (int64_t k = 0; k < rc; ++k) {
+      const int64_t slot = sp[begin + k];
+      const int64_t* pv = pp + slot * 2 * npos;
+      const int64_t* pu = pv + npos;
+      const float* c = cp + slot * npos;
+      float* src = fp + k * 2 * m_in;
+      float* dst = op + k * 2 * m_out;
+      cmul_(src, fwd, m_in);
+      for (int64_t j = 0; j < npos; ++j) dst[pu[j]] += c[j] * src[pv[j]];
+      cmul_(dst, inv, m_out);
+    }
+    // 6. irfft, 7. back to natural order, added to y.
+    Tensor back = at::fft_irfft(at::view_as_complex(outs), out_f, 1).contiguous();  // [rc, out]
+    const float* bk = back.data_ptr<float>();
+    for (int64_t k = 0; k < rc; ++k) {
+      float* yr = yp + rp[begin + k] * out_f;
+      const float* br = bk + k * out_f;
+      for (int64_t o = 0; o < out_f; ++o) yr[o] += br[unp[o]];
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("scale_rows_", &scale_rows_, "HUT r1 input scale (in place)");
+  m.def("scale_shift_rows_", &scale_shift_rows_, "HUT r1 output scale and shift (in place)");
+  m.def("reflect_rows_", &reflect_rows_, "ETHER / ETHER+ block reflections (in place)");
+  m.def("lora_add_", &lora_add_, "LoRA delta added to y (in place)");
+  m.def("circulant_add_", &circulant_add_, "SURM circulant delta added to y (in place)");
+  m.def("dct_add_", &dct_add_, "DCT delta added to y (in place)");
+}

@@ -1,0 +1,128 @@
+"""The fused CPU kernels (server/kernels) against the families' torch code, on every case.
+
+A mixed group of rows (gaps, repeated slots, rows of other groups in between) goes through
+``batched_linear`` twice, with and without the kernels; the outputs must agree to float32
+rounding. Odd sizes are included because the DCT's FFT reordering differs for odd lengths.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from server import kernels
+from server.kernels.fast import fast_op
+from server.methods import Group, batched_linear, get_method, stack_prepared
+
+from .cases import CASE_IDS, CASES
+
+SHAPES = [(24, 24), (8, 24), (48, 24), (24, 48), (21, 15), (15, 21)]
+
+
+@pytest.fixture(scope="module")
+def k(tmp_path_factory):
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    from server.settings import Settings
+
+    module = kernels.load(Settings().kernels_build_dir)
+    assert module is not None, "a C++ compiler is present, so the kernels must build"
+    return module
+
+
+def _fused(k, groups):
+    for g in groups:
+        g.fused = {h: f for h in g.hooks if (f := fast_op(k, g.method.name, g.sig, h)) is not None}
+    return groups
+
+
+def _groups(case, out_f, in_f, weight, n_slots=5, seed=0):
+    method = get_method(case.family)
+    cfg = method.parse_config(case.raw_config())
+    try:
+        cfg.check_shape("m", out_f, in_f)
+        method.param_specs(cfg, out_f, in_f)
+    except Exception:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    table = stack_prepared(
+        [method.prepare(cfg, method.init_params(cfg, weight, "random", g), weight) for _ in range(n_slots)]
+    )
+    sig = method.signature(cfg, out_f, in_f)
+    rows = torch.tensor([0, 2, 3, 7, 8, 11, 12])  # gaps: rows 1, 4-6, 9, 10 have no adapter
+    slots = torch.tensor([4, 0, 4, 2, 1, 0, 3])  # repeated and unordered slots
+    return method, [Group(method, sig, table, rows, slots)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
+def test_kernel_matches_torch(k, case, shape):
+    out_f, in_f = shape
+    torch.manual_seed(1)
+    weight = torch.randn(out_f, in_f) / in_f**0.5
+    bias = torch.randn(out_f)
+    made = _groups(case, out_f, in_f, weight)
+    if made is None:
+        pytest.skip("config does not fit this shape")
+    method, groups = made
+    x = torch.randn(2, 7, in_f)  # 14 rows
+    with torch.inference_mode():
+        plain = batched_linear(x, weight, bias, groups)
+        fused = batched_linear(x, weight, bias, _fused(k, groups))
+        base = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    # The adapter changes the adapted rows and leaves the others exactly alone.
+    flat_f, flat_b = fused.reshape(14, -1), base.reshape(14, -1)
+    assert (flat_f[groups[0].rows] - flat_b[groups[0].rows]).abs().max() > 1e-4
+    other = torch.tensor([1, 4, 5, 6, 9, 10, 13])
+    assert torch.equal(flat_f[other], flat_b[other])
+
+
+def test_every_cheap_default_family_has_a_kernel(k):
+    """The families served on the fly by default are all fused (HUT r>1 is served merged)."""
+    wanted = {
+        "lora-r4": ["delta"],
+        "hut-r1": ["pre", "post"],
+        "ether-in-1": ["pre"],
+        "etherplus-out-1": ["post"],
+        "etherplus-both-4": ["pre", "post"],
+        "dct-n20": ["delta"],
+        "surm-circulant": ["delta"],
+    }
+    for case in CASES:
+        if case.id not in wanted:
+            continue
+        method = get_method(case.family)
+        sig = method.signature(method.parse_config(case.raw_config()), 24, 24)
+        for hook in wanted[case.id]:
+            assert fast_op(k, method.name, sig, hook) is not None, (case.id, hook)
+
+
+def test_bad_indices_raise_instead_of_reading_memory(k):
+    z = torch.randn(4, 8)
+    table = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="slot index out of range"):
+        k.scale_rows_(z, torch.tensor([0]), torch.tensor([2]), table)
+    with pytest.raises(RuntimeError, match="row index out of range"):
+        k.scale_rows_(z, torch.tensor([4]), torch.tensor([0]), table)
+    with pytest.raises(RuntimeError, match="float32"):
+        k.scale_rows_(z.double(), torch.tensor([0]), torch.tensor([0]), table)
+
+
+def test_training_and_other_dtypes_use_the_torch_code(k):
+    """Autograd rows and non-float32 rows never reach the kernels (they write in place)."""
+    case = next(c for c in CASES if c.id == "hut-r1")
+    weight = torch.randn(24, 24)
+    _, groups = _groups(case, 24, 24, weight)
+    calls = []
+    groups[0].fused = {h: (lambda *a, h=h: calls.append(h)) for h in groups[0].hooks}
+    x = torch.randn(14, 24, requires_grad=True)
+    batched_linear(x, weight, None, groups)
+    with torch.inference_mode():
+        batched_linear(x.detach().double(), weight.double(), None, groups)
+    assert calls == []
+    with torch.inference_mode():
+        batched_linear(x.detach(), weight, None, groups)
+    assert sorted(calls) == ["post", "pre"]
