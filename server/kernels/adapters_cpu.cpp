@@ -186,6 +186,81 @@ void circulant_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor spec, 
   });
 }
 
+// SURM Toeplitz: y[row] += (T(b) T(a) x[row])[:out], each T(v) applied as the top-left block of a
+// length-L circulant with a real spectrum. ``spec [S, 2, L/2+1, 2]``: the real spectra of a and of
+// alpha*b, each value duplicated for the (re, im) pair it scales.
+void toeplitz_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor spec, int64_t n, int64_t length) {
+  check_rows(y, rows, slots, spec);
+  check_rows(x, rows, slots, spec);
+  const int64_t in_f = x.size(1), out_f = y.size(1), m = length / 2 + 1;
+  TORCH_CHECK(spec.dim() == 4 && spec.size(1) == 2 && spec.size(2) == m && spec.size(3) == 2 && length >= 2 * n - 1 &&
+                  n >= in_f && n >= out_f, "toeplitz spectra have the wrong shape");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const float* xp = x.data_ptr<float>();
+  const float* cp = spec.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
+    const int64_t rc = end - begin;
+    auto buf = torch::zeros({rc, length}, x.options());
+    float* bp = buf.data_ptr<float>();
+    for (int64_t k = 0; k < rc; ++k) {
+      const float* xr = xp + rp[begin + k] * in_f;
+      std::copy(xr, xr + in_f, bp + k * length);
+    }
+    for (int64_t factor = 0; factor < 2; ++factor) {  // T(a) first, then T(b)
+      Tensor f = at::view_as_real(at::fft_rfft(buf, length, 1)).contiguous();  // [rc, m, 2]
+      float* fp = f.data_ptr<float>();
+      for (int64_t k = 0; k < rc; ++k) {
+        const float* c = cp + (sp[begin + k] * 2 + factor) * 2 * m;
+        float* fr = fp + k * 2 * m;
+        for (int64_t i = 0; i < 2 * m; ++i) fr[i] *= c[i];
+      }
+      buf = at::fft_irfft(at::view_as_complex(f), length, 1).contiguous();  // [rc, L]
+      if (factor == 0) buf.narrow(1, n, length - n).zero_();  // keep T(a) x: the first N entries
+    }
+    const float* op = buf.data_ptr<float>();
+    for (int64_t k = 0; k < rc; ++k) {
+      float* yr = yp + rp[begin + k] * out_f;
+      const float* orow = op + k * length;
+      for (int64_t o = 0; o < out_f; ++o) yr[o] += orow[o];
+    }
+  });
+}
+
+// SURM Kronecker: y[row] += ((B ⊗ A) x[row]); with X = x[row] viewed [f, in/f], the update is
+// B (X Aᵀ) flattened [out/f, f]. ``ab [S, in + out]`` = [A.flatten(), alpha * B.flatten()].
+void kronecker_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor ab, int64_t f) {
+  check_rows(y, rows, slots, ab);
+  check_rows(x, rows, slots, ab);
+  const int64_t in_f = x.size(1), out_f = y.size(1);
+  TORCH_CHECK(f > 0 && in_f % f == 0 && out_f % f == 0 && ab.size(1) == in_f + out_f, "kronecker table shape");
+  const int64_t ia = in_f / f, ob = out_f / f;
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const float* xp = x.data_ptr<float>();
+  const float* tp = ab.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_rows(rows.numel(), f * (in_f + out_f), [&](int64_t k) {
+    const float* xr = xp + rp[k] * in_f;
+    const float* a = tp + sp[k] * (in_f + out_f);  // [f, in/f]
+    const float* b = a + in_f;                      // [out/f, f]
+    float* yr = yp + rp[k] * out_f;
+    std::vector<float> t(f * f);  // t[q, r] = sum_s X[q, s] A[r, s]
+    for (int64_t q = 0; q < f; ++q)
+      for (int64_t r = 0; r < f; ++r) {
+        float acc = 0.f;
+        for (int64_t s2 = 0; s2 < ia; ++s2) acc += xr[q * ia + s2] * a[r * ia + s2];
+        t[q * f + r] = acc;
+      }
+    for (int64_t p = 0; p < ob; ++p)
+      for (int64_t q = 0; q < f; ++q) {
+        const float bpq = b[p * f + q];
+        for (int64_t r = 0; r < f; ++r) yr[p * f + r] += bpq * t[q * f + r];
+      }
+  });
+}
+
 // DCT (sDCTFT): y[row] += alpha z C_out with z[u_j] += c_j (x C_in^T)[v_j], both transforms as
 // length-N real FFTs (Makhoul). ``pos [S, 2, n]`` = flat spectrum slots of v_j (input) and u_j
 // (output), ``coef [S, n]`` with every per-position constant folded in (see dct.py prepare).
@@ -261,5 +336,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reflect_rows_", &reflect_rows_, "ETHER / ETHER+ block reflections (in place)");
   m.def("lora_add_", &lora_add_, "LoRA delta added to y (in place)");
   m.def("circulant_add_", &circulant_add_, "SURM circulant delta added to y (in place)");
+  m.def("toeplitz_add_", &toeplitz_add_, "SURM Toeplitz delta added to y (in place)");
+  m.def("kronecker_add_", &kronecker_add_, "SURM Kronecker delta added to y (in place)");
   m.def("dct_add_", &dct_add_, "DCT delta added to y (in place)");
 }

@@ -1,9 +1,9 @@
 """Which adapter work has a fused CPU kernel, and the glue that calls it.
 
 ``fast_op(kernels, method_name, sig, hook)`` returns a function doing the family's ``pre``,
-``post`` or ``delta`` for one group *in place* on the step's activations, or ``None`` (the
-family's torch code in ``server/methods`` then runs, e.g. HUT rank > 1, SURM Toeplitz and
-Kronecker). The functions take ``(target, x, group)``: ``target`` is the tensor written (the
+``post`` or ``delta`` for one group *in place* on the step's activations, or ``None``: the
+family's torch code in ``server/methods`` then runs (HUT rank > 1, which the policy serves
+merged anyway). The functions take ``(target, x, group)``: ``target`` is the tensor written (the
 pre-transformed input for ``pre``, the base output for ``post`` and ``delta``), ``x`` the step's
 original input rows.
 """
@@ -16,6 +16,7 @@ from functools import lru_cache
 import torch
 
 from server.methods import dct as dct_module
+from server.methods import surm as surm_module
 
 FastOp = Callable[[torch.Tensor, torch.Tensor, object], None]
 
@@ -51,9 +52,15 @@ def _lookup(k, method_name: str, sig: Hashable, hook: str) -> FastOp | None:
             return lambda z, x, g: k.reflect_rows_(z, g.rows, g.slots, g.table[side])
     elif method_name == "lora" and hook == "delta":
         return lambda y, x, g: k.lora_add_(y, x, g.rows, g.slots, g.table["A"], g.table["Bt"])
-    elif method_name == "surm" and sig[0] == "circulant" and hook == "delta":
-        n = max(sig[1], sig[2])
-        return lambda y, x, g: k.circulant_add_(y, x, g.rows, g.slots, g.table["spec"], n)
+    elif method_name == "surm" and hook == "delta":
+        variant, out_f, in_f, f = sig
+        n = max(out_f, in_f)
+        if variant == "circulant":
+            return lambda y, x, g: k.circulant_add_(y, x, g.rows, g.slots, g.table["spec"], n)
+        if variant == "toeplitz":
+            length = surm_module._toeplitz_len(n)
+            return lambda y, x, g: k.toeplitz_add_(y, x, g.rows, g.slots, g.table["spec"], n, length)
+        return lambda y, x, g: k.kronecker_add_(y, x, g.rows, g.slots, g.table["AB"], f)
     elif method_name == "dct" and hook == "delta":
         _, out_f, in_f, _ = sig
 
