@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_cli(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
+    app.state.runtime.freeze_gc_when_ready = True
     server = DrainingServer(
         uvicorn.Config(
             app,

@@ -12,6 +12,7 @@ first, then the engine stops (requests still running finish with an error).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 from collections.abc import Callable
@@ -112,6 +113,9 @@ async def _start(rt: Runtime, on_ready=None) -> None:
         if on_ready is not None:
             await asyncio.to_thread(on_ready)
         rt.phase = "ready"
+        if rt.freeze_gc_when_ready:
+            gc.collect()
+            gc.freeze()
         log.info("ready: model %s", rt.engine.base.name)
 
 

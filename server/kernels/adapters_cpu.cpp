@@ -147,11 +147,16 @@ inline void cmul_(float* a, const float* b, int64_t m) {
   }
 }
 
-// The FFT families below work on chunks of rows, one chunk per thread: at decode sizes an FFT
-// of a few rows runs single-threaded, so splitting the rows is what uses the second core.
+// The FFT families below work on chunks of rows, each chunk inside an ATen parallel region, where
+// torch's FFT runs single-threaded. A decode step's few rows are one chunk (one thread: measured,
+// an FFT of 6 rows is ~1.5x slower when the FFT library splits it over 2 threads, and ~1.3x when
+// the rows are split); a prefill's many rows are split over the threads, 64 rows per chunk.
+constexpr int64_t kRowsPerChunk = 64;
+
 template <typename F>
 void for_row_chunks(int64_t n_rows, const F& f) {
-  at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) { f(begin, end); });
+  if (n_rows == 0) return;
+  at::parallel_for(0, n_rows, std::min(n_rows, kRowsPerChunk), [&](int64_t begin, int64_t end) { f(begin, end); });
 }
 
 // SURM circulant: y[row] += irfft(rfft(x[row], N) * spec[slot], N)[:out]   (spec [S, N/2+1, 2])
