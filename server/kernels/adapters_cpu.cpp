@@ -336,12 +336,15 @@ void dct_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor pos, Tensor 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scale_rows_", &scale_rows_, "HUT r1 input scale (in place)");
-  m.def("scale_shift_rows_", &scale_shift_rows_, "HUT r1 output scale and shift (in place)");
-  m.def("reflect_rows_", &reflect_rows_, "ETHER / ETHER+ block reflections (in place)");
-  m.def("lora_add_", &lora_add_, "LoRA delta added to y (in place)");
-  m.def("circulant_add_", &circulant_add_, "SURM circulant delta added to y (in place)");
-  m.def("toeplitz_add_", &toeplitz_add_, "SURM Toeplitz delta added to y (in place)");
-  m.def("kronecker_add_", &kronecker_add_, "SURM Kronecker delta added to y (in place)");
-  m.def("dct_add_", &dct_add_, "DCT delta added to y (in place)");
+  // The GIL is released while a kernel runs (they touch no Python object), so the HTTP threads
+  // and a fine-tune thread keep running, as they do during torch's own ops.
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("scale_rows_", &scale_rows_, "HUT r1 input scale (in place)", release());
+  m.def("scale_shift_rows_", &scale_shift_rows_, "HUT r1 output scale and shift (in place)", release());
+  m.def("reflect_rows_", &reflect_rows_, "ETHER / ETHER+ block reflections (in place)", release());
+  m.def("lora_add_", &lora_add_, "LoRA delta added to y (in place)", release());
+  m.def("circulant_add_", &circulant_add_, "SURM circulant delta added to y (in place)", release());
+  m.def("toeplitz_add_", &toeplitz_add_, "SURM Toeplitz delta added to y (in place)", release());
+  m.def("kronecker_add_", &kronecker_add_, "SURM Kronecker delta added to y (in place)", release());
+  m.def("dct_add_", &dct_add_, "DCT delta added to y (in place)", release());
 }
