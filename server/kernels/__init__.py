@@ -78,13 +78,3 @@ def load(build_root: Path, verbose: bool = False):
             )
         _loaded[folder] = module
         return module
-
-
-if __name__ == "__main__":  # python -m server.kernels [BUILD_ROOT]: build ahead of time
-    import sys
-
-    logging.basicConfig(level=logging.INFO)
-    from server.settings import Settings
-
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Settings().kernels_build_dir
-    sys.exit(0 if load(root, verbose=False) is not None else 1)

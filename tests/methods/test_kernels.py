@@ -128,3 +128,14 @@ def test_training_and_other_dtypes_use_the_torch_code(k):
     with torch.inference_mode():
         batched_linear(x.detach(), weight, None, groups)
     assert sorted(calls) == ["post", "pre"]
+
+
+def test_build_command_of_make_model(k):
+    """``python -m server.kernels`` (run by ``make model``) finds the build and exits 0."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "server.kernels"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
