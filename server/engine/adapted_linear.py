@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.kernels.fast import fast_op
+from server.kernels.fast import SharedSpectra, fast_op
 from server.methods import AdapterMethod, Group, MethodConfig, adapted_forward, batched_linear
 
 from .slots import SlotPool
@@ -61,6 +61,7 @@ class ServeBinding(StepBinding):
     merged: list[MergedRows] = field(default_factory=list)
     kernels: object | None = None
     _groups: dict[str, list[Group]] = field(default_factory=dict, repr=False)
+    _spectra: SharedSpectra = field(default_factory=SharedSpectra, repr=False)
 
     def _groups_of(self, path: str) -> list[Group]:
         groups = self._groups.get(path)
@@ -70,9 +71,11 @@ class ServeBinding(StepBinding):
                 for pr in self.pools
                 if path in pr.pool.tables
             ]
+            scope = path.rpartition(".")[0]  # q/k/v (and gate/up) share their input's spectra
             for g in groups:
                 for hook in g.hooks:
-                    if (f := fast_op(self.kernels, g.method.name, g.sig, hook)) is not None:
+                    f = fast_op(self.kernels, g.method.name, g.sig, hook, self._spectra, scope)
+                    if f is not None:
                         g.fused[hook] = f
         return groups
 

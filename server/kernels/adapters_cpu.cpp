@@ -147,10 +147,8 @@ inline void cmul_(float* a, const float* b, int64_t m) {
   }
 }
 
-// The FFT families below work on chunks of rows, each chunk inside an ATen parallel region, where
-// torch's FFT runs single-threaded. A decode step's few rows are one chunk (one thread: measured,
-// an FFT of 6 rows is ~1.5x slower when the FFT library splits it over 2 threads, and ~1.3x when
-// the rows are split); a prefill's many rows are split over the threads, 64 rows per chunk.
+// The FFT families below work on chunks of rows: a decode step's few rows are one chunk on the
+// calling thread, a prefill's many rows are split over the threads, 64 rows per chunk.
 constexpr int64_t kRowsPerChunk = 64;
 
 template <typename F>
@@ -159,29 +157,71 @@ void for_row_chunks(int64_t n_rows, const F& f) {
   at::parallel_for(0, n_rows, std::min(n_rows, kRowsPerChunk), [&](int64_t begin, int64_t end) { f(begin, end); });
 }
 
-// SURM circulant: y[row] += irfft(rfft(x[row], N) * spec[slot], N)[:out]   (spec [S, N/2+1, 2])
-void circulant_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor spec, int64_t n) {
-  check_rows(y, rows, slots, spec);
-  check_rows(x, rows, slots, spec);
-  const int64_t in_f = x.size(1), out_f = y.size(1), m = n / 2 + 1;
-  TORCH_CHECK(spec.size(1) == m && n >= in_f && n >= out_f, "circulant spectrum has the wrong length");
+// torch's CPU FFT is MKL's, which splits even a 6-row transform over every thread: measured on
+// 2 cores, 1.8x slower than one thread. While a chunk runs, MKL is told to use this thread only
+// (a thread-local setting; the base model's GEMMs elsewhere keep all threads). The symbol is
+// weak: torch builds without MKL (e.g. aarch64) simply skip this.
+// (MKL's C API name; the lower-case symbol is its Fortran by-reference twin.)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+struct SingleThreadedFFT {
+  int previous = 0;
+  SingleThreadedFFT() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedFFT() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+// The FFT families come in two halves: the spectrum of the pool's input rows, which sibling
+// projections reading the same activations (q/k/v, gate/up) share (fast.py keeps it for the
+// step), and the per-projection apply. Row k of a spectrum belongs to rows[k].
+
+void check_spectrum(const Tensor& f, const Tensor& rows, int64_t m) {
+  TORCH_CHECK(f.dim() == 3 && f.is_contiguous() && f.scalar_type() == at::kFloat && f.size(0) == rows.numel() &&
+                  f.size(1) == m && f.size(2) == 2, "spectrum does not match the rows");
+}
+
+// rfft of x[rows], each row zero-padded to n (SURM: n = N for circulant, L for Toeplitz).
+Tensor rfft_rows(Tensor x, Tensor rows, int64_t n) {
+  check_rows(x, rows, rows, x);  // slots unused: rows double as in-range "slots" of x itself
+  const int64_t in_f = x.size(1), m = n / 2 + 1, rcount = rows.numel();
+  TORCH_CHECK(n >= in_f, "FFT length shorter than the row");
+  auto out = torch::empty({rcount, m, 2}, x.options());
   const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
   const float* xp = x.data_ptr<float>();
-  const float* cp = spec.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
+  for_row_chunks(rcount, [&](int64_t begin, int64_t end) {
+    SingleThreadedFFT one_thread;
     const int64_t rc = end - begin;
-    auto buf = torch::zeros({rc, n}, x.options());  // x rows, zero-padded to N
+    auto buf = torch::zeros({rc, n}, x.options());
     float* bp = buf.data_ptr<float>();
     for (int64_t k = 0; k < rc; ++k) {
       const float* xr = xp + rp[begin + k] * in_f;
       std::copy(xr, xr + in_f, bp + k * n);
     }
-    Tensor f = at::view_as_real(at::fft_rfft(buf, n, 1)).contiguous();  // [rc, m, 2]
-    float* fp = f.data_ptr<float>();
+    out.narrow(0, begin, rc).copy_(at::view_as_real(at::fft_rfft(buf, n, 1)));
+  });
+  return out;
+}
+
+// SURM circulant: y[row] += irfft(f[row] * spec[slot], N)[:out]   (spec [S, N/2+1, 2])
+void circulant_apply_(Tensor y, Tensor f, Tensor rows, Tensor slots, Tensor spec, int64_t n) {
+  check_rows(y, rows, slots, spec);
+  const int64_t out_f = y.size(1), m = n / 2 + 1;
+  TORCH_CHECK(spec.size(1) == m && n >= out_f, "circulant spectrum has the wrong length");
+  check_spectrum(f, rows, m);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const float* cp = spec.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
+    SingleThreadedFFT one_thread;
+    const int64_t rc = end - begin;
+    Tensor prod = f.narrow(0, begin, rc).clone();  // the shared spectrum stays intact
+    float* fp = prod.data_ptr<float>();
     for (int64_t k = 0; k < rc; ++k) cmul_(fp + k * 2 * m, cp + sp[begin + k] * 2 * m, m);
-    Tensor out = at::fft_irfft(at::view_as_complex(f), n, 1).contiguous();  // [rc, N]
+    Tensor out = at::fft_irfft(at::view_as_complex(prod), n, 1).contiguous();  // [rc, N]
     const float* op = out.data_ptr<float>();
     for (int64_t k = 0; k < rc; ++k) {
       float* yr = yp + rp[begin + k] * out_f;
@@ -192,36 +232,32 @@ void circulant_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor spec, 
 }
 
 // SURM Toeplitz: y[row] += (T(b) T(a) x[row])[:out], each T(v) applied as the top-left block of a
-// length-L circulant with a real spectrum. ``spec [S, 2, L/2+1, 2]``: the real spectra of a and of
-// alpha*b, each value duplicated for the (re, im) pair it scales.
-void toeplitz_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor spec, int64_t n, int64_t length) {
+// length-L circulant with a real spectrum; ``f`` = rfft_rows(x, rows, L). ``spec [S, 2, L/2+1, 2]``:
+// the real spectra of a and of alpha*b, each value duplicated for the (re, im) pair it scales.
+void toeplitz_apply_(Tensor y, Tensor f, Tensor rows, Tensor slots, Tensor spec, int64_t n, int64_t length) {
   check_rows(y, rows, slots, spec);
-  check_rows(x, rows, slots, spec);
-  const int64_t in_f = x.size(1), out_f = y.size(1), m = length / 2 + 1;
+  const int64_t out_f = y.size(1), m = length / 2 + 1;
   TORCH_CHECK(spec.dim() == 4 && spec.size(1) == 2 && spec.size(2) == m && spec.size(3) == 2 && length >= 2 * n - 1 &&
-                  n >= in_f && n >= out_f, "toeplitz spectra have the wrong shape");
+                  n >= out_f, "toeplitz spectra have the wrong shape");
+  check_spectrum(f, rows, m);
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* sp = slots.data_ptr<int64_t>();
-  const float* xp = x.data_ptr<float>();
   const float* cp = spec.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
+    SingleThreadedFFT one_thread;
     const int64_t rc = end - begin;
-    auto buf = torch::zeros({rc, length}, x.options());
-    float* bp = buf.data_ptr<float>();
-    for (int64_t k = 0; k < rc; ++k) {
-      const float* xr = xp + rp[begin + k] * in_f;
-      std::copy(xr, xr + in_f, bp + k * length);
-    }
+    Tensor cur = f.narrow(0, begin, rc).clone();
+    Tensor buf;
     for (int64_t factor = 0; factor < 2; ++factor) {  // T(a) first, then T(b)
-      Tensor f = at::view_as_real(at::fft_rfft(buf, length, 1)).contiguous();  // [rc, m, 2]
-      float* fp = f.data_ptr<float>();
+      if (factor == 1) cur = at::view_as_real(at::fft_rfft(buf, length, 1)).contiguous();
+      float* fp = cur.data_ptr<float>();
       for (int64_t k = 0; k < rc; ++k) {
         const float* c = cp + (sp[begin + k] * 2 + factor) * 2 * m;
         float* fr = fp + k * 2 * m;
         for (int64_t i = 0; i < 2 * m; ++i) fr[i] *= c[i];
       }
-      buf = at::fft_irfft(at::view_as_complex(f), length, 1).contiguous();  // [rc, L]
+      buf = at::fft_irfft(at::view_as_complex(cur), length, 1).contiguous();  // [rc, L]
       if (factor == 0) buf.narrow(1, n, length - n).zero_();  // keep T(a) x: the first N entries
     }
     const float* op = buf.data_ptr<float>();
@@ -267,20 +303,50 @@ void kronecker_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor ab, in
 }
 
 // DCT (sDCTFT): y[row] += alpha z C_out with z[u_j] += c_j (x C_in^T)[v_j], both transforms as
-// length-N real FFTs (Makhoul). ``pos [S, 2, n]`` = flat spectrum slots of v_j (input) and u_j
-// (output), ``coef [S, n]`` with every per-position constant folded in (see dct.py prepare).
-// Plan tensors: ``perm_in [in]``, ``fwd_in [in/2+1, 2]`` (twiddle), ``inv_out [out/2+1, 2]``,
-// ``unperm_out [out]``.
-void dct_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor pos, Tensor coef, Tensor perm_in,
-              Tensor fwd_in, Tensor inv_out, Tensor unperm_out) {
+// length-N real FFTs (Makhoul). Plan tensors: ``perm_in [in]``, ``fwd_in [in/2+1, 2]`` (twiddle),
+// ``inv_out [out/2+1, 2]``, ``unperm_out [out]``.
+
+// The twiddled spectrum of x[rows] in Makhoul's order: x_hat[v] sits at flat slot v (see dct.py).
+Tensor dct_spectrum(Tensor x, Tensor rows, Tensor perm_in, Tensor fwd_in) {
+  check_rows(x, rows, rows, x);
+  const int64_t in_f = x.size(1), m_in = in_f / 2 + 1, rcount = rows.numel();
+  TORCH_CHECK(perm_in.scalar_type() == at::kLong && perm_in.numel() == in_f && fwd_in.numel() == 2 * m_in,
+              "dct plan does not match the layer");
+  auto out = torch::empty({rcount, m_in, 2}, x.options());
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pin = perm_in.data_ptr<int64_t>();
+  const float* xp = x.data_ptr<float>();
+  const float* fwd = fwd_in.data_ptr<float>();
+  for_row_chunks(rcount, [&](int64_t begin, int64_t end) {
+    SingleThreadedFFT one_thread;
+    const int64_t rc = end - begin;
+    auto buf = torch::empty({rc, in_f}, x.options());
+    float* bp = buf.data_ptr<float>();
+    for (int64_t k = 0; k < rc; ++k) {
+      const float* xr = xp + rp[begin + k] * in_f;
+      for (int64_t i = 0; i < in_f; ++i) bp[k * in_f + i] = xr[pin[i]];
+    }
+    Tensor spec = out.narrow(0, begin, rc);
+    spec.copy_(at::view_as_real(at::fft_rfft(buf, c10::nullopt, 1)));
+    float* fp = spec.data_ptr<float>();
+    for (int64_t k = 0; k < rc; ++k) cmul_(fp + k * 2 * m_in, fwd, m_in);
+  });
+  return out;
+}
+
+// ``pos [S, 2, n]`` = flat spectrum slots of v_j (input) and u_j (output), ``coef [S, n]`` with every
+// per-position constant folded in (see dct.py prepare).
+void dct_apply_(Tensor y, Tensor spec, Tensor rows, Tensor slots, Tensor pos, Tensor coef, Tensor inv_out,
+                Tensor unperm_out) {
   check_rows(y, rows, slots, coef);
-  check_rows(x, rows, slots, coef);
-  const int64_t in_f = x.size(1), out_f = y.size(1), npos = coef.size(1);
-  const int64_t m_in = in_f / 2 + 1, m_out = out_f / 2 + 1;
+  const int64_t out_f = y.size(1), npos = coef.size(1), m_out = out_f / 2 + 1;
+  TORCH_CHECK(spec.dim() == 3, "dct spectrum: [R, in/2+1, 2]");
+  const int64_t m_in = spec.size(1);
+  check_spectrum(spec, rows, m_in);
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.size(0) == coef.size(0) &&
                   pos.size(1) == 2 && pos.size(2) == npos, "dct positions: contiguous int64 [S, 2, n]");
-  TORCH_CHECK(perm_in.numel() == in_f && unperm_out.numel() == out_f && fwd_in.numel() == 2 * m_in &&
-                  inv_out.numel() == 2 * m_out, "dct plan does not match the layer");
+  TORCH_CHECK(unperm_out.scalar_type() == at::kLong && unperm_out.numel() == out_f && inv_out.numel() == 2 * m_out,
+              "dct plan does not match the layer");
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* pp = pos.data_ptr<int64_t>();
@@ -290,39 +356,28 @@ void dct_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor pos, Tensor 
       TORCH_CHECK(pk[j] >= 0 && pk[j] < 2 * m_in && pk[npos + j] >= 0 && pk[npos + j] < 2 * m_out,
                   "dct position out of range");
   }
-  const float* xp = x.data_ptr<float>();
   const float* cp = coef.data_ptr<float>();
-  const int64_t* pin = perm_in.data_ptr<int64_t>();
+  const float* fp = spec.data_ptr<float>();
   const int64_t* unp = unperm_out.data_ptr<int64_t>();
-  const float* fwd = fwd_in.data_ptr<float>();
   const float* inv = inv_out.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
+    SingleThreadedFFT one_thread;
     const int64_t rc = end - begin;
-    // 1. x rows in Makhoul's order, 2. their rfft, 3. the forward twiddle.
-    auto buf = torch::empty({rc, in_f}, x.options());
-    float* bp = buf.data_ptr<float>();
-    for (int64_t k = 0; k < rc; ++k) {
-      const float* xr = xp + rp[begin + k] * in_f;
-      for (int64_t i = 0; i < in_f; ++i) bp[k * in_f + i] = xr[pin[i]];
-    }
-    Tensor spec = at::view_as_real(at::fft_rfft(buf, c10::nullopt, 1)).contiguous();  // [rc, m_in, 2]
-    float* fp = spec.data_ptr<float>();
-    // 4. z[u_j] += c_j x_hat[v_j] in the output spectrum's slots, 5. the inverse twiddle.
-    auto outs = torch::zeros({rc, m_out, 2}, x.options());
+    // z[u_j] += c_j x_hat[v_j] in the output spectrum's slots, then the inverse twiddle.
+    auto outs = torch::zeros({rc, m_out, 2}, y.options());
     float* op = outs.data_ptr<float>();
     for (int64_t k = 0; k < rc; ++k) {
       const int64_t slot = sp[begin + k];
       const int64_t* pv = pp + slot * 2 * npos;
       const int64_t* pu = pv + npos;
       const float* c = cp + slot * npos;
-      float* src = fp + k * 2 * m_in;
+      const float* src = fp + (begin + k) * 2 * m_in;
       float* dst = op + k * 2 * m_out;
-      cmul_(src, fwd, m_in);
       for (int64_t j = 0; j < npos; ++j) dst[pu[j]] += c[j] * src[pv[j]];
       cmul_(dst, inv, m_out);
     }
-    // 6. irfft, 7. back to natural order, added to y.
+    // irfft, back to natural order, added to y.
     Tensor back = at::fft_irfft(at::view_as_complex(outs), out_f, 1).contiguous();  // [rc, out]
     const float* bk = back.data_ptr<float>();
     for (int64_t k = 0; k < rc; ++k) {
@@ -343,8 +398,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_shift_rows_", &scale_shift_rows_, "HUT r1 output scale and shift (in place)", release());
   m.def("reflect_rows_", &reflect_rows_, "ETHER / ETHER+ block reflections (in place)", release());
   m.def("lora_add_", &lora_add_, "LoRA delta added to y (in place)", release());
-  m.def("circulant_add_", &circulant_add_, "SURM circulant delta added to y (in place)", release());
-  m.def("toeplitz_add_", &toeplitz_add_, "SURM Toeplitz delta added to y (in place)", release());
+  m.def("rfft_rows", &rfft_rows, "rfft of the given rows, zero-padded to n", release());
+  m.def("circulant_apply_", &circulant_apply_, "SURM circulant delta added to y (in place)", release());
+  m.def("toeplitz_apply_", &toeplitz_apply_, "SURM Toeplitz delta added to y (in place)", release());
   m.def("kronecker_add_", &kronecker_add_, "SURM Kronecker delta added to y (in place)", release());
-  m.def("dct_add_", &dct_add_, "DCT delta added to y (in place)", release());
+  m.def("dct_spectrum", &dct_spectrum, "twiddled DCT spectrum of the given rows", release());
+  m.def("dct_apply_", &dct_apply_, "DCT delta added to y (in place)", release());
 }

@@ -21,6 +21,29 @@ from server.methods import surm as surm_module
 FastOp = Callable[[torch.Tensor, torch.Tensor, object], None]
 
 
+class SharedSpectra:
+    """Input spectra of one step's rows, shared by sibling projections (q/k/v, gate/up).
+
+    Siblings are projections under one parent module (``...self_attn``, ``...mlp``) reading the
+    same activations: the same memory (data pointer, shape and strides). An entry keeps its input
+    alive, so that memory cannot be reused for another tensor while the entry exists; each new
+    input replaces the entry of its kind, so at most one input per kind and pool is held.
+    """
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple] = {}
+
+    def get(self, kind: tuple, scope: str, x: torch.Tensor, rows: torch.Tensor, compute) -> torch.Tensor:
+        key = (kind, id(rows))
+        ident = (scope, x.data_ptr(), tuple(x.shape), x.stride())
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == ident and hit[2] is rows:
+            return hit[3]
+        spec = compute()
+        self._entries[key] = (ident, x, rows, spec)
+        return spec
+
+
 @lru_cache(maxsize=64)
 def _dct_plan(in_f: int, out_f: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     p_in = dct_module._plan(in_f, device, torch.float32)
@@ -33,14 +56,14 @@ def _dct_plan(in_f: int, out_f: int, device: torch.device) -> tuple[torch.Tensor
     )
 
 
-def fast_op(kernels, method_name: str, sig: Hashable, hook: str) -> FastOp | None:
-    if kernels is None:
+def fast_op(
+    k, method_name: str, sig: Hashable, hook: str, spectra: SharedSpectra | None = None, scope: str = ""
+) -> FastOp | None:
+    """The fused in-place op for one group's hook, or None. ``spectra``/``scope``: where input
+    spectra are shared, and the parent module path of the projection (siblings share it)."""
+    if k is None:
         return None
-    return _lookup(kernels, method_name, sig, hook)
-
-
-@lru_cache(maxsize=1024)
-def _lookup(k, method_name: str, sig: Hashable, hook: str) -> FastOp | None:
+    spectra = spectra if spectra is not None else SharedSpectra()
     if method_name == "hut" and sig[1] == 1:
         if hook == "pre":
             return lambda z, x, g: k.scale_rows_(z, g.rows, g.slots, g.table["pre"])
@@ -56,17 +79,28 @@ def _lookup(k, method_name: str, sig: Hashable, hook: str) -> FastOp | None:
         variant, out_f, in_f, f = sig
         n = max(out_f, in_f)
         if variant == "circulant":
-            return lambda y, x, g: k.circulant_add_(y, x, g.rows, g.slots, g.table["spec"], n)
+
+            def circulant(y, x, g):
+                spec = spectra.get(("rfft", n), scope, x, g.rows, lambda: k.rfft_rows(x, g.rows, n))
+                k.circulant_apply_(y, spec, g.rows, g.slots, g.table["spec"], n)
+
+            return circulant
         if variant == "toeplitz":
             length = surm_module._toeplitz_len(n)
-            return lambda y, x, g: k.toeplitz_add_(y, x, g.rows, g.slots, g.table["spec"], n, length)
+
+            def toeplitz(y, x, g):
+                spec = spectra.get(("rfft", length), scope, x, g.rows, lambda: k.rfft_rows(x, g.rows, length))
+                k.toeplitz_apply_(y, spec, g.rows, g.slots, g.table["spec"], n, length)
+
+            return toeplitz
         return lambda y, x, g: k.kronecker_add_(y, x, g.rows, g.slots, g.table["AB"], f)
     elif method_name == "dct" and hook == "delta":
         _, out_f, in_f, _ = sig
 
         def dct(y, x, g):
-            plan = _dct_plan(in_f, out_f, x.device)
-            k.dct_add_(y, x, g.rows, g.slots, g.table["pos"], g.table["coef"], *plan)
+            perm, fwd, inv, unperm = _dct_plan(in_f, out_f, x.device)
+            spec = spectra.get(("dct", in_f), scope, x, g.rows, lambda: k.dct_spectrum(x, g.rows, perm, fwd))
+            k.dct_apply_(y, spec, g.rows, g.slots, g.table["pos"], g.table["coef"], inv, unperm)
 
         return dct
     return None

@@ -139,3 +139,45 @@ def test_build_command_of_make_model(k):
         [sys.executable, "-m", "server.kernels"], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("case_id", ["dct-n20", "surm-circulant", "surm-toeplitz"])
+def test_sibling_projections_share_the_input_spectrum(k, case_id):
+    """q/k/v read one activation tensor: its spectrum is computed once and each projection's
+    result still equals the torch code; another input (o_proj's) gets its own spectrum."""
+    from server.kernels.fast import SharedSpectra
+
+    case = next(c for c in CASES if c.id == case_id)
+    spectra, computed = SharedSpectra(), []
+    real_get = spectra.get
+
+    def counting_get(kind, scope, x, rows, compute):
+        return real_get(kind, scope, x, rows, lambda: computed.append(kind) or compute())
+
+    spectra.get = counting_get
+    torch.manual_seed(3)
+    x = torch.randn(14, 24)
+    rows = None
+    for i, (out_f, in_f) in enumerate([(24, 24), (8, 24), (8, 24)]):  # q, k, v
+        weight = torch.randn(out_f, in_f) / in_f**0.5
+        method, groups = _groups(case, out_f, in_f, weight, seed=i)
+        rows = groups[0].rows if rows is None else rows
+        groups[0].rows = rows  # one pool: the same rows object for every projection, as in the engine
+        with torch.inference_mode():
+            plain = batched_linear(x, weight, None, groups)
+            for g in groups:
+                g.fused = {"delta": fast_op(k, method.name, g.sig, "delta", spectra, "layers.0.self_attn")}
+            fused = batched_linear(x, weight, None, groups)
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert len(computed) == 1
+    other = torch.randn(14, 24)  # o_proj's input: same shape, different tensor
+    weight = torch.randn(24, 24) / 24**0.5
+    method, groups = _groups(case, 24, 24, weight, seed=9)
+    groups[0].rows = rows
+    with torch.inference_mode():
+        plain = batched_linear(other, weight, None, groups)
+        groups[0].fused = {
+            "delta": fast_op(k, method.name, groups[0].sig, "delta", spectra, "layers.0.self_attn")
+        }
+        torch.testing.assert_close(batched_linear(other, weight, None, groups), plain, rtol=1e-5, atol=1e-5)
+    assert len(computed) == 2
