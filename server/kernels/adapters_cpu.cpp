@@ -21,17 +21,30 @@ namespace {
 using torch::Tensor;
 
 // Shapes, dtypes and every row/slot index are checked before any raw pointer is used.
-void check_rows(const Tensor& z, const Tensor& rows, const Tensor& slots, const Tensor& table) {
+
+// ``z`` is contiguous [N, D] float32 and every index in ``rows`` is inside it: the row indices.
+const int64_t* checked_rows(const Tensor& z, const Tensor& rows) {
   TORCH_CHECK(z.dim() == 2 && z.is_contiguous() && z.scalar_type() == at::kFloat, "activations: contiguous [N, D] float32");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "rows/slots: int64");
-  TORCH_CHECK(rows.is_contiguous() && slots.is_contiguous() && rows.numel() == slots.numel(), "rows/slots: same length");
-  TORCH_CHECK(table.is_contiguous() && table.scalar_type() == at::kFloat, "slot table: contiguous float32");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous(), "rows/slots: int64");
   const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t k = 0; k < rows.numel(); ++k) TORCH_CHECK(rp[k] >= 0 && rp[k] < z.size(0), "row index out of range");
+  return rp;
+}
+
+struct RowSlots {
+  const int64_t* row;
+  const int64_t* slot;
+};
+
+// The above, and every row's slot is inside the stacked slot ``table`` [S, ...].
+RowSlots checked_row_slots(const Tensor& z, const Tensor& rows, const Tensor& slots, const Tensor& table) {
+  const int64_t* rp = checked_rows(z, rows);
+  TORCH_CHECK(slots.scalar_type() == at::kLong, "rows/slots: int64");
+  TORCH_CHECK(slots.is_contiguous() && rows.numel() == slots.numel(), "rows/slots: same length");
+  TORCH_CHECK(table.is_contiguous() && table.scalar_type() == at::kFloat, "slot table: contiguous float32");
   const int64_t* sp = slots.data_ptr<int64_t>();
-  for (int64_t k = 0; k < rows.numel(); ++k) {
-    TORCH_CHECK(rp[k] >= 0 && rp[k] < z.size(0), "row index out of range");
-    TORCH_CHECK(sp[k] >= 0 && sp[k] < table.size(0), "slot index out of range");
-  }
+  for (int64_t k = 0; k < slots.numel(); ++k) TORCH_CHECK(sp[k] >= 0 && sp[k] < table.size(0), "slot index out of range");
+  return {rp, sp};
 }
 
 // Rows are independent: split them over threads when there are enough of them (prefill).
@@ -45,12 +58,10 @@ void for_rows(int64_t n_rows, int64_t row_cost, const F& f) {
 
 // HUT rank 1, input side: z[row] *= t[slot]   (t [S, D])
 void scale_rows_(Tensor z, Tensor rows, Tensor slots, Tensor t) {
-  check_rows(z, rows, slots, t);
+  const auto [rp, sp] = checked_row_slots(z, rows, slots, t);
   const int64_t d = z.size(1);
   float* zp = z.data_ptr<float>();
   const float* tp = t.data_ptr<float>();
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
   for_rows(rows.numel(), d, [&](int64_t k) {
     float* zr = zp + rp[k] * d;
     const float* tr = tp + sp[k] * d;
@@ -60,12 +71,10 @@ void scale_rows_(Tensor z, Tensor rows, Tensor slots, Tensor t) {
 
 // HUT rank 1, output side: y[row] = y[row] * t[slot, 0] + t[slot, 1]   (t [S, 2, D])
 void scale_shift_rows_(Tensor y, Tensor rows, Tensor slots, Tensor t) {
-  check_rows(y, rows, slots, t);
+  const auto [rp, sp] = checked_row_slots(y, rows, slots, t);
   const int64_t d = y.size(1);
   float* yp = y.data_ptr<float>();
   const float* tp = t.data_ptr<float>();
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
   for_rows(rows.numel(), d, [&](int64_t k) {
     float* yr = yp + rp[k] * d;
     const float* g = tp + sp[k] * 2 * d;
@@ -77,14 +86,12 @@ void scale_shift_rows_(Tensor y, Tensor rows, Tensor slots, Tensor t) {
 // ETHER, block by block (t [S, n, b], n * b = D):  z_k -= 2 u (u . z_k)
 // ETHER+ (t [S, 2, n, b] = (p0, p1)):              z_k -= 1/2 p1 (p0 . z_k) + 1/2 p0 (p1 . z_k)
 void reflect_rows_(Tensor z, Tensor rows, Tensor slots, Tensor t) {
-  check_rows(z, rows, slots, t);
+  const auto [rp, sp] = checked_row_slots(z, rows, slots, t);
   const bool plus = t.dim() == 4;
   const int64_t d = z.size(1), n = t.size(-2), b = t.size(-1);
   TORCH_CHECK(n * b == d, "ETHER table blocks do not cover the row");
   float* zp = z.data_ptr<float>();
   const float* tp = t.data_ptr<float>();
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t per_slot = plus ? 2 * d : d;
   for_rows(rows.numel(), 4 * d, [&](int64_t k) {
     float* zr = zp + rp[k] * d;
@@ -113,15 +120,13 @@ void reflect_rows_(Tensor z, Tensor rows, Tensor slots, Tensor t) {
 
 // LoRA: y[row] += (A[slot] x[row]) Bt[slot]   (A [S, r, in], Bt [S, r, out], scaling folded in)
 void lora_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor a, Tensor bt) {
-  check_rows(y, rows, slots, a);
-  check_rows(x, rows, slots, bt);
+  const auto [rp, sp] = checked_row_slots(y, rows, slots, a);
+  checked_row_slots(x, rows, slots, bt);
   const int64_t in_f = x.size(1), out_f = y.size(1), r = a.size(1);
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
   const float* bp = bt.data_ptr<float>();
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
   for_rows(rows.numel(), r * (in_f + out_f), [&](int64_t k) {
     const float* xr = xp + rp[k] * in_f;
     float* yr = yp + rp[k] * out_f;
@@ -185,11 +190,10 @@ void check_spectrum(const Tensor& f, const Tensor& rows, int64_t m) {
 
 // rfft of x[rows], each row zero-padded to n (SURM: n = N for circulant, L for Toeplitz).
 Tensor rfft_rows(Tensor x, Tensor rows, int64_t n) {
-  check_rows(x, rows, rows, x);  // slots unused: rows double as in-range "slots" of x itself
+  const int64_t* rp = checked_rows(x, rows);
   const int64_t in_f = x.size(1), m = n / 2 + 1, rcount = rows.numel();
   TORCH_CHECK(n >= in_f, "FFT length shorter than the row");
   auto out = torch::empty({rcount, m, 2}, x.options());
-  const int64_t* rp = rows.data_ptr<int64_t>();
   const float* xp = x.data_ptr<float>();
   for_row_chunks(rcount, [&](int64_t begin, int64_t end) {
     SingleThreadedFFT one_thread;
@@ -207,12 +211,10 @@ Tensor rfft_rows(Tensor x, Tensor rows, int64_t n) {
 
 // SURM circulant: y[row] += irfft(f[row] * spec[slot], N)[:out]   (spec [S, N/2+1, 2])
 void circulant_apply_(Tensor y, Tensor f, Tensor rows, Tensor slots, Tensor spec, int64_t n) {
-  check_rows(y, rows, slots, spec);
+  const auto [rp, sp] = checked_row_slots(y, rows, slots, spec);
   const int64_t out_f = y.size(1), m = n / 2 + 1;
   TORCH_CHECK(spec.size(1) == m && n >= out_f, "circulant spectrum has the wrong length");
   check_spectrum(f, rows, m);
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
   const float* cp = spec.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
@@ -235,13 +237,11 @@ void circulant_apply_(Tensor y, Tensor f, Tensor rows, Tensor slots, Tensor spec
 // length-L circulant with a real spectrum; ``f`` = rfft_rows(x, rows, L). ``spec [S, 2, L/2+1, 2]``:
 // the real spectra of a and of alpha*b, each value duplicated for the (re, im) pair it scales.
 void toeplitz_apply_(Tensor y, Tensor f, Tensor rows, Tensor slots, Tensor spec, int64_t n, int64_t length) {
-  check_rows(y, rows, slots, spec);
+  const auto [rp, sp] = checked_row_slots(y, rows, slots, spec);
   const int64_t out_f = y.size(1), m = length / 2 + 1;
   TORCH_CHECK(spec.dim() == 4 && spec.size(1) == 2 && spec.size(2) == m && spec.size(3) == 2 && length >= 2 * n - 1 &&
                   n >= out_f, "toeplitz spectra have the wrong shape");
   check_spectrum(f, rows, m);
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
   const float* cp = spec.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
@@ -272,13 +272,11 @@ void toeplitz_apply_(Tensor y, Tensor f, Tensor rows, Tensor slots, Tensor spec,
 // SURM Kronecker: y[row] += ((B ⊗ A) x[row]); with X = x[row] viewed [f, in/f], the update is
 // B (X Aᵀ) flattened [out/f, f]. ``ab [S, in + out]`` = [A.flatten(), alpha * B.flatten()].
 void kronecker_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor ab, int64_t f) {
-  check_rows(y, rows, slots, ab);
-  check_rows(x, rows, slots, ab);
+  const auto [rp, sp] = checked_row_slots(y, rows, slots, ab);
+  checked_row_slots(x, rows, slots, ab);
   const int64_t in_f = x.size(1), out_f = y.size(1);
   TORCH_CHECK(f > 0 && in_f % f == 0 && out_f % f == 0 && ab.size(1) == in_f + out_f, "kronecker table shape");
   const int64_t ia = in_f / f, ob = out_f / f;
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
   const float* xp = x.data_ptr<float>();
   const float* tp = ab.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -308,12 +306,11 @@ void kronecker_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor ab, in
 
 // The twiddled spectrum of x[rows] in Makhoul's order: x_hat[v] sits at flat slot v (see dct.py).
 Tensor dct_spectrum(Tensor x, Tensor rows, Tensor perm_in, Tensor fwd_in) {
-  check_rows(x, rows, rows, x);
+  const int64_t* rp = checked_rows(x, rows);
   const int64_t in_f = x.size(1), m_in = in_f / 2 + 1, rcount = rows.numel();
   TORCH_CHECK(perm_in.scalar_type() == at::kLong && perm_in.numel() == in_f && fwd_in.numel() == 2 * m_in,
               "dct plan does not match the layer");
   auto out = torch::empty({rcount, m_in, 2}, x.options());
-  const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* pin = perm_in.data_ptr<int64_t>();
   const float* xp = x.data_ptr<float>();
   const float* fwd = fwd_in.data_ptr<float>();
@@ -338,7 +335,7 @@ Tensor dct_spectrum(Tensor x, Tensor rows, Tensor perm_in, Tensor fwd_in) {
 // per-position constant folded in (see dct.py prepare).
 void dct_apply_(Tensor y, Tensor spec, Tensor rows, Tensor slots, Tensor pos, Tensor coef, Tensor inv_out,
                 Tensor unperm_out) {
-  check_rows(y, rows, slots, coef);
+  const auto [rp, sp] = checked_row_slots(y, rows, slots, coef);
   const int64_t out_f = y.size(1), npos = coef.size(1), m_out = out_f / 2 + 1;
   TORCH_CHECK(spec.dim() == 3, "dct spectrum: [R, in/2+1, 2]");
   const int64_t m_in = spec.size(1);
@@ -347,8 +344,6 @@ void dct_apply_(Tensor y, Tensor spec, Tensor rows, Tensor slots, Tensor pos, Te
                   pos.size(1) == 2 && pos.size(2) == npos, "dct positions: contiguous int64 [S, 2, n]");
   TORCH_CHECK(unperm_out.scalar_type() == at::kLong && unperm_out.numel() == out_f && inv_out.numel() == 2 * m_out,
               "dct plan does not match the layer");
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* pp = pos.data_ptr<int64_t>();
   for (int64_t k = 0; k < rows.numel(); ++k) {
     const int64_t* pk = pp + sp[k] * 2 * npos;
