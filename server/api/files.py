@@ -62,8 +62,12 @@ FilesDep = Annotated[FileStore, Depends(get_files)]
 FileId = Annotated[str, PathParam(max_length=64, description="the file's id (file-...)")]
 
 
-def _not_found() -> ApiError:
-    return ApiError(404, "no file with this id", "file_id")
+async def _on_file(operation, file_id: str):
+    """``operation(file_id)`` in a worker thread; an unknown id is a 404."""
+    try:
+        return await asyncio.to_thread(operation, file_id)
+    except FileNotFound:
+        raise ApiError(404, "no file with this id", "file_id") from None
 
 
 @router.post(
@@ -94,10 +98,7 @@ async def list_files(files: FilesDep):
 
 @router.get("/{file_id}", summary="One training file", responses=_ERRORS)
 async def get_file(file_id: FileId, files: FilesDep):
-    try:
-        return await asyncio.to_thread(files.get, file_id)
-    except FileNotFound:
-        raise _not_found() from None
+    return await _on_file(files.get, file_id)
 
 
 @router.get(
@@ -107,16 +108,9 @@ async def get_file(file_id: FileId, files: FilesDep):
     responses={**_ERRORS, 200: {"content": {"application/jsonl": {}}, "description": "the JSONL"}},
 )
 async def file_content(file_id: FileId, files: FilesDep):
-    try:
-        text = await asyncio.to_thread(files.text, file_id)
-    except FileNotFound:
-        raise _not_found() from None
-    return Response(text, media_type="application/jsonl")
+    return Response(await _on_file(files.text, file_id), media_type="application/jsonl")
 
 
 @router.delete("/{file_id}", summary="Delete a training file", responses=_ERRORS)
 async def delete_file(file_id: FileId, files: FilesDep):
-    try:
-        return await asyncio.to_thread(files.delete, file_id)
-    except FileNotFound:
-        raise _not_found() from None
+    return await _on_file(files.delete, file_id)
