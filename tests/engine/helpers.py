@@ -41,7 +41,35 @@ def merged_copy(reference: torch.nn.Module, adapter: Adapter | None) -> torch.nn
     return model
 
 
-def greedy_alone(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+# Two float32 computations of the same logits in another summation order (another batch shape,
+# thread count or SIMD width) differ by about eps · (reduction length) · |logit|; the tiny models'
+# reductions are at most a few hundred terms deep. Within this margin the two best tokens are a tie
+# that the order decides, and greedy decoding may legitimately take either.
+TIE_MARGIN = torch.finfo(torch.float32).eps * 1024
+
+
+def assert_greedy_matches(got: list[int], model: torch.nn.Module, prompt: list[int], n: int, what: str = ""):
+    """``got`` is the greedy continuation of ``prompt`` on ``model`` (plain ``generate``).
+
+    Token for token, except at a near-tie: where ``got`` first takes another token, the reference's
+    logits must rate the two within ``TIE_MARGIN`` (relative to their scale); from there on the two
+    continuations are of different prefixes and are not compared.
+    """
     ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
-    return out[0, len(prompt) :].tolist()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    ref = out.sequences[0, len(prompt) :].tolist()
+    assert len(got) == len(ref), f"{what}: {len(got)} tokens, the reference has {len(ref)}"
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        if g != r:
+            logits = out.logits[i][0].float()
+            gap = float(logits[r] - logits[g])
+            tol = TIE_MARGIN * max(1.0, float(logits.abs().max()))
+            assert gap <= tol, f"{what}: token {i} is {g}, the reference's {r} is better by {gap:.3g} > {tol:.3g}"
+            return

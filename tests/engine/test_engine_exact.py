@@ -10,7 +10,7 @@ import pytest
 from server.engine.requests import FinishEvent, SamplingParams, TokenEvent
 from tests.methods.cases import CASES
 
-from .helpers import greedy_alone, make_engine, merged_copy, random_adapter
+from .helpers import assert_greedy_matches, make_engine, merged_copy, random_adapter
 
 # Tiny Llama dims (hidden 32, kv 16, mlp 64) need block/factor sizes that divide them.
 ENGINE_CASES = [
@@ -63,8 +63,8 @@ def test_mixed_batch_equals_each_request_alone_on_merged_model(tiny_llama, merge
     plan = [(rng.randrange(4), [rng.randrange(1, 128) for _ in range(rng.randrange(2, 9))], a) for a in ids]
     outs = _run(engine, plan, max_new=6)
     for i, (_, prompt, adapter_id) in enumerate(plan):
-        expected = greedy_alone(merged_copy(reference, adapters.get(adapter_id)), prompt, 6)
-        assert outs[i] == expected, f"request {i} adapter {adapter_id}"
+        model_i = merged_copy(reference, adapters.get(adapter_id))
+        assert_greedy_matches(outs[i], model_i, prompt, 6, f"request {i} adapter {adapter_id}")
 
 
 def test_single_hot_adapter_served_merged_matches(tiny_llama):
@@ -79,7 +79,7 @@ def test_single_hot_adapter_served_merged_matches(tiny_llama):
     assert "merged" in engine.residency.tier_of(key)
     assert engine.residency.stats.merged_hits > 0
     for i, (_, prompt, _) in enumerate(plan):
-        assert outs[i] == greedy_alone(merged_copy(reference, adapter), prompt, 8)
+        assert_greedy_matches(outs[i], merged_copy(reference, adapter), prompt, 8, f"request {i}")
 
 
 def test_more_adapters_than_the_device_budget_all_complete(tiny_llama):
@@ -110,7 +110,7 @@ def test_more_adapters_than_the_device_budget_all_complete(tiny_llama):
         events = req.sink.drain()
         assert events[-1].finish_reason == "length", events[-1]
         tokens = [e.token_id for e in events if isinstance(e, TokenEvent)]
-        assert tokens == greedy_alone(merged_copy(reference, adapters[name]), prompt, 3)
+        assert_greedy_matches(tokens, merged_copy(reference, adapters[name]), prompt, 3, name)
 
 
 def test_adapter_larger_than_the_device_budget_fails_cleanly(tiny_llama):
