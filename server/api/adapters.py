@@ -146,20 +146,20 @@ async def pin_adapter(adapter_id: AdapterIdPath, rt: ReadyRuntime, store: StoreD
     deleted; the ``pinned_adapters`` setting pins ids at start-up). Pinned adapters that fill the
     device budget make requests for others answer 503."""
     record = await asyncio.to_thread(store.get, adapter_id)
-    rt.engine.residency.pinned_ids.add(adapter_id)
+    rt.engine.pin(adapter_id)
     return _info(rt, record)
 
 
 @router.delete("/{adapter_id}/pin", response_model=AdapterInfo, responses=_ERRORS, summary="Unpin an adapter")
 async def unpin_adapter(adapter_id: AdapterIdPath, rt: ReadyRuntime, store: StoreDep):
     record = await asyncio.to_thread(store.get, adapter_id)
-    rt.engine.residency.pinned_ids.discard(adapter_id)
+    rt.engine.unpin(adapter_id)
     return _info(rt, record)
 
 
 @router.delete("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS, summary="Delete an adapter")
 async def delete_adapter(adapter_id: AdapterIdPath, rt: ReadyRuntime, store: StoreDep):
     record = await asyncio.to_thread(store.delete, adapter_id)
-    rt.engine.residency.pinned_ids.discard(adapter_id)
+    rt.engine.unpin(adapter_id)
     rt.engine.forget(record.adapter_id, record.version)
     return _info(rt, record, on_disk=False)

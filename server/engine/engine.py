@@ -14,7 +14,7 @@ generator's adapter key is ``(adapter_id, version)``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 from transformers.cache_utils import DynamicCache
 
@@ -55,7 +55,8 @@ class Engine:
             host_bytes=settings.host_adapter_bytes,
             merged_bytes=settings.merged_cache_bytes,
         )
-        self.residency.pinned_ids.update(settings.pinned_adapters)
+        for adapter_id in settings.pinned_adapters:
+            self.pin(adapter_id)
         kernels = None
         if settings.cpu_kernels and base.device.type == "cpu":
             from server import kernels as cpu_kernels
@@ -183,5 +184,9 @@ class Engine:
         self._thread.join()
         self._thread = None
 
-    def pin(self, key: Hashable) -> None:
-        self.residency.pinned.add(key)
+    def pin(self, adapter_id: str) -> None:
+        """Keep every version of ``adapter_id`` resident once loaded (never evicted) until unpinned."""
+        self.residency.pinned_ids.add(adapter_id)
+
+    def unpin(self, adapter_id: str) -> None:
+        self.residency.pinned_ids.discard(adapter_id)

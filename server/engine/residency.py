@@ -86,7 +86,6 @@ class Residency:
         self._refs_lock = threading.Lock()
         self._forgotten: set[AdapterKey] = set()  # deleted/replaced, dropped when the last user ends
         self._drop_queue: list[AdapterKey] = []  # device/merged drops for the engine thread
-        self.pinned: set[AdapterKey] = set()  # these versions
         self.pinned_ids: set[str] = set()  # every version of these adapter ids (keys (id, version))
         self.protected: set[AdapterKey] = set()  # the current step's adapters (set by the planner)
         self.epoch = 0  # bumped whenever a slot or merged copy appears, moves or disappears
@@ -125,7 +124,7 @@ class Residency:
         return adapter
 
     def is_pinned(self, key: AdapterKey) -> bool:
-        return key in self.pinned or (isinstance(key, tuple) and bool(key) and key[0] in self.pinned_ids)
+        return isinstance(key, tuple) and bool(key) and key[0] in self.pinned_ids
 
     def _evict_host(self) -> None:
         total = sum(a.nbytes() for a in self._host.values())
@@ -139,7 +138,6 @@ class Residency:
 
     def forget(self, key: AdapterKey) -> None:
         """``key`` was deleted or replaced: drop every copy now, or when its last request ends."""
-        self.pinned.discard(key)
         with self._refs_lock:
             if self._refs.get(key):
                 self._forgotten.add(key)
@@ -176,9 +174,6 @@ class Residency:
             self._forgotten.discard(key)
         if drop:
             self._drop_all(key)
-
-    def in_use(self, key: AdapterKey) -> int:
-        return self._refs.get(key, 0)
 
     # ---- device tier (engine thread) --------------------------------------------------------
     @property

@@ -270,7 +270,7 @@ async def test_no_device_room_because_of_pinned_adapters_is_503_with_retry_after
         config, weights = adapter_files(client.app, "lora", tmp_path / name, seed=i + 1)
         assert (await upload(client, name, config, weights)).status_code == 201
     engine = client.app.state.runtime.engine
-    engine.pin(("pinned", 1))
+    engine.pin("pinned")
     assert (await client.post("/generate", json={"prompt": "t1", "adapter": "pinned"})).status_code == 200
     engine.residency.device_bytes = engine.residency.device_used  # exactly full of the pinned one
     response = await client.post("/generate", json={"prompt": "t1", "adapter": "other"})

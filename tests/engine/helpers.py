@@ -71,5 +71,5 @@ def assert_greedy_matches(got: list[int], model: torch.nn.Module, prompt: list[i
             logits = out.logits[i][0].float()
             gap = float(logits[r] - logits[g])
             tol = TIE_MARGIN * max(1.0, float(logits.abs().max()))
-            assert gap <= tol, f"{what}: token {i} is {g}, the reference's {r} is better by {gap:.3g} > {tol:.3g}"
+            assert gap <= tol, f"{what}: token {i} is {g}; the reference's {r} is {gap:.3g} > {tol:.3g} ahead"
             return

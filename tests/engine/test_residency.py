@@ -54,21 +54,26 @@ def test_device_budget_is_respected_and_eviction_frees(setup):
 
 
 def test_pinned_adapters_are_never_evicted(setup):
+    """Pins are by adapter id and hold every version of it (keys are ``(id, version)``)."""
     base, adapters, source, _ = setup
-    one = Residency(base.modules, source, 1 << 30, 1 << 30)
-    one.device_entry(0)
-    res = Residency(base.modules, source, device_bytes=4 * one.device_used, host_bytes=1 << 30)
-    res.pinned.update({0, 1})
-    res.device_entry(0)
-    res.device_entry(1)
+
+    def by_id(key):
+        return source(int(key[0]))
+
+    one = Residency(base.modules, by_id, 1 << 30, 1 << 30)
+    one.device_entry(("0", 1))
+    res = Residency(base.modules, by_id, device_bytes=4 * one.device_used, host_bytes=1 << 30)
+    res.pinned_ids.update({"0", "1"})
+    res.device_entry(("0", 1))
+    res.device_entry(("1", 1))
     for i in range(30):
-        res.device_entry(i)
-        assert "device" in res.tier_of(0) and "device" in res.tier_of(1)
-    res.pinned.update({2, 3})
-    for k in (2, 3):
-        res.device_entry(k)
+        res.device_entry((str(i), 1))
+        assert "device" in res.tier_of(("0", 1)) and "device" in res.tier_of(("1", 1))
+    res.pinned_ids.add("2")
+    for key in (("2", 1), ("2", 2)):  # a new version of a pinned id is pinned too
+        res.device_entry(key)
     with pytest.raises(NoDeviceRoom):
-        res.device_entry(35)
+        res.device_entry(("35", 1))
 
 
 def test_fifty_concurrent_first_requests_load_once(setup):

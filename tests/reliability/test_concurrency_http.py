@@ -20,7 +20,7 @@ text (a silent fall-back to the base model, or a switch of version mid-stream, w
 
 Pinning has no HTTP route or setting, so the servers are this module run as a program,
 ``python -m tests.reliability.test_concurrency_http [--pin ID ...] [--load-delay S] [settings]``:
-the tiny server with ``Engine.pin((ID, 1))`` called before it serves, and loads from the store
+the tiny server with ``Engine.pin(ID)`` called before it serves, and loads from the store
 made ``S`` seconds slower (so that the herd's requests all arrive while the first load runs).
 """
 
@@ -329,7 +329,7 @@ def main(argv: list[str]) -> None:
     settings = tiny_settings(**settings_from_cli(rest).model_dump(exclude_unset=True))
     engine, store = build_tiny(settings)
     for adapter_id in pins:
-        engine.pin((adapter_id, 1))
+        engine.pin(adapter_id)
     if delay:
         load = engine.residency.source
         engine.residency.source = lambda key: (time.sleep(delay), load(key))[1]
