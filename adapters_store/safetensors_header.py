@@ -1,7 +1,7 @@
 """Our own strict parse of a safetensors header, run before the safetensors library sees a byte.
 
 Layout: 8-byte little-endian ``N``, ``N`` bytes of UTF-8 JSON, then the data section. Beyond the
-reference reader's checks (see RELIABILITY.md section 3.2) this parse also rejects duplicate JSON
+reference reader's checks (docs/checklist.md) this parse also rejects duplicate JSON
 keys (the Rust reader keeps one silently), caps the header, the tensor count, the metadata and
 the shape rank, accepts only the dtypes an adapter may use, and requires the tensors to tile the
 data section exactly: sorted by offsets, the first starts at 0, each begins where the previous

@@ -1,6 +1,6 @@
 """Strict validation of an adapter upload, done entirely in memory before anything is stored.
 
-Pipeline (RELIABILITY.md sections 1.1, 1.6, 3.4):
+Pipeline (docs/checklist.md, "The upload pipeline"):
 
 config  size cap -> UTF-8 -> JSON object (duplicate keys, NaN/Infinity, deep nesting rejected)
         -> ``server.methods.parse_config`` (pydantic allowlist per family: unknown fields and
@@ -8,7 +8,9 @@ config  size cap -> UTF-8 -> JSON object (duplicate keys, NaN/Infinity, deep nes
 weights size cap -> our own strict safetensors header parse (``safetensors_header``)
         -> ``safetensors.torch.load(bytes)`` (pure data: never torch.load, never pickle)
         -> ``Adapter.from_state_dict`` (names, shapes, dtypes, finite values vs the base model)
-        -> magnitude cap ``|x| <= limits.max_abs_value`` on every float tensor.
+        -> magnitude cap ``|x| <= limits.max_abs_value`` on every float tensor
+        -> the family's ``prepare`` (the slot tables the engine will install, scales folded in)
+        must be finite in the serving dtype (``check_tables``).
 
 Every failure raises a ``StoreError`` subclass naming the field, tensor or limit at fault.
 ``base_model_name_or_path`` in a config is kept as data and never acted on.
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as st_load
 
-from server.methods import Adapter, AdapterError, AdapterMethod, MethodConfig, parse_config
+from server.methods import Adapter, AdapterError, AdapterMethod, MethodConfig, check_tables, parse_config
 
 from .errors import Conflict, Corrupt, NotFound, StoreError, TooLarge, ValidationError
 from .limits import StoreLimits
@@ -166,6 +168,7 @@ def validate_weights(
     data: bytes,
     module_shapes: Mapping[str, tuple[int, int]],
     limits: StoreLimits,
+    table_dtype: torch.dtype = torch.float32,
 ) -> tuple[Header, Adapter]:
     if len(data) > limits.max_weights_bytes:
         raise TooLarge(
@@ -182,6 +185,12 @@ def validate_weights(
     except (ValueError, TypeError, RuntimeError, IndexError, OverflowError):
         raise ValidationError(WHERE_FILE, "tensors failed the family's semantic checks") from None
     check_magnitudes(tensors, limits.max_abs_value)
+    try:
+        check_tables(adapter, table_dtype)
+    except AdapterError as e:
+        raise _from_adapter_error(e) from None
+    except (ValueError, TypeError, RuntimeError, IndexError, OverflowError):
+        raise ValidationError(WHERE_FILE, "tensors failed the family's serving preparation") from None
     return header, adapter
 
 
@@ -190,10 +199,14 @@ def validate_upload(
     weights_file: Path | bytes,
     module_shapes: Mapping[str, tuple[int, int]],
     limits: StoreLimits,
+    table_dtype: torch.dtype = torch.float32,
 ) -> ValidatedUpload:
-    """Validate a whole upload; raise a StoreError subclass or return what is to be stored."""
+    """Validate a whole upload; raise a StoreError subclass or return what is to be stored.
+
+    ``table_dtype``: the dtype the engine serves in (its slot tables are cast to it).
+    """
     method, cfg = validate_config(config_bytes, limits)
     data = read_weights(weights_file, limits)
-    header, adapter = validate_weights(method, cfg, data, module_shapes, limits)
+    header, adapter = validate_weights(method, cfg, data, module_shapes, limits, table_dtype)
     config, canonical = canonical_config_bytes(cfg)
     return ValidatedUpload(adapter, config, canonical, data, hashlib.sha256(data).hexdigest(), header)

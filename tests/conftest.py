@@ -42,3 +42,14 @@ def make_tiny_llama(seed: int = 0, vocab_size: int = 128):
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama(), make_tokenizer()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped, saying so, where there is none (``bench/gpu.sh``
+    runs them on a GPU machine)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

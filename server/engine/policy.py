@@ -11,7 +11,10 @@ wrapped linears apply:
    adapter when the merged budget allows; every other adapter is applied on the fly from its
    device slot, rows grouped by slot pool.
 
-The plan is built once per step in the engine thread and passed down explicitly.
+The plan is built on the engine thread before a step's forward and reaches the wrapped linears
+through a context variable (``adapted_linear.bind``: per thread, so a fine-tune's own binding never
+mixes in). While a step's adapters and the residency epoch do not change (decode), the planner hands
+back the same binding, so its per-layer groups are built once.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def load(build_root: Path, verbose: bool = False):
 
             folder.mkdir(parents=True, exist_ok=True)
             if not any(folder.glob("*.so")):
-                log.info("compiling the CPU adapter kernels once (about a minute) into %s", folder)
+                log.info("compiling the CPU adapter kernels once (about 30 s on 2 cores) into %s", folder)
             module = build(
                 name="facet_adapters_cpu",
                 sources=[str(SOURCE)],

@@ -1,6 +1,6 @@
 """Adapters deleted, replaced, loaded cold and churned while requests run, over real HTTP.
 
-RELIABILITY.md 4.D (31, 32, 34, 35). The tiny random-weight Llama server runs as a subprocess;
+docs/checklist.md D (#31, #32, #34, #35). The tiny random-weight Llama server runs as a subprocess;
 adapters have random non-zero weights. Generation is greedy, so a response's text identifies the
 weights that produced it: every response is compared with a reference made on a *distinct*
 adapter id holding the same weights, and the adapters are checked to change the base model's

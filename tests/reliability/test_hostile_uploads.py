@@ -1,4 +1,4 @@
-"""Hostile adapter uploads over real HTTP, end to end (RELIABILITY.md 4.B, tests 12-25).
+"""Hostile adapter uploads over real HTTP, end to end (docs/checklist.md B, #12-25).
 
 tests/store/test_validation.py proves each check in the store; tests/api/test_adapters.py runs a
 few through the in-process app. This file sends the attacks to a real server (a subprocess:

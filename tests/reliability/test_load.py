@@ -1,4 +1,4 @@
-"""Overload over real HTTP (RELIABILITY.md 2.2, 4.F 41), short: the tiny server in a subprocess.
+"""Overload over real HTTP (docs/checklist.md #41), short: the tiny server in a subprocess.
 
 ``bench/load.py``'s driver against the tiny server with ``max_batch_size`` 4 and ``max_queue`` 4:
 capacity is measured closed-loop, then requests arrive open-loop at twice that rate for 4 s.

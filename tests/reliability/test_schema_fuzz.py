@@ -1,4 +1,4 @@
-"""Schemathesis against the server's own ``/openapi.json``, over real HTTP (RELIABILITY.md 4.A.11).
+"""Schemathesis against the server's own ``/openapi.json``, over real HTTP (docs/checklist.md #11).
 
 A tiny random-weight server runs as a subprocess (uvicorn, real sockets, a temp data dir, an
 admin key). Every operation in its schema - generation (native and OpenAI, streaming too),

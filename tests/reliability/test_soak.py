@@ -1,4 +1,4 @@
-"""A short soak over real HTTP (RELIABILITY.md 4.F, 45): memory, fds, threads and series stay flat.
+"""A short soak over real HTTP (docs/checklist.md #45): memory, fds, threads and series stay flat.
 
 ``bench/soak.py`` with 500 requests over 20 adapters of every family (random non-zero weights),
 mixed routes (``/generate``, its SSE stream, ``/v1/completions``), against the tiny server in a

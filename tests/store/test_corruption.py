@@ -1,5 +1,5 @@
 """Damage on disk after a successful upload: the next load fails with Corrupt (409, "re-upload"),
-the adapter is quarantined, other adapters keep loading (RELIABILITY.md 4.C, test 28)."""
+the adapter is quarantined, other adapters keep loading (docs/checklist.md #28)."""
 
 from __future__ import annotations
 

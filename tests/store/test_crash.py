@@ -1,6 +1,6 @@
 """Crash safety: a crash at any point of put/delete leaves each adapter whole or absent after a
 restart; the open sweeps leftovers, quarantines rows with missing files, rebuilds a damaged index
-(RELIABILITY.md 4.C, tests 26, 27, 30)."""
+(docs/checklist.md C, #26, #27, #30)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Every rejected upload: right error class and HTTP status, ``.where`` naming the tensor/field/limit,
-nothing written to the store, listing unchanged (RELIABILITY.md 4.B, tests 12-23)."""
+nothing written to the store, listing unchanged (docs/checklist.md B, #12-23)."""
 
 from __future__ import annotations
 
