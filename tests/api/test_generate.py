@@ -302,9 +302,9 @@ async def test_a_wedged_engine_turns_ready_503_and_new_requests_503_until_it_mov
             await asyncio.sleep(0.1)
         assert ready.status_code == 503 and "no progress" in ready.json()["error"]["message"]
         assert (await client.get("/health")).status_code == 200
-        started = loop.time()
+        # answered while the step is still wedged (release is set below): refused, not queued
         late = await client.post("/generate", json={"prompt": "t1", "max_new_tokens": 2})
-        assert late.status_code == 503 and late.headers["Retry-After"] and loop.time() - started < 2
+        assert late.status_code == 503 and late.headers["Retry-After"]
         generator.forward = forward
         release.set()
         assert (await stuck).status_code == 200
