@@ -11,6 +11,12 @@ One ``Generator.step()``:
 5. stream events, finish sequences on EOS / ``max_new_tokens`` / stop string, drop them from the
    batch at once, and merge the surviving newcomers into the running batch.
 
+One request's failure stays with that request: a row whose scores are NaN / +inf (e.g. its own
+adapter's doing), or whose own set-up, sampling, detokenising or stop-string step raises, ends with
+``"error"`` (``FinishEvent.error_kind`` says why; ``error_counts`` counts them) and leaves the batch;
+the other rows go on with exactly the tokens they would have had. Only a failure of a forward
+itself fails every row of that forward (``"batch"``).
+
 Threading: ``submit`` (and ``GenerationRequest.cancel``) may be called from any thread;
 ``step`` / ``run_forever`` run on a single engine thread, which alone touches the batch and emits
 events. ``run_forever`` sleeps on a condition variable while there is nothing to do.
@@ -18,6 +24,7 @@ events. ``run_forever`` sleeps on a condition variable while there is nothing to
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
@@ -31,6 +38,8 @@ from transformers.cache_utils import DynamicCache
 
 from server.engine.kv_batch import ForwardFn, RunningBatch
 from server.engine.requests import (
+    ERROR_KINDS,
+    ErrorKind,
     FinishEvent,
     FinishReason,
     GenerationRequest,
@@ -40,7 +49,7 @@ from server.engine.requests import (
     TokenEvent,
     TokenizerLike,
 )
-from server.engine.sampling import SamplingTensors, make_generator, sample
+from server.engine.sampling import make_generator, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +163,9 @@ class Generator:
         self._queue_seconds: list[float] = []  # waits of first admissions, reported in StepStats
         # Called with every step's StepStats on the engine thread (metrics subscribe here).
         self.observers: list[Callable[[StepStats], None]] = []
+        # Requests ended with "error", by ErrorKind (read by metrics at scrape time).
+        self.error_counts: dict[ErrorKind, int] = dict.fromkeys(ERROR_KINDS, 0)
+        self._errors_lock = threading.Lock()  # submit may count from any thread
 
     def _new_batch(self) -> RunningBatch[_Sequence]:
         return RunningBatch(self.forward, self.device, self.cache_factory)
@@ -187,7 +199,7 @@ class Generator:
         n = len(request.prompt_token_ids)
         if self.max_seq_len is not None and n >= self.max_seq_len:
             msg = f"prompt has {n} tokens; the maximum sequence length is {self.max_seq_len}"
-            request.emit(FinishEvent("error", "", n, 0, msg))
+            self._reject(request, "invalid", msg)
             return
         with self._cond:
             self._waiting.append(request)
@@ -231,8 +243,8 @@ class Generator:
             waiting = list(self._waiting)
             self._waiting.clear()
         for req in waiting:
-            req.emit(FinishEvent("error", "", len(req.prompt_token_ids), 0, message))
-        self._fail(list(self._running.seqs), RuntimeError(message))
+            self._reject(req, "aborted", message)
+        self._fail(list(self._running.seqs), RuntimeError(message), "aborted")
         self._running = self._new_batch()
 
     def step(self) -> StepStats:
@@ -251,8 +263,9 @@ class Generator:
 
         newcomers = self._new_batch()
         prefill_tokens = sum(len(r.prompt_token_ids) for r in admitted)
-        if admitted:
-            seqs = [self._start(r) for r in admitted]
+        seqs = self._start_all(admitted)
+        finished += len(admitted) - len(seqs)
+        if seqs:
             try:
                 logits = newcomers.prefill(seqs)  # [N, V]
                 if self._admit_cap is not None:  # grow back gradually after a back-off
@@ -260,12 +273,12 @@ class Generator:
                 finished += self._sample_and_emit(newcomers, logits)
             except RetryLater as exc:
                 newcomers = self._new_batch()
-                if len(admitted) == 1 and not len(self._running):
+                if len(seqs) == 1 and not len(self._running):
                     finished += self._fail(seqs, exc)  # can never run: fail it, keep serving
                 else:  # back to the head of the queue, in order; admit fewer next time
                     with self._cond:
-                        self._waiting.extendleft(reversed(admitted))
-                    self._admit_cap = max(1, len(admitted) // 2)
+                        self._waiting.extendleft(reversed([s.request for s in seqs]))
+                    self._admit_cap = max(1, len(seqs) // 2)
                     admitted, prefill_tokens = [], 0
             except Exception as exc:
                 log.exception("prefill failed")
@@ -349,20 +362,53 @@ class Generator:
         detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
         return _Sequence(request=req, detok=detok, text=StopStringBuffer(p.stop), rng=rng)
 
+    def _start_all(self, admitted: list[GenerationRequest]) -> list[_Sequence]:
+        """The sequences of ``admitted``; a request whose own set-up raises ends alone."""
+        seqs = []
+        for req in admitted:
+            try:
+                seqs.append(self._start(req))
+            except Exception as exc:
+                log.exception("starting request %s failed", req.id)
+                self._reject(req, "request", f"set-up failed: {type(exc).__name__}: {exc}")
+        return seqs
+
     def _sample_and_emit(self, batch: RunningBatch[_Sequence], logits: torch.Tensor) -> int:
-        """Sample a token per row of ``batch``, stream it, drop finished rows; return how many finished."""
+        """Sample a token per row of ``batch``, stream it, drop finished rows; return how many finished.
+
+        A row ends with ``"error"`` on its own when its scores are unusable (any NaN or +inf, or no
+        finite entry; ``-inf`` alone is a masked token) or when its sampling or text step raises."""
         seqs = batch.seqs
-        st = SamplingTensors.from_params([s.request.params for s in seqs], [s.rng for s in seqs], self.device)
-        out = sample(logits, st)
+        usable = (logits < float("inf")).all(dim=-1) & (logits > float("-inf")).any(dim=-1)  # [B]
+        params, rngs = [s.request.params for s in seqs], [s.rng for s in seqs]
+        out, failed = sample_rows(logits, params, rngs, self.device)
         batch.set_next_tokens(out.token_ids)
-        tokens = out.token_ids.tolist()
+        tokens = torch.where(usable, out.token_ids, -1).tolist()  # host sync; -1 = unusable
         logprobs = out.logprobs.tolist() if out.logprobs is not None else [None] * len(seqs)
         keep = []
         for i, (seq, tok, lp) in enumerate(zip(seqs, tokens, logprobs, strict=True)):
-            if self._advance(seq, tok, lp):
+            if tok < 0:
+                message = f"non-finite logits (NaN or inf) at generated token {len(seq.generated) + 1}"
+                self._finish(seq, "error", message, "non_finite")
+            elif i in failed:
+                log.error("sampling failed for request %s: %s", seq.request.id, failed[i])
+                self._finish(seq, "error", f"sampling failed: {failed[i]}", "request")
+            elif self._advance_alone(seq, tok, lp):
                 keep.append(i)
         batch.filter(keep)
         return len(seqs) - len(keep)
+
+    def _advance_alone(self, seq: _Sequence, token: int, logprob: float | None) -> bool:
+        """``_advance``, but an exception (detokeniser, stop strings, the sink) ends this request only."""
+        n = len(seq.generated)
+        try:
+            return self._advance(seq, token, logprob)
+        except Exception as exc:
+            log.exception("emitting a token of request %s failed", seq.request.id)
+            del seq.generated[n:]  # not delivered: completion_tokens counts the token events sent
+            with contextlib.suppress(Exception):  # a sink that raises again: the request is over anyway
+                self._finish(seq, "error", f"{type(exc).__name__}: {exc}", "request")
+            return False
 
     def _advance(self, seq: _Sequence, token: int, logprob: float | None) -> bool:
         """Record ``token`` for ``seq`` and emit its events; return whether the sequence continues."""
@@ -391,15 +437,34 @@ class Generator:
         return False
 
     def _finish(
-        self, seq: _Sequence, reason: FinishReason, error: str | None = None, retryable: bool = False
+        self,
+        seq: _Sequence,
+        reason: FinishReason,
+        error: str | None = None,
+        kind: ErrorKind | None = None,
+        retryable: bool = False,
     ) -> None:
         req = seq.request
+        if reason == "error":
+            self._count_error(req, kind or "batch")
         n_prompt, n_generated = len(req.prompt_token_ids), len(seq.generated)
-        req.emit(FinishEvent(reason, seq.text.final_text, n_prompt, n_generated, error, retryable))
+        req.emit(FinishEvent(reason, seq.text.final_text, n_prompt, n_generated, error, retryable, kind))
 
-    def _fail(self, seqs: list[_Sequence], exc: BaseException) -> int:
+    def _reject(self, req: GenerationRequest, kind: ErrorKind, message: str) -> None:
+        """End a request that has no sequence (yet) with ``"error"``."""
+        self._count_error(req, kind)
+        req.emit(FinishEvent("error", "", len(req.prompt_token_ids), 0, message, error_kind=kind))
+
+    def _count_error(self, req: GenerationRequest, kind: ErrorKind) -> None:
+        if not req.finished:  # a request ends once; so is it counted
+            with self._errors_lock:
+                self.error_counts[kind] += 1
+
+    def _fail(self, seqs: list[_Sequence], exc: BaseException, kind: ErrorKind | None = None) -> int:
         """Finish the still-unfinished ``seqs`` with ``"error"``; return how many that was."""
         pending = [s for s in seqs if not s.request.finished]
+        retryable = isinstance(exc, RetryLater)
+        kind = kind or ("no_room" if retryable else "batch")
         for seq in pending:
-            self._finish(seq, "error", f"{type(exc).__name__}: {exc}", isinstance(exc, RetryLater))
+            self._finish(seq, "error", f"{type(exc).__name__}: {exc}", kind, retryable)
         return len(pending)

@@ -30,6 +30,12 @@ class BaseModel:
         return {p: (m.out_features, m.in_features) for p, m in self.modules.items()}
 
     @property
+    def vocab_size(self) -> int:
+        """Width of the model's next-token scores (what bounds a request's ``top_k``)."""
+        head = self.model.get_output_embeddings()
+        return int(head.weight.shape[0]) if head is not None else int(self.model.config.vocab_size)
+
+    @property
     def eos_token_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
         ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)

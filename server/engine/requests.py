@@ -30,16 +30,29 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length", "eos", "cancelled", "error"]
+# Why a request ended with "error" (a bounded set: it is also a metric label).
+#   non_finite - the request's own next-token scores were NaN or inf (e.g. its adapter's weights);
+#   request    - one of the request's own steps raised (set-up, sampling, detokenising, stop strings);
+#   batch      - a forward shared with other requests failed (every row of it ends);
+#   no_room    - the engine can never fit it (``RetryLater`` with nothing else running);
+#   aborted    - the engine stopped; invalid - refused at submit (e.g. a prompt over the context).
+ErrorKind = Literal["non_finite", "request", "batch", "no_room", "aborted", "invalid"]
+ERROR_KINDS: tuple[ErrorKind, ...] = ("non_finite", "request", "batch", "no_room", "aborted", "invalid")
+# A positive temperature below this is greedy: dividing float32 logits by it overflows (a temperature
+# of 1e-45 made every score inf/NaN and always picked token 0). vLLM draws the same line.
+GREEDY_BELOW = 1e-5
+MAX_INT64 = 2**63 - 1
 
 
 @dataclass
 class SamplingParams:
     """Per-request decoding settings (validated on construction).
 
-    ``temperature == 0`` means greedy (argmax); ``top_k == 0`` disables top-k; ``top_p == 1``
-    disables nucleus filtering. ``seed`` makes sampling reproducible for the same prompt no matter
-    what else shares the batch. ``logprobs`` asks for the log-probability of each chosen token
-    under the model's raw distribution (before temperature / top-k / top-p).
+    ``temperature == 0`` means greedy (argmax), and so does any temperature below ``GREEDY_BELOW``
+    (it is set to 0); ``top_k == 0`` disables top-k; ``top_p == 1`` disables nucleus filtering.
+    ``seed`` makes sampling reproducible for the same prompt no matter what else shares the batch.
+    ``logprobs`` asks for the log-probability of each chosen token under the model's raw
+    distribution (before temperature / top-k / top-p).
     """
 
     max_new_tokens: int = 16
@@ -59,13 +72,18 @@ class SamplingParams:
         self.temperature = float(self.temperature)
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
+        top_k = self.top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= MAX_INT64:
+            raise ValueError(f"top_k must be an int in [0, 2**63 - 1] (0 = off), got {self.top_k!r}")
         self.top_p = float(self.top_p)
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_INT64:
+            raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
         if isinstance(self.stop, str) or not isinstance(self.stop, Sequence):
             raise TypeError("stop must be a list of strings")
         self.stop = list(self.stop)
@@ -108,6 +126,7 @@ class FinishEvent:
     completion_tokens: int
     error: str | None = None
     retryable: bool = False  # the error was a lack of room (RetryLater): the same request may work later
+    error_kind: ErrorKind | None = None  # why, when finish_reason is "error"
 
 
 Event = TokenEvent | FinishEvent

@@ -24,12 +24,15 @@ with which the token was actually drawn under a modified distribution.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from server.engine.requests import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
@@ -94,7 +97,8 @@ def apply_top_k_top_p(
     sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
     probs = sorted_logits.softmax(dim=-1)  # [S, V], sorted order
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better tokens
-    drop = mass_before >= top_p[:, None]  # rank 0 has mass_before 0 < top_p: always kept
+    # The best token is always kept, also for a top_p that is 0 in float32 (1e-46 dropped every token).
+    drop = (mass_before >= top_p[:, None]) & (ranks[None, :] > 0)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(scaled, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
 
@@ -106,7 +110,10 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SampleOutput:
     sampled_rows = st.sampled_rows
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)  # [S]
-        scaled = logits[rows] / st.temperature[rows, None]  # [S, V]
+        picked = logits[rows]  # [S, V]
+        # Best score 0 before scaling: a finite row never overflows to inf - inf = NaN, however
+        # small the temperature or large the scores.
+        scaled = (picked - picked.amax(dim=-1, keepdim=True)) / st.temperature[rows, None]  # [S, V]
         if st.needs_filter:
             scaled = apply_top_k_top_p(scaled, st.top_k[rows], st.top_p[rows])
         probs = scaled.softmax(dim=-1)  # [S, V]
@@ -120,3 +127,39 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SampleOutput:
     if st.want_logprobs:
         logprobs = logits.log_softmax(dim=-1).gather(-1, token_ids[:, None]).squeeze(-1)  # [B]
     return SampleOutput(token_ids=token_ids, logprobs=logprobs)
+
+
+def sample_rows(
+    logits: torch.Tensor,  # [B, V]
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    device: torch.device | str,
+) -> tuple[SampleOutput, dict[int, str]]:
+    """``sample`` for a batch in which one row's settings may make it raise: vectorised first; if
+    that raises, every row alone, so the failure stays with its row. Returns the output (token 0
+    for failed rows) and ``{row: error}``. Generators are rewound before the row-by-row pass, so a
+    row's draws never depend on the failed attempt (its tokens are those it gets alone)."""
+    states = [None if g is None else g.get_state() for g in generators]
+    try:
+        return sample(logits, SamplingTensors.from_params(params, generators, device)), {}
+    except Exception as exc:
+        log.warning("batched sampling failed (%s: %s); sampling row by row", type(exc).__name__, exc)
+    for gen, state in zip(generators, states, strict=True):
+        if gen is not None:
+            gen.set_state(state)
+    rows = len(params)
+    token_ids = torch.zeros(rows, dtype=torch.int64, device=logits.device)
+    want = any(p.logprobs for p in params)
+    logprobs = torch.zeros(rows, dtype=torch.float32, device=logits.device) if want else None
+    failed: dict[int, str] = {}
+    for i in range(rows):
+        try:
+            st = SamplingTensors.from_params(params[i : i + 1], generators[i : i + 1], device)
+            out = sample(logits[i : i + 1], st)
+        except Exception as exc:
+            failed[i] = f"{type(exc).__name__}: {exc}"
+            continue
+        token_ids[i] = out.token_ids[0]
+        if logprobs is not None and out.logprobs is not None:
+            logprobs[i] = out.logprobs[0]
+    return SampleOutput(token_ids=token_ids, logprobs=logprobs), failed
