@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.engine.requests import Event, EventSink, FinishEvent, TokenEvent
+from server.engine.requests import ERROR_KINDS, Event, EventSink, FinishEvent, TokenEvent
 from server.methods import available_methods
 
 if TYPE_CHECKING:
@@ -298,6 +298,18 @@ class _StateCollector(Collector):
         for label, n in m.adapters.snapshot().items():
             per_adapter.add_metric([label], n)
         yield per_adapter
+
+        errors = CounterMetricFamily(
+            "facet_request_errors",
+            "Generations ended with an error, by cause (non_finite: its own scores were NaN/inf; "
+            "request: one of its own steps failed; batch: a shared forward failed; no_room; aborted; "
+            "invalid)",
+            labels=["reason"],
+        )
+        counts = {} if gen is None else dict(gen.error_counts)
+        for reason in ERROR_KINDS:
+            errors.add_metric([reason], counts.get(reason, 0))
+        yield errors
 
         if engine is not None:
             yield from self._residency(engine)
