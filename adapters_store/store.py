@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from server.methods import Adapter
 
 from .errors import Conflict, Corrupt, NotFound, StoreError, TooLarge, ValidationError
@@ -78,7 +80,10 @@ class AdapterStore:
         module_shapes: Mapping[str, tuple[int, int]],
         base_model_name: str,
         limits: StoreLimits | None = None,
+        table_dtype: torch.dtype = torch.float32,
     ):
+        """``table_dtype``: the engine's serving dtype; every adapter's prepared slot tables must be
+        finite in it (at upload and at every load)."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
@@ -88,6 +93,7 @@ class AdapterStore:
         self.staging_root.mkdir(exist_ok=True)
         self.module_shapes = {k: (int(v[0]), int(v[1])) for k, v in module_shapes.items()}
         self.base_model_name = base_model_name
+        self.table_dtype = table_dtype
         self.limits = limits or StoreLimits()
         # Stored configs are canonical JSON, which can be longer than the upload (defaults added).
         self._stored_limits = replace(self.limits, max_config_bytes=self.limits.max_config_bytes * 8)
@@ -114,7 +120,7 @@ class AdapterStore:
         if the disk fills up (nothing is left behind).
         """
         check_id(adapter_id)
-        up = validate_upload(config_bytes, weights_file, self.module_shapes, self.limits)
+        up = validate_upload(config_bytes, weights_file, self.module_shapes, self.limits, self.table_dtype)
         if len(up.config_bytes) > self._stored_limits.max_config_bytes:
             raise TooLarge("max_config_bytes", "adapter_config.json is too large once defaults are filled in")
         with self._lock(adapter_id):
@@ -272,7 +278,9 @@ class AdapterStore:
             raise _Damaged(WEIGHTS_NAME, f"{WEIGHTS_NAME} does not match its recorded sha256")
         try:
             method, cfg = validate_config(config, self._stored_limits)
-            _, adapter = validate_weights(method, cfg, weights, self.module_shapes, self._stored_limits)
+            _, adapter = validate_weights(
+                method, cfg, weights, self.module_shapes, self._stored_limits, self.table_dtype
+            )
         except StoreError as e:
             raise _Damaged(e.where, f"stored files no longer validate ({e.where}: {e.message})") from None
         return adapter
@@ -281,7 +289,7 @@ class AdapterStore:
         """Rebuild an index row from a version folder (used when the index was damaged)."""
         config = read_bounded(folder / CONFIG_NAME, self._stored_limits.max_config_bytes)
         weights = read_bounded(folder / WEIGHTS_NAME, self.limits.max_weights_bytes)
-        up = validate_upload(config, weights, self.module_shapes, self._stored_limits)
+        up = validate_upload(config, weights, self.module_shapes, self._stored_limits, self.table_dtype)
         cfg_dict, _ = canonical_config_bytes(up.adapter.config)
         rec = AdapterRecord(
             adapter_id=adapter_id,

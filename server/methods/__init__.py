@@ -4,7 +4,7 @@ Importing this package registers every family.
 """
 
 from . import dct, ether, hut, lora, surm  # noqa: F401  (registration side effect)
-from .adapter import Adapter, matches_target, parse_config
+from .adapter import Adapter, check_finite_tables, check_tables, matches_target, parse_config
 from .base import AdapterError, AdapterMethod, ConfigError, MethodConfig, ParamSpec, WeightsError
 from .batched import Group, adapted_forward, batched_linear, merge_into, restore, stack_prepared
 from .registry import available_methods, get_method, method_for_peft_type
@@ -21,6 +21,8 @@ __all__ = [
     "adapted_forward",
     "available_methods",
     "batched_linear",
+    "check_finite_tables",
+    "check_tables",
     "get_method",
     "matches_target",
     "merge_into",

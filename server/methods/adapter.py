@@ -130,3 +130,37 @@ class Adapter:
         for path, params in modules.items():
             method.check_params(cfg, path, params, *targets[path])
         return cls(method, cfg, modules, dict(targets))
+
+
+def check_finite_tables(
+    path: str, sources: list[str], tables: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> None:
+    """Raise WeightsError naming the module and table if a serving table is not finite in ``dtype``."""
+    for name, t in sorted(tables.items()):
+        if not t.is_floating_point():
+            continue
+        finite = torch.isfinite(t.to(dtype))
+        if not finite.all():
+            raise WeightsError(
+                f"{KEY_PREFIX}{path}",
+                f"serving table {name!r} made from {', '.join(sorted(sources))} and the config's scale has "
+                f"{int((~finite).sum())} non-finite value(s) in {str(dtype).removeprefix('torch.')}; "
+                "lower the scale or the tensor values",
+            )
+
+
+def check_tables(adapter: Adapter, dtype: torch.dtype = torch.float32) -> None:
+    """Refuse an adapter whose prepared slot tables (what the engine installs) are not finite.
+
+    ``prepare`` folds scales into the tables (LoRA s·Bᵀ, SURM α·spectra, DCT α·coef), so finite
+    tensors and a finite scale can still make an infinite table, most easily in float16. Every
+    family's ``prepare`` reads only the shape, dtype and device of the base weight (its values
+    enter at apply time), so a zero-stride stand-in of the module's shape serves here; the engine
+    checks the real tables again when it installs them (``Residency``).
+    """
+    for path in sorted(adapter.modules):
+        params = {k: v.float() if v.is_floating_point() else v for k, v in adapter.modules[path].items()}
+        stand_in = torch.zeros((), dtype=torch.float32).expand(adapter.shapes[path])
+        with torch.no_grad():
+            tables = adapter.method.prepare(adapter.config, params, stand_in)
+        check_finite_tables(path, list(params), tables, dtype)

@@ -32,12 +32,24 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, ValidationError
 
 InitMode = Literal["identity", "train", "random"]
+
+# Scalar bounds shared by the families (docs/adapter-format.md lists each field's range).
+# MAX_SCALE: |lora_alpha|, |SURM alpha|, |DCT scaling|. Published recipes stay below a few
+# thousand (alpha = 2r with r <= 4096 is 8192); 2^16 leaves 8x room, and with tensor values
+# |x| <= 1e4 (StoreLimits.max_abs_value) every prepared slot table stays below ~1e17: finite in
+# float32 and bfloat16 (float16 servers check their tables at 65504, see ``check_tables``).
+MAX_SCALE = 65536.0
+MAX_RANK = 4096  # LoRA r: above every published recipe; the tensors' size caps apply as well
+
+# JSON-strict scalars: an int is a number, but "8", true and NaN/Inf are not.
+StrictNumber = Annotated[float, Strict(), AllowInfNan(False)]
+Scale = Annotated[StrictNumber, Field(ge=-MAX_SCALE, le=MAX_SCALE)]
 
 
 class AdapterError(ValueError):
@@ -80,9 +92,9 @@ class MethodConfig(BaseModel):
     base_model_name_or_path: str | None = None
     # Harmless bookkeeping fields that PEFT (and we) write; accepted and ignored.
     task_type: str | None = None
-    inference_mode: bool = True
+    inference_mode: StrictBool = True
     revision: str | None = None
-    format_version: int = 1
+    format_version: StrictInt = 1
 
     def check_shape(self, module: str, out_f: int, in_f: int) -> None:
         """Raise ConfigError if this config cannot adapt a ``[out_f, in_f]`` linear."""

@@ -33,10 +33,20 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, StrictInt, field_validator
 
 from .adapter import KEY_PREFIX
-from .base import AdapterMethod, ConfigError, InitMode, MethodConfig, ParamSpec, WeightsError, per_row
+from .base import (
+    AdapterMethod,
+    ConfigError,
+    InitMode,
+    MethodConfig,
+    ParamSpec,
+    Scale,
+    StrictNumber,
+    WeightsError,
+    per_row,
+)
 from .registry import register_method
 
 PAD_MULTIPLE = 64  # serving pads n to a multiple of this, so adapters of nearby n share a slot table
@@ -44,11 +54,15 @@ PAD_MULTIPLE = 64  # serving pads n to a multiple of this, so adapters of nearby
 
 class DCTConfig(MethodConfig):
     peft_type: str = "DCT"
-    n_frequency: int = Field(700, ge=1, description="n: trained spectral coefficients per adapted linear")
-    scaling: float = Field(1.0, description="alpha in W' = W + alpha * C_out^T S C_in")
-    delta: float = Field(0.7, ge=0.0, le=1.0, description="share of each band taken by top energy")
-    n_bands: int = Field(3, ge=1, le=64, description="frequency bands by distance from the DC corner")
-    selection_seed: int = Field(42, ge=0, lt=2**63, description="seed of the random share of positions")
+    n_frequency: StrictInt = Field(
+        700, ge=1, description="n: trained spectral coefficients per adapted linear"
+    )
+    scaling: Scale = Field(
+        1.0, description="alpha in W' = W + alpha * C_out^T S C_in; 0 < |alpha| <= MAX_SCALE"
+    )
+    delta: StrictNumber = Field(0.7, ge=0.0, le=1.0, description="share of each band taken by top energy")
+    n_bands: StrictInt = Field(3, ge=1, le=64, description="frequency bands by distance from the DC corner")
+    selection_seed: StrictInt = Field(42, ge=0, lt=2**63, description="seed of the random share of positions")
     dct_norm: Literal["ortho"] = "ortho"
 
     @field_validator("peft_type")

@@ -51,10 +51,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 
+from .adapter import KEY_PREFIX
 from .base import AdapterMethod, ConfigError, InitMode, MethodConfig, ParamSpec, WeightsError, per_row
 from .registry import register_method
 
 Side = Literal["in", "out"]
+# Smallest accepted RMS entry of a raw u/v block, i.e. ||u|| >= MIN_RMS·√b. ``prepare`` computes
+# u/max(||u||, 1e-12) in float32: the norm must be far above that clamp, and the squares summed
+# into ||u||² must stay in float32's normal range (>= 1.2e-38) to keep their relative precision.
+# At RMS 1e-6 a typical square is 1e-12, 26 decades above the underflow, and ||u|| >= 1.4e-6, six
+# decades above the clamp (a norm of 1e-13 was accepted before and gave a non-orthogonal block).
+# Trained vectors are far larger: the init has RMS 1/√(3b), 0.02-0.06 at SmolLM2 sizes.
+MIN_RMS = 1e-6
 
 
 class EtherConfig(MethodConfig):
@@ -142,12 +150,21 @@ class EtherMethod(AdapterMethod):
     def check_params(
         self, cfg: EtherConfig, module: str, params: dict[str, torch.Tensor], out_f: int, in_f: int
     ) -> None:
-        for pname, t in params.items():
-            norms = t.float().norm(dim=-1)
+        for pname, t in sorted(params.items()):
+            where = f"{KEY_PREFIX}{module}.{pname}"
+            norms = t.float().norm(dim=-1)  # [n_blocks], in float32 as ``prepare`` normalises
             if not (norms > 0).all():
                 k = int((norms <= 0).nonzero()[0, 0])
+                raise WeightsError(where, f"block {k} is an all-zero vector (cannot be normalised)")
+            floor = MIN_RMS * math.sqrt(t.shape[-1])
+            small = ~(norms >= floor) | ~torch.isfinite(norms)
+            if small.any():
+                k = int(small.nonzero()[0, 0])
                 raise WeightsError(
-                    f"{module}.{pname}", f"block {k} is an all-zero vector (cannot be normalised)"
+                    where,
+                    f"block {k} has norm {float(norms[k]):.3g}, outside [{floor:.3g}, inf) in float32 "
+                    f"(RMS entry >= {MIN_RMS:g}): its normalisation would not give a unit vector, so "
+                    "the block would not be a reflection",
                 )
 
     # ---- initialisation ------------------------------------------------------------------

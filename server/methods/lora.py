@@ -16,12 +16,14 @@ and never acted on: nothing in a config is imported.
 Init: ``train``/``identity`` as PEFT (A Kaiming-uniform, i.e. U(±1/√in), B = 0); ``random``
 draws B too, scaled so that ``s·BA`` is about 0.3× the scale of W.
 
-Mixed batches: ``prepare`` folds ``s`` into ``Bᵀ [r, out]``. Three exact forms, chosen by the
-table's shape (measured on CPU at SmolLM2 shapes, 64 rows): a small table (``S·r <= 32``): two
-dense GEMMs over the concatenated factors of all slots with a per-row one-hot mask; r <= 8 (and
-always on GPU): each row gathers its factors, two batched mat-vecs (``R·r·(in+out)`` floats
-copied, no host sync); larger r on CPU: rows regrouped per slot (padded to the largest group) and
-two ``bmm`` over the slot factors in place (per-row gathers became 2-10x slower from r = 16).
+Mixed batches: ``prepare`` folds ``s`` into ``Bᵀ [r, out]``. Two exact forms, chosen by the
+table's shape (measured on CPU at SmolLM2 shapes, 64 rows): r <= 8 (and always on GPU): each row
+gathers its factors, two batched mat-vecs (``R·r·(in+out)`` floats copied, no host sync); larger r
+on CPU: rows regrouped per slot (padded to the largest group) and two ``bmm`` over the slot
+factors in place (per-row gathers became 2-10x slower from r = 16). Both select each row's own
+factors: no row's activations ever meet another slot's factors. (A dense form over every slot's
+factors with a one-hot row mask was as fast at small tables, but ``0 · inf = NaN``: one slot's
+overflow would reach every row of the batch.)
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from collections.abc import Hashable
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, FiniteFloat, field_validator
+from pydantic import Field, StrictBool, StrictInt, field_validator
 from pydantic_core import PydanticCustomError
 
-from .base import AdapterMethod, InitMode, MethodConfig, ParamSpec, per_row
+from .base import MAX_RANK, AdapterMethod, InitMode, MethodConfig, ParamSpec, Scale, StrictNumber, per_row
 from .registry import register_method
 
 # Keys PEFT writes whose only accepted values are the "feature off" ones, and why.
@@ -65,7 +67,6 @@ _OFF: dict[str, str] = {
 }
 # init_lora_weights values whose saved factors apply to the untouched base weight.
 _PLAIN_INITS = {"gaussian", "eva", "orthogonal", "mica"}
-DENSE_MAX_RANK = 32  # S·r up to which the masked dense form is fastest (measured on CPU)
 GATHER_MAX_RANK = 8  # r up to which per-row gathered factors beat regrouping rows per slot (CPU)
 
 
@@ -75,15 +76,15 @@ def _refuse(message: str) -> PydanticCustomError:
 
 
 class LoraConfig(MethodConfig):
-    r: int = Field(8, ge=1)
-    lora_alpha: FiniteFloat = 8.0
-    use_rslora: bool = False
+    r: StrictInt = Field(8, ge=1, le=MAX_RANK)
+    lora_alpha: Scale = 8.0  # |alpha| <= MAX_SCALE
+    use_rslora: StrictBool = False
     # Accepted, ignored (training-time or bookkeeping only).
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    init_lora_weights: bool | str = True
+    lora_dropout: StrictNumber = Field(0.0, ge=0.0, lt=1.0)
+    init_lora_weights: StrictBool | str = True
     peft_version: str | None = None
-    qalora_group_size: int = 16
-    ensure_weight_tying: bool = False
+    qalora_group_size: StrictInt = Field(16, ge=1)
+    ensure_weight_tying: StrictBool = False
     eva_config: dict[str, Any] | None = None  # EVA only chooses the init; the factors are plain LoRA
     auto_mapping: dict[str, str] | None = None  # PEFT's base-class hint; never imported here
     bias: str = "none"
@@ -210,19 +211,9 @@ class LoraMethod(AdapterMethod):
         a, bt = table["A"], table["Bt"]  # [S, r, in], [S, r, out]
         if slots is None:  # training: one adapter on every row
             return (x @ a[0].T) @ bt[0]
-        if a.shape[0] * a.shape[1] <= DENSE_MAX_RANK:
-            return _dense_masked(x, a, bt, slots)
         if x.is_cuda or a.shape[1] <= GATHER_MAX_RANK:
             return _gathered(x, a, bt, slots)
         return _segmented(x, a, bt, slots)
-
-
-def _dense_masked(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Shrink by every slot's factors at once, keep each row's own r columns, expand densely."""
-    n_slots, r, in_f = a.shape
-    h = (x @ a.reshape(n_slots * r, in_f).T).view(-1, n_slots, r)  # [R, S, r]
-    mask = slots[:, None] == torch.arange(n_slots, device=slots.device)  # [R, S]
-    return (h * mask[:, :, None].to(h.dtype)).view(-1, n_slots * r) @ bt.reshape(n_slots * r, -1)
 
 
 def _gathered(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -30,9 +30,9 @@ from functools import cache
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, FiniteFloat, ValidationInfo, field_validator
+from pydantic import Field, StrictInt, ValidationInfo, field_validator
 
-from .base import AdapterMethod, ConfigError, InitMode, MethodConfig, ParamSpec, per_row
+from .base import AdapterMethod, ConfigError, InitMode, MethodConfig, ParamSpec, Scale, per_row
 from .registry import register_method
 
 Variant = Literal["circulant", "toeplitz", "kronecker"]
@@ -40,10 +40,10 @@ Variant = Literal["circulant", "toeplitz", "kronecker"]
 
 class SurmConfig(MethodConfig):
     variant: Variant = "circulant"
-    alpha: FiniteFloat = 1.0
+    alpha: Scale = 1.0  # |alpha| <= MAX_SCALE
     # f: required for (and only for) the kronecker variant. Validated even when absent, after
     # ``variant`` (fields validate in order), so errors point at ``kron_factor``.
-    kron_factor: int | None = Field(default=None, validate_default=True)
+    kron_factor: StrictInt | None = Field(default=None, validate_default=True)
 
     @field_validator("kron_factor")
     @classmethod

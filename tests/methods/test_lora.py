@@ -19,7 +19,7 @@ from server.methods import (
     merge_into,
     stack_prepared,
 )
-from server.methods.lora import DENSE_MAX_RANK, GATHER_MAX_RANK, _dense_masked, _gathered, _segmented
+from server.methods.lora import GATHER_MAX_RANK, _gathered, _segmented
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -204,12 +204,11 @@ def test_peft_written_dora_folder_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("n_adapters", "r", "path"), [(2, 4, "dense"), (9, 4, "gathered"), (4, 12, "segmented")]
+    ("n_adapters", "r", "path"), [(2, 4, "gathered"), (9, 4, "gathered"), (4, 12, "segmented")]
 )
 def test_mixed_batch_each_path_matches_reference(n_adapters, r, path):
     method = get_method("lora")
-    dense = n_adapters * r <= DENSE_MAX_RANK
-    assert path == ("dense" if dense else "gathered" if r <= GATHER_MAX_RANK else "segmented")
+    assert path == ("gathered" if r <= GATHER_MAX_RANK else "segmented")
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
     adapters = []
@@ -240,7 +239,7 @@ def test_mixed_batch_each_path_matches_reference(n_adapters, r, path):
 
 @pytest.mark.parametrize("skew", [False, True])
 def test_fast_paths_agree(skew):
-    """The three mixed-batch forms (dense-masked, segmented, gathered) compute the same rows."""
+    """The two mixed-batch forms (segmented, gathered) compute the same rows."""
     g = torch.Generator().manual_seed(1)
     n_slots, r, rows = 7, 3, 29
     a, bt = torch.randn(n_slots, r, 10, generator=g), torch.randn(n_slots, r, 6, generator=g)
@@ -249,7 +248,7 @@ def test_fast_paths_agree(skew):
     if skew:  # one big group, most slots unused
         slots = torch.where(torch.rand(rows, generator=g) < 0.8, 5, 1)
     want = torch.stack([x[i] @ a[s].T @ bt[s] for i, s in enumerate(slots.tolist())])
-    for fn in (_dense_masked, _gathered, _segmented):
+    for fn in (_gathered, _segmented):
         _close(fn(x, a, bt, slots), want)
 
 
