@@ -20,7 +20,8 @@ namespace {
 
 using torch::Tensor;
 
-// Shapes, dtypes and every row/slot index are checked before any raw pointer is used.
+// Shapes, dtypes, every table width and every row/slot index are checked before any raw pointer
+// is used: a wrong table raises a RuntimeError naming it instead of reading past its memory.
 
 // ``z`` is contiguous [N, D] float32 and every index in ``rows`` is inside it: the row indices.
 const int64_t* checked_rows(const Tensor& z, const Tensor& rows) {
@@ -60,6 +61,7 @@ void for_rows(int64_t n_rows, int64_t row_cost, const F& f) {
 void scale_rows_(Tensor z, Tensor rows, Tensor slots, Tensor t) {
   const auto [rp, sp] = checked_row_slots(z, rows, slots, t);
   const int64_t d = z.size(1);
+  TORCH_CHECK(t.dim() == 2 && t.size(1) == d, "HUT input scales: table must be [S, D] with D = the row width");
   float* zp = z.data_ptr<float>();
   const float* tp = t.data_ptr<float>();
   for_rows(rows.numel(), d, [&](int64_t k) {
@@ -73,6 +75,8 @@ void scale_rows_(Tensor z, Tensor rows, Tensor slots, Tensor t) {
 void scale_shift_rows_(Tensor y, Tensor rows, Tensor slots, Tensor t) {
   const auto [rp, sp] = checked_row_slots(y, rows, slots, t);
   const int64_t d = y.size(1);
+  TORCH_CHECK(t.dim() == 3 && t.size(1) == 2 && t.size(2) == d,
+              "HUT output scale/shift: table must be [S, 2, D] with D = the row width");
   float* yp = y.data_ptr<float>();
   const float* tp = t.data_ptr<float>();
   for_rows(rows.numel(), d, [&](int64_t k) {
@@ -87,6 +91,8 @@ void scale_shift_rows_(Tensor y, Tensor rows, Tensor slots, Tensor t) {
 // ETHER+ (t [S, 2, n, b] = (p0, p1)):              z_k -= 1/2 p1 (p0 . z_k) + 1/2 p0 (p1 . z_k)
 void reflect_rows_(Tensor z, Tensor rows, Tensor slots, Tensor t) {
   const auto [rp, sp] = checked_row_slots(z, rows, slots, t);
+  TORCH_CHECK(t.dim() == 3 || (t.dim() == 4 && t.size(1) == 2),
+              "ETHER table must be [S, n, b] (ETHER) or [S, 2, n, b] (ETHER+)");
   const bool plus = t.dim() == 4;
   const int64_t d = z.size(1), n = t.size(-2), b = t.size(-1);
   TORCH_CHECK(n * b == d, "ETHER table blocks do not cover the row");
@@ -122,7 +128,11 @@ void reflect_rows_(Tensor z, Tensor rows, Tensor slots, Tensor t) {
 void lora_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor a, Tensor bt) {
   const auto [rp, sp] = checked_row_slots(y, rows, slots, a);
   checked_row_slots(x, rows, slots, bt);
-  const int64_t in_f = x.size(1), out_f = y.size(1), r = a.size(1);
+  const int64_t in_f = x.size(1), out_f = y.size(1);
+  TORCH_CHECK(a.dim() == 3 && a.size(2) == in_f, "LoRA A: table must be [S, r, in] with in = the input width");
+  TORCH_CHECK(bt.dim() == 3 && bt.size(0) == a.size(0) && bt.size(1) == a.size(1) && bt.size(2) == out_f,
+              "LoRA Bt: table must be [S, r, out] with the S and r of A and out = the output width");
+  const int64_t r = a.size(1);
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
@@ -213,7 +223,8 @@ Tensor rfft_rows(Tensor x, Tensor rows, int64_t n) {
 void circulant_apply_(Tensor y, Tensor f, Tensor rows, Tensor slots, Tensor spec, int64_t n) {
   const auto [rp, sp] = checked_row_slots(y, rows, slots, spec);
   const int64_t out_f = y.size(1), m = n / 2 + 1;
-  TORCH_CHECK(spec.size(1) == m && n >= out_f, "circulant spectrum has the wrong length");
+  TORCH_CHECK(spec.dim() == 3 && spec.size(1) == m && spec.size(2) == 2 && n >= out_f,
+              "circulant spectrum has the wrong length: table must be [S, N/2+1, 2], N >= out");
   check_spectrum(f, rows, m);
   const float* cp = spec.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -275,7 +286,8 @@ void kronecker_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor ab, in
   const auto [rp, sp] = checked_row_slots(y, rows, slots, ab);
   checked_row_slots(x, rows, slots, ab);
   const int64_t in_f = x.size(1), out_f = y.size(1);
-  TORCH_CHECK(f > 0 && in_f % f == 0 && out_f % f == 0 && ab.size(1) == in_f + out_f, "kronecker table shape");
+  TORCH_CHECK(f > 0 && in_f % f == 0 && out_f % f == 0 && ab.dim() == 2 && ab.size(1) == in_f + out_f,
+              "kronecker table shape: must be [S, in + out] with f dividing in and out");
   const int64_t ia = in_f / f, ob = out_f / f;
   const float* xp = x.data_ptr<float>();
   const float* tp = ab.data_ptr<float>();
@@ -308,10 +320,12 @@ void kronecker_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor ab, in
 Tensor dct_spectrum(Tensor x, Tensor rows, Tensor perm_in, Tensor fwd_in) {
   const int64_t* rp = checked_rows(x, rows);
   const int64_t in_f = x.size(1), m_in = in_f / 2 + 1, rcount = rows.numel();
-  TORCH_CHECK(perm_in.scalar_type() == at::kLong && perm_in.numel() == in_f && fwd_in.numel() == 2 * m_in,
+  TORCH_CHECK(perm_in.scalar_type() == at::kLong && perm_in.is_contiguous() && perm_in.numel() == in_f &&
+                  fwd_in.scalar_type() == at::kFloat && fwd_in.is_contiguous() && fwd_in.numel() == 2 * m_in,
               "dct plan does not match the layer");
-  auto out = torch::empty({rcount, m_in, 2}, x.options());
   const int64_t* pin = perm_in.data_ptr<int64_t>();
+  for (int64_t i = 0; i < in_f; ++i) TORCH_CHECK(pin[i] >= 0 && pin[i] < in_f, "dct plan permutation out of range");
+  auto out = torch::empty({rcount, m_in, 2}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* fwd = fwd_in.data_ptr<float>();
   for_row_chunks(rcount, [&](int64_t begin, int64_t end) {
@@ -336,14 +350,18 @@ Tensor dct_spectrum(Tensor x, Tensor rows, Tensor perm_in, Tensor fwd_in) {
 void dct_apply_(Tensor y, Tensor spec, Tensor rows, Tensor slots, Tensor pos, Tensor coef, Tensor inv_out,
                 Tensor unperm_out) {
   const auto [rp, sp] = checked_row_slots(y, rows, slots, coef);
+  TORCH_CHECK(coef.dim() == 2, "dct coefficients: table must be [S, n]");
   const int64_t out_f = y.size(1), npos = coef.size(1), m_out = out_f / 2 + 1;
   TORCH_CHECK(spec.dim() == 3, "dct spectrum: [R, in/2+1, 2]");
   const int64_t m_in = spec.size(1);
   check_spectrum(spec, rows, m_in);
   TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.size(0) == coef.size(0) &&
                   pos.size(1) == 2 && pos.size(2) == npos, "dct positions: contiguous int64 [S, 2, n]");
-  TORCH_CHECK(unperm_out.scalar_type() == at::kLong && unperm_out.numel() == out_f && inv_out.numel() == 2 * m_out,
+  TORCH_CHECK(unperm_out.scalar_type() == at::kLong && unperm_out.is_contiguous() && unperm_out.numel() == out_f &&
+                  inv_out.scalar_type() == at::kFloat && inv_out.is_contiguous() && inv_out.numel() == 2 * m_out,
               "dct plan does not match the layer");
+  const int64_t* unp = unperm_out.data_ptr<int64_t>();
+  for (int64_t o = 0; o < out_f; ++o) TORCH_CHECK(unp[o] >= 0 && unp[o] < out_f, "dct plan permutation out of range");
   const int64_t* pp = pos.data_ptr<int64_t>();
   for (int64_t k = 0; k < rows.numel(); ++k) {
     const int64_t* pk = pp + sp[k] * 2 * npos;
@@ -353,7 +371,6 @@ void dct_apply_(Tensor y, Tensor spec, Tensor rows, Tensor slots, Tensor pos, Te
   }
   const float* cp = coef.data_ptr<float>();
   const float* fp = spec.data_ptr<float>();
-  const int64_t* unp = unperm_out.data_ptr<int64_t>();
   const float* inv = inv_out.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from server import kernels
+from server.kernels import fast as fast_module
 from server.kernels.fast import fast_op
 from server.methods import Group, batched_linear, get_method, stack_prepared
 
@@ -181,3 +182,146 @@ def test_sibling_projections_share_the_input_spectrum(k, case_id):
         }
         torch.testing.assert_close(batched_linear(other, weight, None, groups), plain, rtol=1e-5, atol=1e-5)
     assert len(computed) == 2
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads while the test runs, so ``at::parallel_for`` splits the rows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+# 1,401 rows: past every per-row kernel's grain (32768 / row cost: at most 1,366 rows here) and 22
+# chunks of the FFT kernels' 64 rows with an odd remainder; 401: a few chunks, no thread split of
+# the cheap kernels; 65: one row past a chunk.
+@pytest.mark.parametrize("n_rows", [65, 401, 1401])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_many_rows_over_chunks_and_threads_match_torch(k, two_threads, case, n_rows):
+    out_f, in_f = 21, 24  # odd output width: the DCT's odd-length reordering on the output side
+    if case.family == "ether" or case.id == "surm-kronecker-4":
+        out_f = 24  # block and factor sizes must divide both widths
+    torch.manual_seed(5)
+    weight = torch.randn(out_f, in_f) / in_f**0.5
+    made = _groups(case, out_f, in_f, weight)
+    assert made is not None, "every case fits this shape"
+    method, groups = made
+    g = torch.Generator().manual_seed(n_rows)
+    total = n_rows + 37
+    groups[0].rows = torch.randperm(total, generator=g)[:n_rows]  # unordered, 37 rows without adapter
+    groups[0].slots = torch.randint(0, 5, (n_rows,), generator=g)
+    x = torch.randn(total, in_f, generator=g)
+    with torch.inference_mode():
+        plain = batched_linear(x, weight, None, groups)
+        fused = batched_linear(x, weight, None, _fused(k, groups))
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def _width_calls(k):
+    """(kernel name, call with one table of the wrong width, message fragment) for every table."""
+    z, x, y = torch.randn(6, 24), torch.randn(6, 24), torch.randn(6, 16)
+    rows, slots = torch.tensor([0, 3, 5]), torch.tensor([1, 0, 1])
+    n, length = 24, 48
+    spec_n = k.rfft_rows(x, rows, n)  # [3, 13, 2]
+    spec_l = k.rfft_rows(x, rows, length)  # [3, 25, 2]
+    perm, fwd, inv, unperm = fast_module._dct_plan(24, 16, torch.device("cpu"))
+    dct_spec = k.dct_spectrum(x, rows, perm, fwd)
+    pos, coef = torch.zeros(2, 2, 8, dtype=torch.long), torch.randn(2, 8)
+    a, bt = torch.randn(2, 4, 24), torch.randn(2, 4, 16)
+    return [
+        ("scale_rows_", lambda: k.scale_rows_(z, rows, slots, torch.randn(2, 23)), "HUT input scales"),
+        (
+            "scale_shift_rows_",
+            lambda: k.scale_shift_rows_(y, rows, slots, torch.randn(2, 2, 17)),
+            "HUT output",
+        ),
+        (
+            "scale_shift_rows_",
+            lambda: k.scale_shift_rows_(y, rows, slots, torch.randn(2, 3, 16)),
+            "HUT output",
+        ),
+        ("reflect_rows_", lambda: k.reflect_rows_(z, rows, slots, torch.randn(2, 4, 5)), "do not cover"),
+        ("reflect_rows_", lambda: k.reflect_rows_(z, rows, slots, torch.randn(2, 3, 4, 6)), "ETHER table"),
+        ("lora_add_", lambda: k.lora_add_(y, x, rows, slots, torch.randn(2, 4, 25), bt), "LoRA A"),
+        ("lora_add_", lambda: k.lora_add_(y, x, rows, slots, a, torch.randn(2, 4, 15)), "LoRA Bt"),
+        ("lora_add_", lambda: k.lora_add_(y, x, rows, slots, a, torch.randn(2, 3, 16)), "LoRA Bt"),
+        ("lora_add_", lambda: k.lora_add_(y, x, rows, slots, a, torch.randn(3, 4, 16)), "LoRA Bt"),
+        ("rfft_rows", lambda: k.rfft_rows(x, rows, 23), "shorter than the row"),
+        (
+            "circulant_apply_",
+            lambda: k.circulant_apply_(y, spec_n, rows, slots, torch.randn(2, 12, 2), n),
+            "circulant",
+        ),
+        (
+            "circulant_apply_",
+            lambda: k.circulant_apply_(y, spec_n, rows, slots, torch.randn(2, 13, 3), n),
+            "circulant",
+        ),
+        (
+            "circulant_apply_",
+            lambda: k.circulant_apply_(y, spec_l, rows, slots, torch.randn(2, 13, 2), n),
+            "match the rows",
+        ),
+        (
+            "toeplitz_apply_",
+            lambda: k.toeplitz_apply_(y, spec_l, rows, slots, torch.randn(2, 2, 24, 2), n, length),
+            "toeplitz",
+        ),
+        (
+            "toeplitz_apply_",
+            lambda: k.toeplitz_apply_(y, spec_n, rows, slots, torch.randn(2, 2, 25, 2), n, length),
+            "match the rows",
+        ),
+        ("kronecker_add_", lambda: k.kronecker_add_(y, x, rows, slots, torch.randn(2, 39), 4), "kronecker"),
+        (
+            "kronecker_add_",
+            lambda: k.kronecker_add_(y, x, rows, slots, torch.randn(2, 40, 1), 4),
+            "kronecker",
+        ),
+        ("kronecker_add_", lambda: k.kronecker_add_(y, x, rows, slots, torch.randn(2, 40), 5), "kronecker"),
+        ("dct_spectrum", lambda: k.dct_spectrum(x, rows, perm[:-1], fwd), "dct plan"),
+        ("dct_spectrum", lambda: k.dct_spectrum(x, rows, perm + 1, fwd), "permutation out of range"),
+        ("dct_spectrum", lambda: k.dct_spectrum(x, rows, perm, fwd.double()), "dct plan"),
+        (
+            "dct_apply_",
+            lambda: k.dct_apply_(y, dct_spec, rows, slots, pos, torch.randn(2, 8, 1), inv, unperm),
+            "dct coefficients",
+        ),
+        (
+            "dct_apply_",
+            lambda: k.dct_apply_(y, dct_spec, rows, slots, pos[:, :, :7], coef, inv, unperm),
+            "dct positions",
+        ),
+        (
+            "dct_apply_",
+            lambda: k.dct_apply_(y, dct_spec, rows, slots, pos + 99, coef, inv, unperm),
+            "dct position out of range",
+        ),
+        (
+            "dct_apply_",
+            lambda: k.dct_apply_(y, dct_spec, rows, slots, pos, coef, inv[:-1], unperm),
+            "dct plan",
+        ),
+        (
+            "dct_apply_",
+            lambda: k.dct_apply_(y, dct_spec, rows, slots, pos, coef, inv, unperm - 1),
+            "permutation out of range",
+        ),
+        (
+            "dct_apply_",
+            lambda: k.dct_apply_(y, dct_spec[:2], rows, slots, pos, coef, inv, unperm),
+            "match the rows",
+        ),
+    ]
+
+
+def test_every_table_width_is_checked_before_it_is_read(k):
+    """A table of the wrong width raises a RuntimeError naming it (never reads past its memory);
+    every kernel is covered. (test_kernel_matches_torch makes the same calls with the right ones.)"""
+    calls = _width_calls(k)
+    assert {name for name, _, _ in calls} == {n for n in dir(k) if not n.startswith("_")}
+    for name, call, fragment in calls:
+        with pytest.raises(RuntimeError) as e:
+            call()
+        assert fragment in str(e.value), (name, str(e.value).splitlines()[0])
