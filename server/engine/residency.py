@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.methods import Adapter
+from server.methods import Adapter, check_finite_tables
 
 from .adapted_linear import AdaptedLinear
 from .requests import RetryLater
@@ -214,6 +214,9 @@ class Residency:
             prepared[path] = {
                 k: (v.to(w.dtype) if v.is_floating_point() else v).contiguous() for k, v in out.items()
             }
+            # Second line of defence (the store checked the same tables at upload and load): a
+            # non-finite table never reaches a slot pool.
+            check_finite_tables(path, list(params), prepared[path], w.dtype)
             sigs[path] = adapter.method.signature(adapter.config, w.shape[0], w.shape[1])
         return prepared, sigs
 
