@@ -20,8 +20,10 @@ from types import FrameType
 
 import uvicorn
 
+from server import log_limit
 from server.api.runtime import Runtime
 from server.app import create_app, on_startup_failure
+from server.connections import uvicorn_config
 from server.settings import settings_from_cli
 
 log = logging.getLogger("facet.server")
@@ -82,19 +84,10 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> int:
     settings = settings_from_cli(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_limit.install(logging.getLogger())  # no flood of tracebacks when descriptors run out
     app = create_app(settings)
     app.state.runtime.freeze_gc_when_ready = True
-    server = DrainingServer(
-        uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            timeout_graceful_shutdown=settings.shutdown_grace_s,
-            server_header=False,
-            log_config=None,  # keep the basicConfig above
-        ),
-        app.state.runtime,
-    )
+    server = DrainingServer(uvicorn_config(app, settings), app.state.runtime)
     on_startup_failure(app, lambda: setattr(server, "should_exit", True))
     server.run()
     return 1 if app.state.runtime.phase == "failed" else 0

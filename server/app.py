@@ -29,6 +29,7 @@ from server.metrics import Metrics, MetricsMiddleware, route_templates
 from server.settings import Settings
 
 from .api import ROUTERS
+from .api.body_timeout import BodyTimeoutMiddleware
 from .api.errors import install_error_handlers
 from .api.middleware import AuthMiddleware, BodyLimitMiddleware, load_api_keys
 from .api.runtime import Runtime
@@ -165,6 +166,8 @@ def create_app(
             ("POST", "/files"): settings.max_file_bytes + _MULTIPART_OVERHEAD,
         },
     )
+    # 408 for a JSON body that stalls (multipart uploads time out in their own parser).
+    app.add_middleware(BodyTimeoutMiddleware, idle_timeout_s=settings.upload_idle_timeout_s)
     app.add_middleware(AuthMiddleware, keys=keys)  # runs before the body cap: no body read without a key
     # Outermost: counts every request, 401s and 413s included.
     app.add_middleware(MetricsMiddleware, metrics=runtime.metrics, templates=lambda: route_templates(app))

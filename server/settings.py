@@ -64,7 +64,21 @@ class Settings(BaseSettings):
         32 << 20, ge=1024, description="cap on an uploaded training file (POST /files; 413 above)"
     )
     upload_idle_timeout_s: float = Field(
-        30.0, gt=0, description="an upload that sends nothing for this long gets 408"
+        30.0, gt=0, description="a request body (upload or JSON) that sends nothing for this long gets 408"
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection that sends no complete request head for this long (after connecting or"
+        " after its last response) is closed (408 if it sent part of one)",
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="open connections; a request on one beyond it gets 503 + Retry-After at once and the"
+        " connection closes. Default: half the open-file limit (RLIMIT_NOFILE), so refusals come before"
+        " accept() runs out of descriptors",
     )
     max_prompt_tokens: int = Field(4096, ge=1, description="cap on prompt tokens (422 above)")
     max_new_tokens: int = Field(2048, ge=1, description="cap on a request's max_new_tokens (422 above)")
