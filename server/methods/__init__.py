@@ -6,7 +6,7 @@ Importing this package registers every family.
 from . import dct, ether, hut, lora, surm  # noqa: F401  (registration side effect)
 from .adapter import Adapter, check_finite_tables, check_tables, matches_target, parse_config
 from .base import AdapterError, AdapterMethod, ConfigError, MethodConfig, ParamSpec, WeightsError
-from .batched import Group, adapted_forward, batched_linear, merge_into, restore, stack_prepared
+from .batched import Group, adapted_forward, batched_linear, stack_prepared
 from .registry import available_methods, get_method, method_for_peft_type
 
 __all__ = [
@@ -25,9 +25,7 @@ __all__ = [
     "check_tables",
     "get_method",
     "matches_target",
-    "merge_into",
     "method_for_peft_type",
     "parse_config",
-    "restore",
     "stack_prepared",
 ]

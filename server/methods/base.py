@@ -115,7 +115,6 @@ class AdapterMethod(ABC):
     name: ClassVar[str]  # registry key, lower case: "lora", "hut", "ether", "dct", "surm"
     peft_type: ClassVar[str]  # value of ``peft_type`` in adapter_config.json
     config_cls: ClassVar[type[MethodConfig]]
-    has_identity_init: ClassVar[bool] = True
 
     # ---- configuration -------------------------------------------------------------------
     def parse_config(self, raw: dict) -> MethodConfig:

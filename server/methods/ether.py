@@ -30,9 +30,10 @@ Config: ``variant`` "ether" | "etherplus"; ``side`` "in" | "out" | "both" (ETHER
 the official code's recommended ``etherplusHH``) | "auto" (the smaller dimension, ties -> "in");
 ``n_blocks`` must divide the chosen side's dimension of every targeted module. Defaults:
 ``etherplus`` (the better-performing variant per the README, and the only one with an identity
-init, which the training stack expects), ``auto`` (METHODS.md: the default one-sided choice is the
-smaller dimension, as the README advises), ``n_blocks=1`` (the official finetune default; it
-divides every dimension, and the parameter count and on-the-fly cost do not depend on n).
+init, which the training stack expects), ``auto`` (the one-sided default is the smaller
+dimension, as the official README advises; docs/adapter-format.md), ``n_blocks=1`` (the official
+finetune default; it divides every dimension, and the parameter count and on-the-fly cost do not
+depend on n).
 
 Tensors per targeted linear (float): ``ether_u_<side> [n_blocks, D/n_blocks]`` and, for ETHER+,
 ``ether_v_<side>`` of the same shape, for each side in use. Init: ETHER ``train``/``random`` draws
@@ -137,7 +138,6 @@ class EtherMethod(AdapterMethod):
     name: ClassVar[str] = "ether"
     peft_type: ClassVar[str] = "ETHER"
     config_cls: ClassVar[type[MethodConfig]] = EtherConfig
-    has_identity_init: ClassVar[bool] = True  # ETHER+ only; plain ETHER raises (see init_params)
 
     def param_specs(self, cfg: EtherConfig, out_f: int, in_f: int) -> dict[str, ParamSpec]:
         specs = {}

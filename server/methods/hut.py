@@ -1,4 +1,5 @@
-"""HUT: Hadamard Updated Transformation (arXiv 2409.13501), general rank-r reading (METHODS.md §3).
+"""HUT: Hadamard Updated Transformation (arXiv 2409.13501), general rank-r reading
+(docs/adapter-format.md, HUT).
 
 PyTorch layout: ``W [out, in]``, ``y = x Wᵀ + b``. With ``M_A = hut_A [out, r]``,
 ``M_B = hut_B [r, in]`` and, if ``use_scale_shift``, ``γ = hut_gamma [out]``, ``β = hut_beta [out]``

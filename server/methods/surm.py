@@ -2,7 +2,7 @@
 
 PyTorch layout: ``W [out, in]``, ``y = x Wᵀ + b``. The adapted layer is ``W' = W + α·ΔW`` with
 ``ΔW`` one of three structured matrices (``N = max(out, in)``; non-square layers use the
-top-left ``[out, in]`` block of the ``N × N`` matrix, METHODS.md §4.4):
+top-left ``[out, in]`` block of the ``N × N`` matrix, docs/adapter-format.md):
 
 * ``circulant``: ``ΔW = circ(c)[:out, :in]``, ``circ(c)[i, j] = c[(i − j) mod N]`` (first
   COLUMN = c), ``c = r1 ⊙ r2`` (``surm_r1``, ``surm_r2`` [N], both trainable).

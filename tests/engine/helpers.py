@@ -8,8 +8,9 @@ import torch
 
 from server.engine.engine import Engine
 from server.engine.loader import wrap_model
-from server.methods import Adapter, get_method, merge_into
+from server.methods import Adapter, get_method
 from server.settings import Settings
+from tests.methods.cases import merge_into
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 SHAPES: dict[str, tuple[int, int]] = {
     "q_proj": (24, 24),
     "k_proj": (8, 24),
@@ -48,3 +50,19 @@ CASES = [
     Case("surm-kronecker-4", "surm", {"variant": "kronecker", "kron_factor": 4, "alpha": 1.0}),
 ]
 CASE_IDS = [c.id for c in CASES]
+
+
+@torch.no_grad()
+def merge_into(linear: torch.nn.Linear, method, cfg, params: dict) -> None:
+    """Write the adapter's merged ``W'`` (and ``b'``) into ``linear`` in place: the reference model
+    of a test is the base model with the adapter merged, computed in float32 like the server."""
+    w = linear.weight
+    p32 = {k: (v.float() if v.is_floating_point() else v) for k, v in params.items()}
+    b32 = None if linear.bias is None else linear.bias.float()
+    new_w, new_b = method.merged_weight(cfg, p32, w.float(), b32)
+    w.copy_(new_w.to(w.dtype))
+    if new_b is not None:
+        if linear.bias is None:
+            linear.bias = torch.nn.Parameter(new_b.to(w.dtype), requires_grad=False)
+        else:
+            linear.bias.copy_(new_b.to(w.dtype))

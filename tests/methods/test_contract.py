@@ -14,12 +14,10 @@ from server.methods import (
     adapted_forward,
     batched_linear,
     get_method,
-    merge_into,
-    restore,
     stack_prepared,
 )
 
-from .cases import CASE_IDS, CASES, MODULE_SHAPES, SHAPES, Case
+from .cases import CASE_IDS, CASES, MODULE_SHAPES, SHAPES, Case, merge_into
 
 
 def _setup(case: Case, shape: tuple[int, int], seed: int, mode: str = "random"):
@@ -102,7 +100,7 @@ def test_identity_init_leaves_output_unchanged(case):
         method = get_method(case.family)
         cfg = method.parse_config(case.raw_config())
         weight, bias = torch.randn(shape), torch.randn(shape[0])
-        if not method.has_identity_init or case.config.get("variant") == "ether":
+        if case.config.get("variant") == "ether":
             with pytest.raises(ConfigError):
                 method.init_params(cfg, weight, "identity", torch.Generator().manual_seed(0))
             continue
@@ -116,21 +114,19 @@ def test_identity_init_leaves_output_unchanged(case):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_merge_then_restore_is_exact(case, shape_name):
-    """Check 3: merged linear computes W'x + b'; restore gives back the pristine bytes."""
+def test_merged_linear_computes_the_reference(case, shape_name):
+    """Check 3: a linear with the merged ``W'``, ``b'`` written into it computes ``W'x + b'``."""
     method, cfg, weight, bias, params = _setup(case, SHAPES[shape_name], 2)
     lin = torch.nn.Linear(SHAPES[shape_name][1], SHAPES[shape_name][0])
     with torch.no_grad():
         lin.weight.copy_(weight)
         lin.bias.copy_(bias)
-    before_w, before_b = lin.weight.detach().clone(), lin.bias.detach().clone()
-    undo = merge_into(lin, method, cfg, params)
+    before_w = lin.weight.detach().clone()
+    merge_into(lin, method, cfg, params)
     x = torch.randn(4, SHAPES[shape_name][1])
     assert not torch.equal(lin.weight, before_w)
     with torch.no_grad():
         _close(lin(x), _ref_out(method, cfg, params, x, weight, bias))
-    restore(lin, undo)
-    assert torch.equal(lin.weight, before_w) and torch.equal(lin.bias, before_b)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

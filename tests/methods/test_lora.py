@@ -16,10 +16,10 @@ from server.methods import (
     adapted_forward,
     batched_linear,
     get_method,
-    merge_into,
     stack_prepared,
 )
 from server.methods.lora import GATHER_MAX_RANK, _gathered, _segmented
+from tests.methods.cases import merge_into
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
