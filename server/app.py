@@ -32,6 +32,7 @@ from .api import ROUTERS
 from .api.body_timeout import BodyTimeoutMiddleware
 from .api.errors import install_error_handlers
 from .api.middleware import AuthMiddleware, BodyLimitMiddleware, load_api_keys
+from .api.quotas import KeyQuotas
 from .api.runtime import Runtime
 
 log = logging.getLogger("facet.app")
@@ -126,6 +127,8 @@ def create_app(
     keys = load_api_keys(settings.api_keys, settings.api_keys_file)
     runtime = Runtime(settings, engine=engine, store=store)
     runtime.metrics = Metrics(runtime, top_adapters=settings.metrics_top_adapters)
+    if keys:  # per-key generation quotas (without keys there is a single caller)
+        runtime.quotas = KeyQuotas.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -88,6 +88,19 @@ class Settings(BaseSettings):
         [], description="'SCOPE:TOKEN' bearer keys, SCOPE = infer | admin; none = no auth"
     )
     api_keys_file: Path | None = Field(None, description="file of 'SCOPE:TOKEN' lines (# comments)")
+    key_max_concurrent: int | None = Field(
+        None,
+        ge=1,
+        description="generations one API key may have in flight (waiting or running; streams while open);"
+        " beyond it 429 + Retry-After. Default: 3/4 of max_batch_size, so other keys find batch room."
+        " Only with api_keys (without keys there is one caller)",
+    )
+    key_max_queued: int | None = Field(
+        None,
+        ge=1,
+        description="of those, how many may wait for a batch slot; beyond it 429 + Retry-After."
+        " Default: a quarter of max_queue",
+    )
     engine_stall_s: float = Field(
         120.0,
         gt=0,

@@ -11,6 +11,7 @@ from server.engine.requests import TokenEvent
 from . import inference
 from .deps import InferScope, ReadyRuntime
 from .errors import ApiError, error_body
+from .quotas import caller_key
 from .runtime import Runtime
 from .schemas import ErrorBody, GenerateRequest, GenerateResponse
 
@@ -67,7 +68,7 @@ async def generate(body: GenerateRequest, request: Request, rt: ReadyRuntime):
         stop=body.stop,
         logprobs=body.logprobs,
     )
-    sub = await inference.submit(rt, ids, params, body.adapter, "body.adapter")
+    sub = await inference.submit(rt, ids, params, body.adapter, "body.adapter", key=caller_key(request))
     if body.stream:
         return inference.EventStream(_events(rt, sub, body.logprobs), sub.req.cancel)
     result = await inference.collect(request, sub)

@@ -8,6 +8,7 @@ threads; the event loop only awaits. A client that goes away cancels its generat
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,7 @@ from server.engine.requests import (
 )
 
 from .errors import ApiError
+from .quotas import Slot
 from .runtime import Runtime
 
 log = logging.getLogger("facet.api")
@@ -122,29 +124,53 @@ class Submitted:
         return None if self.req.adapter_key is None else self.req.adapter_key[1]
 
 
-def _cancel_orphan(task: asyncio.Future) -> None:
+def _cancel_orphan(slot: Slot | None, task: asyncio.Future) -> None:
     if not task.cancelled() and task.exception() is None:
-        task.result().cancel()
+        task.result().cancel()  # its FinishEvent releases the slot
+    elif slot is not None:
+        slot.release()
 
 
 async def submit(
-    rt: Runtime, ids: list[int], params: SamplingParams, adapter_id: str | None, where_adapter: str
+    rt: Runtime,
+    ids: list[int],
+    params: SamplingParams,
+    adapter_id: str | None,
+    where_adapter: str,
+    *,
+    key: str | None = None,
 ) -> Submitted:
-    """Admission check (429), then ``engine.submit`` in a thread (it may load the adapter)."""
-    rt.admit()
+    """Admission checks (429: the caller's API ``key`` quota, then the queue), then
+    ``engine.submit`` in a thread (it may load the adapter)."""
+    slot = rt.quotas.acquire(key) if key is not None and rt.quotas is not None else None
+    try:
+        rt.admit()
+    except ApiError:
+        if slot is not None:
+            slot.release()
+        raise
     stream = AsyncStream()
     sink = stream if rt.metrics is None else rt.metrics.sink(stream)
+    if slot is not None:  # released when the generation's FinishEvent passes
+        slot.inner, sink = sink, slot
     rt.submitting += 1
     task = asyncio.ensure_future(asyncio.to_thread(rt.engine.submit, ids, params, adapter_id, sink))
     try:
         req = await asyncio.shield(task)
     except asyncio.CancelledError:
-        task.add_done_callback(_cancel_orphan)  # the handler went away: never leave it running
+        # The handler went away: never leave the generation running (nor the slot held).
+        task.add_done_callback(functools.partial(_cancel_orphan, slot))
         raise
-    except UnknownAdapter:
-        raise ApiError(404, "no adapter with this id", where_adapter) from None
+    except BaseException as exc:
+        if slot is not None:  # nothing was queued: no FinishEvent will come
+            slot.release()
+        if isinstance(exc, UnknownAdapter):
+            raise ApiError(404, "no adapter with this id", where_adapter) from None
+        raise
     finally:
         rt.submitting -= 1
+    if slot is not None:
+        slot.request = req
     if rt.metrics is not None:
         rt.metrics.submitted(adapter_id)
     return Submitted(req, stream)

@@ -39,23 +39,26 @@ def load_api_keys(entries: list[str], keys_file: Path | None) -> dict[str, str]:
 class AuthMiddleware:
     """When keys are configured, every path except /health and /ready needs ``Authorization:
     Bearer <key>`` (401 otherwise). The key's scope lands in ``scope["state"]["api_scope"]``;
-    routes check it with ``deps.require_scope`` (403 on the wrong scope). Without keys every
-    caller is ``admin``."""
+    routes check it with ``deps.require_scope`` (403 on the wrong scope), and a label naming the
+    key without revealing it (``key-<n>``, its place in the configuration) in
+    ``scope["state"]["api_key"]``, for per-key quotas. Without keys every caller is ``admin``
+    and has no label."""
 
     def __init__(self, app: ASGIApp, keys: dict[str, str]):
         self.app = app
-        self._keys = [(token.encode(), scope) for token, scope in keys.items()]
+        self._keys = [(token.encode(), scope, f"key-{n}") for n, (token, scope) in enumerate(keys.items(), 1)]
 
-    def _scope_of(self, header: bytes | None) -> str | None:
+    def _key_of(self, header: bytes | None) -> tuple[str, str] | None:
+        """(scope, label) of the bearer key in ``header``, or None."""
         if header is None:
             return None
         kind, _, token = header.partition(b" ")
         if kind.lower() != b"bearer" or not token:
             return None
         found = None
-        for key, scope in self._keys:  # compare against every key: no timing hint of a near miss
+        for key, scope, label in self._keys:  # compare against every key: no timing hint of a near miss
             if hmac.compare_digest(key, token.strip()):
-                found = scope
+                found = scope, label
         return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -67,13 +70,13 @@ class AuthMiddleware:
             state["api_scope"] = "admin"
         elif scope["path"] not in OPEN_PATHS:
             header = dict(scope["headers"]).get(b"authorization")
-            api_scope = self._scope_of(header)
-            if api_scope is None:
+            found = self._key_of(header)
+            if found is None:
                 message = "missing API key" if header is None else "invalid API key"
                 response = error_response(401, message, headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
-            state["api_scope"] = api_scope
+            state["api_scope"], state["api_key"] = found
         await self.app(scope, receive, send)
 
 

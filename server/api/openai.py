@@ -20,6 +20,7 @@ from server.engine.requests import TokenEvent
 from . import inference
 from .deps import InferScope, ReadyRuntime, StoreDep
 from .errors import ApiError, error_body
+from .quotas import caller_key
 from .runtime import Runtime
 from .schemas import (
     ChatCompletionRequest,
@@ -90,7 +91,7 @@ async def completions(body: CompletionRequest, request: Request, rt: ReadyRuntim
     ids = await inference.prompt_ids(rt, prompt, None, "body.prompt")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     params = _params(rt, body, max_tokens, "body.max_tokens", body.logprobs is not None)
-    sub = await inference.submit(rt, ids, params, adapter, "body.model")
+    sub = await inference.submit(rt, ids, params, adapter, "body.model", key=caller_key(request))
     head = {"id": f"cmpl-{sub.req.id}", "object": "text_completion", "created": int(time.time())}
     head["model"] = body.model
     if body.stream:
@@ -170,7 +171,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Re
     if max_tokens is None:
         max_tokens = rt.settings.max_new_tokens
     params = _params(rt, body, max_tokens, where_max, body.logprobs)
-    sub = await inference.submit(rt, ids, params, adapter, "body.model")
+    sub = await inference.submit(rt, ids, params, adapter, "body.model", key=caller_key(request))
     head = {"id": f"chatcmpl-{sub.req.id}", "object": "chat.completion", "created": int(time.time())}
     head["model"] = body.model
     if body.stream:

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from server.engine.engine import Engine
     from server.metrics import Metrics
 
+    from .quotas import KeyQuotas
+
 
 @dataclass
 class Runtime:
@@ -36,6 +38,8 @@ class Runtime:
     on_failure: Callable[[], None] | None = None
     # Prometheus metrics of this app (``server.metrics``); None when built without them.
     metrics: Metrics | None = None
+    # Per-API-key generation quotas (``quotas.KeyQuotas``); None when no keys are configured.
+    quotas: KeyQuotas | None = None
     # ``python -m server``: once ready, move the start-up objects (model, tokenizer, ~400k of
     # them) out of the garbage collector's reach with ``gc.freeze()``, so its full collections
     # stop scanning them; they made first loads of an adapter ~10 ms slower. Off in tests, which
