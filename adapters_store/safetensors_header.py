@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ WHERE_FILE = "weights"
 # Magic numbers of formats people upload by mistake (or on purpose): torch .pt/.bin are zip
 # archives of pickles (older ones raw pickles), numpy .npz is a zip.
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,26 @@ def strict_json_loads(text: str) -> object:
     return json.loads(
         text, object_pairs_hook=reject_duplicates, parse_constant=_no_constants, parse_float=_finite_float
     )
+
+
+def lone_surrogate_at(value: object) -> tuple[list, bool] | None:
+    """Where the first string (in document order) of a decoded JSON value holds a lone surrogate
+    (``"\\ud800"`` decodes to a ``str`` that cannot be UTF-8 encoded): its path, and whether it is an
+    object key (then the path names the object). ``None`` if there is none. Iterative: values may
+    nest as deep as the JSON parser allows."""
+    stack: list[tuple[object, list]] = [(value, [])]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return path, False
+        elif isinstance(item, dict):
+            if any(_SURROGATE.search(key) for key in item):
+                return path, True
+            stack.extend((v, [*path, k]) for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((v, [*path, i]) for i, v in reversed(list(enumerate(item))))
+    return None
 
 
 def _not_safetensors(detail: str) -> ValidationError:
@@ -190,6 +212,9 @@ def parse_header(data: bytes, limits: StoreLimits) -> Header:
         raise _not_safetensors("header is not valid JSON") from None
     if not isinstance(obj, dict):
         raise _not_safetensors("header is not a JSON object")
+    if (found := lone_surrogate_at(obj)) is not None:  # a name or metadata no answer could encode
+        where = ".".join(str(p)[:200] for p in found[0]) or WHERE_FILE
+        raise ValidationError(where, "the safetensors header is not valid Unicode: a lone surrogate")
     metadata = _metadata(obj.pop("__metadata__"), limits) if "__metadata__" in obj else {}
     if len(obj) > limits.max_tensors:
         raise TooLarge("max_tensors", f"{len(obj)} tensors exceed {limits.max_tensors}")

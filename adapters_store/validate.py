@@ -33,7 +33,14 @@ from server.methods import Adapter, AdapterError, AdapterMethod, MethodConfig, c
 
 from .errors import Conflict, Corrupt, NotFound, StoreError, TooLarge, ValidationError
 from .limits import StoreLimits
-from .safetensors_header import WHERE_FILE, DuplicateKey, Header, check_header_length, parse_header
+from .safetensors_header import (
+    WHERE_FILE,
+    DuplicateKey,
+    Header,
+    check_header_length,
+    lone_surrogate_at,
+    parse_header,
+)
 from .safetensors_header import strict_json_loads as _strict_json_loads
 
 __all__ = [
@@ -102,6 +109,9 @@ def validate_config(config_bytes: bytes, limits: StoreLimits) -> tuple[AdapterMe
         raise ValidationError(WHERE_CONFIG, f"adapter_config.json is not valid JSON ({msg})") from None
     if not isinstance(raw, dict):
         raise ValidationError(WHERE_CONFIG, "adapter_config.json must be a JSON object")
+    if (found := lone_surrogate_at(raw)) is not None:  # "\ud800": stored, it breaks every answer
+        where = ".".join(str(p)[:200] for p in found[0]) or WHERE_CONFIG
+        raise ValidationError(where, "not valid Unicode: a lone surrogate (\\ud800-\\udfff)")
     try:
         return parse_config(raw)
     except AdapterError as e:

@@ -56,14 +56,21 @@ StoreDep = Annotated[AdapterStore, Depends(get_store)]
 AdapterIdPath = Annotated[AdapterId, Path(description="adapter id")]
 
 
+def granted_scope(request: Request) -> str | None:
+    """The caller's scope, set by ``AuthMiddleware`` (``admin`` when no keys are configured)."""
+    return request.scope.get("state", {}).get("api_scope")
+
+
 def require_scope(scope: str):
-    """Dependency: the caller's key (set by ``AuthMiddleware``) must carry ``scope`` or ``admin``."""
+    """Dependency: the caller's key (set by ``AuthMiddleware``) must carry ``scope`` or ``admin``.
+    ``jsonbody.JSONRoute`` finds it by ``api_scope`` and runs it before reading the body."""
 
     def check(request: Request) -> None:
-        granted = request.scope.get("state", {}).get("api_scope")
+        granted = granted_scope(request)
         if granted != "admin" and granted != scope:
             raise ApiError(403, f"this API key lacks the '{scope}' scope")
 
+    check.api_scope = scope
     return Depends(check)
 
 

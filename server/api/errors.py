@@ -57,10 +57,16 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def _encodable(text: str) -> str:
+    """Client text echoed in an error (a key, a tensor name) may hold a lone surrogate, which a
+    JSON response cannot encode (a 500 instead of the error): escape it as ``\\ud800``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(type: str, message: str, where: str | None = None) -> dict:
-    error = {"type": type, "message": message}
+    error = {"type": type, "message": _encodable(message)}
     if where is not None:
-        error["where"] = where
+        error["where"] = _encodable(where)
     return {"error": error}
 
 

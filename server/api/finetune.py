@@ -50,6 +50,7 @@ from .deps import AdminScope, ReadyRuntime, app_singleton
 from .errors import ApiError
 from .files import get_or_create_files
 from .inference import EventStream, sse
+from .jsonbody import JSONRoute
 from .plot import TRAIN_COLOR, VAL_COLOR, plot_png
 from .runtime import Runtime
 from .schemas import MAX_OFFSET, ErrorBody
@@ -57,7 +58,13 @@ from .schemas import MAX_OFFSET, ErrorBody
 # Documented on every route (tests/reliability/test_schema_fuzz.py checks each answer against it).
 _ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 422, 503)}
 _NOT_FOUND = {404: {"model": ErrorBody}}
-router = APIRouter(prefix="/fine-tunes", tags=["fine-tunes"], dependencies=[AdminScope], responses=_ERRORS)
+router = APIRouter(
+    prefix="/fine-tunes",
+    tags=["fine-tunes"],
+    dependencies=[AdminScope],
+    responses=_ERRORS,
+    route_class=JSONRoute,
+)
 
 
 class FineTuneRequest(BaseModel):
@@ -156,7 +163,7 @@ def _file_text(request: Request, rt: Runtime, file_id: str | None, field: str) -
     "",
     status_code=202,
     summary="Start a fine-tune job",
-    responses={code: {"model": ErrorBody} for code in (400, 401, 403, 413, 422, 429, 503)},
+    responses={code: {"model": ErrorBody} for code in (400, 401, 403, 413, 415, 422, 429, 503)},
 )
 async def create_job(
     body: FineTuneRequest,

@@ -11,14 +11,15 @@ from server.engine.requests import TokenEvent
 from . import inference
 from .deps import InferScope, ReadyRuntime
 from .errors import ApiError, error_body
+from .jsonbody import JSONRoute
 from .quotas import caller_key
 from .runtime import Runtime
 from .schemas import ErrorBody, GenerateRequest, GenerateResponse
 
-router = APIRouter(tags=["generate"], dependencies=[InferScope])
+router = APIRouter(tags=["generate"], dependencies=[InferScope], route_class=JSONRoute)
 
-# 400: a body that cannot be decoded at all (e.g. not UTF-8); invalid JSON text is 422.
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)}
+# 400: a body that is not UTF-8; invalid or non-strict JSON text is 422; 415: not a JSON Content-Type.
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503)}
 _SSE_DOC = {
     "description": "With `stream: true`: Server-Sent Events. `event: token` per generated token "
     '(`{"token_id", "text", "logprob"?}`), then `event: done` with the JSON response above, or '

@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import jinja2
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -57,9 +58,12 @@ async def prompt_ids(rt: Runtime, text: str | None, messages: list[dict] | None,
             raise ApiError(422, "the base model has no chat template; send a plain prompt", where)
         try:
             ids = await asyncio.to_thread(_render_chat, rt, messages)
-        except Exception as exc:  # jinja raise_exception(...) for e.g. non-alternating roles
+        except jinja2.TemplateError as exc:  # raise_exception(...) for e.g. non-alternating roles
             message = str(exc).splitlines()[0][:200] if str(exc) else "invalid messages"
             raise ApiError(422, f"the chat template rejected the messages: {message}", where) from None
+        except Exception:  # anything else: logged; the answer names no internal (tokenizer) types
+            log.warning("chat rendering failed", exc_info=True)
+            raise ApiError(422, "the chat template could not render these messages", where) from None
     else:
         ids = await asyncio.to_thread(_encode, rt, text)
     if not ids:

@@ -20,6 +20,7 @@ from server.engine.requests import TokenEvent
 from . import inference
 from .deps import InferScope, ReadyRuntime, StoreDep
 from .errors import ApiError, error_body
+from .jsonbody import JSONRoute
 from .quotas import caller_key
 from .runtime import Runtime
 from .schemas import (
@@ -32,11 +33,12 @@ from .schemas import (
     ModelList,
 )
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[InferScope])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[InferScope], route_class=JSONRoute)
 
 # 400: a body that cannot be decoded at all (e.g. not UTF-8); invalid JSON text is 422.
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)}
 _STREAM_DOC = {"content": {"text/event-stream": {}}, "description": "With `stream: true`: OpenAI chunks"}
+_JSON_BODY = {415: {"model": ErrorBody}}  # routes with a JSON body: not a JSON Content-Type
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 OWNER = "facet"
 
@@ -82,7 +84,7 @@ def _include_usage(body) -> bool:
 @router.post(
     "/completions",
     response_model=CompletionResponse,
-    responses={**_ERRORS, 200: _STREAM_DOC},
+    responses={**_ERRORS, **_JSON_BODY, 200: _STREAM_DOC},
     summary="OpenAI-compatible text completion",
 )
 async def completions(body: CompletionRequest, request: Request, rt: ReadyRuntime):
@@ -157,7 +159,7 @@ async def _completion_chunks(
 @router.post(
     "/chat/completions",
     response_model=ChatCompletionResponse,
-    responses={**_ERRORS, 200: _STREAM_DOC},
+    responses={**_ERRORS, **_JSON_BODY, 200: _STREAM_DOC},
     summary="OpenAI-compatible chat completion (the base model's chat template)",
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt: ReadyRuntime):

@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import jinja2
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
 MAX_LINE_CHARS = 1 << 20
+# A JSON escape such as "\ud800" decodes to a str no tokenizer (nor UTF-8) can take.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -57,6 +62,11 @@ class Example:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
+def _check_text(line: int, name: str, value: str) -> None:
+    if _SURROGATE.search(value):
+        raise DataError(line, f"{name} is not valid Unicode: a lone surrogate (\\ud800-\\udfff)")
+
+
 def _record(line: int, obj: object) -> Record:
     if not isinstance(obj, dict):
         raise DataError(line, f"expected a JSON object, got {type(obj).__name__}")
@@ -68,6 +78,8 @@ def _record(line: int, obj: object) -> Record:
                 raise DataError(line, f'"{name}" must be a string, got {type(value).__name__}')
         if not completion:
             raise DataError(line, '"completion" is empty (nothing to learn)')
+        _check_text(line, '"prompt"', prompt)
+        _check_text(line, '"completion"', completion)
         return Record(line, prompt=prompt, completion=completion)
     if keys == {"messages"}:
         messages = obj["messages"]
@@ -81,6 +93,7 @@ def _record(line: int, obj: object) -> Record:
                 raise DataError(line, f"messages[{i}].role {m['role']!r} is not one of {list(ROLES)}")
             if not isinstance(m["content"], str):
                 raise DataError(line, f"messages[{i}].content must be a string")
+            _check_text(line, f"messages[{i}].content", m["content"])
             out.append({"role": m["role"], "content": m["content"]})
         if out[-1]["role"] != "assistant":
             raise DataError(line, "the last message must be the assistant's (it is the completion)")
@@ -127,9 +140,11 @@ def _split_chat(tokenizer, record: Record) -> tuple[str, str]:
     try:
         prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
         full = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception as exc:  # jinja raise_exception(...), e.g. roles that do not alternate
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    except jinja2.TemplateError as exc:  # raise_exception(...), e.g. roles that do not alternate
+        first = str(exc).splitlines()[0][:200] if str(exc) else "invalid messages"
         raise DataError(record.line, f"the chat template rejected the messages: {first}") from None
+    except Exception:  # anything else: no internal (tokenizer) type names in the message
+        raise DataError(record.line, "the chat template could not render these messages") from None
     if not full.startswith(prompt) or len(full) == len(prompt):
         raise DataError(
             record.line,

@@ -40,6 +40,12 @@ def test_parses_both_record_kinds_and_skips_blank_lines():
         ({"messages": [{"role": "user", "content": "t1"}]}, "must be the assistant's"),
         ({"messages": [{"role": "robot", "content": "t1"}]}, "messages[0].role"),
         ({"messages": [{"role": "user"}]}, "messages[0] must be an object"),
+        ({"prompt": "t1 \ud800", "completion": "t2"}, '"prompt" is not valid Unicode'),  # a lone surrogate
+        ({"prompt": "t1", "completion": "\udfff"}, '"completion" is not valid Unicode'),
+        (
+            {"messages": [{"role": "user", "content": "\ud83d"}, {"role": "assistant", "content": "t2"}]},
+            "messages[0].content is not valid Unicode",
+        ),
     ],
 )
 def test_malformed_lines_name_the_line(bad, needle):

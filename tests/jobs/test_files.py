@@ -37,6 +37,7 @@ def test_file_store_round_trip_and_sweep(tmp_path):
         (JSONL + b"{oops\n", "fine-tune", "file", "line 5: invalid JSON"),
         (b'{"prompt": "a"}\n', "fine-tune", "file", "line 1"),
         (b"\xff\xfe", "fine-tune", "file", "not UTF-8"),
+        (JSONL + b'{"prompt": "a", "completion": "\\ud800"}\n', "fine-tune", "file", 'line 5: "complet'),
         (b"", "fine-tune", "file", "no examples"),
         (JSONL, "assistants", "purpose", "fine-tune"),
     ],
