@@ -5,7 +5,9 @@ An adapter id is ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[0-9]{1,9})?$`` and must n
 
 * 1 to 128 ASCII characters (letters, digits, ``.``, ``_``, ``-``), starting with a letter or digit;
   so no ``/``, ``\\``, ``:``, ``%``, NUL, whitespace, non-ASCII look-alikes, or a leading ``.``/``-``;
-* optionally ``@<step>`` (1 to 9 digits) for fine-tune checkpoints: ``my-job@1200``.
+* optionally ``@<step>`` (1 to 9 digits) for fine-tune checkpoints: ``my-job@1200``. Only the
+  job runner stores such ids: an id a client picks (``check_new_id``) has no ``@`` and is not the
+  base model's name in any letter case.
 
 Ids are matched with ``re.fullmatch`` on a ``str`` (no trailing-newline loophole). Paths are only
 ever built here, from a checked id and a server-chosen version number, and the *resolved* path is
@@ -46,6 +48,21 @@ def check_id(adapter_id: object) -> str:
             "invalid adapter id: 1-128 characters from [A-Za-z0-9._-], starting with a letter or digit, "
             "no '..', optionally followed by '@<step>' (1-9 digits)",
         )
+    return adapter_id  # type: ignore[return-value]
+
+
+def check_new_id(adapter_id: object, base_model_name: str) -> str:
+    """An id a client picks for a new adapter (uploads, fine-tune ``adapter_id``): a valid id
+    without ``@`` (``<id>@<step>`` names only the checkpoints a fine-tune job stores) and not the
+    base model's name in any letter case (``model`` on ``/v1`` must stay unambiguous). Raises
+    ValidationError(where="adapter_id") (422)."""
+    check_id(adapter_id)
+    if "@" in adapter_id:  # type: ignore[operator]
+        raise ValidationError(
+            "adapter_id", "'@' is reserved for fine-tune checkpoint ids (<adapter_id>@<step>)"
+        )
+    if adapter_id.casefold() == base_model_name.casefold():  # type: ignore[union-attr]
+        raise ValidationError("adapter_id", "an adapter cannot take the base model's name (in any case)")
     return adapter_id  # type: ignore[return-value]
 
 

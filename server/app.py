@@ -155,7 +155,11 @@ def create_app(
             if runtime.engine is not None:
                 await asyncio.to_thread(runtime.engine.stop)
 
-    app = FastAPI(title="Facet", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # No trailing-slash redirects: Starlette builds their Location from the Host header (a
+    # redirect to wherever the client says); "/generate/" is a plain 404.
+    app = FastAPI(
+        title="Facet", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, redirect_slashes=False
+    )
     app.state.runtime = runtime
     install_error_handlers(app)
     for router in ROUTERS:

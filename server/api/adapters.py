@@ -15,7 +15,8 @@ from typing import Annotated, BinaryIO, Literal
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import StreamingResponse
 
-from adapters_store.ids import CONFIG_NAME, WEIGHTS_NAME
+from adapters_store.errors import StoreError
+from adapters_store.ids import CONFIG_NAME, WEIGHTS_NAME, check_new_id
 
 from .deps import AdapterIdPath, AdminScope, ReadyRuntime, StoreDep
 from .errors import ApiError
@@ -75,8 +76,10 @@ async def upload_adapter(request: Request, rt: ReadyRuntime, store: StoreDep):
         idle_timeout_s=rt.settings.upload_idle_timeout_s,
     )
     try:
-        if upload.adapter_id == rt.engine.base.name:
-            raise ApiError(422, "an adapter cannot take the base model's name", "body.adapter_id")
+        try:
+            check_new_id(upload.adapter_id, rt.engine.base.name)
+        except StoreError as e:
+            raise ApiError(422, e.message, "body.adapter_id") from None
         # Versions may skip numbers (a failed put reserves one), so ask which one is being replaced.
         previous = await asyncio.to_thread(store.current_version, upload.adapter_id)
         record = await asyncio.to_thread(store.put, upload.adapter_id, upload.config, upload.weights)

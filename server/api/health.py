@@ -11,7 +11,10 @@ from .schemas import ErrorBody, Health, Ready
 router = APIRouter(tags=["health"])
 
 
+# HEAD too: load balancers and uptime checks probe with it (the GET answer without its body;
+# left out of the schema, where it would repeat the GET operation).
 @router.get("/health", response_model=Health, summary="Liveness: the server process answers")
+@router.head("/health", include_in_schema=False)
 async def health():
     return {"status": "ok"}
 
@@ -22,6 +25,7 @@ async def health():
     responses={503: {"model": ErrorBody, "description": "loading, failed to start, or shutting down"}},
     summary="Readiness: the model is loaded and warmed up and the engine runs",
 )
+@router.head("/ready", include_in_schema=False)
 async def ready(rt: RuntimeDep):
     rt.check_ready()
     return {"status": "ready", "model": rt.engine.base.name}

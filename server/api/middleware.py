@@ -42,7 +42,7 @@ class AuthMiddleware:
     routes check it with ``deps.require_scope`` (403 on the wrong scope), and a label naming the
     key without revealing it (``key-<n>``, its place in the configuration) in
     ``scope["state"]["api_key"]``, for per-key quotas. Without keys every caller is ``admin``
-    and has no label."""
+    and has no label. Two or more Authorization headers are a 400, keys or not."""
 
     def __init__(self, app: ASGIApp, keys: dict[str, str]):
         self.app = app
@@ -66,10 +66,16 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
+        given = [v for k, v in scope["headers"] if k == b"authorization"]
+        if len(given) > 1 and scope["path"] not in OPEN_PATHS:
+            # Which key would count? Proxies and clients disagree: refuse rather than guess.
+            response = error_response(400, "more than one Authorization header", "header.Authorization")
+            await response(scope, receive, send)
+            return
         if not self._keys:
             state["api_scope"] = "admin"
         elif scope["path"] not in OPEN_PATHS:
-            header = dict(scope["headers"]).get(b"authorization")
+            header = given[0] if given else None
             found = self._key_of(header)
             if found is None:
                 message = "missing API key" if header is None else "invalid API key"

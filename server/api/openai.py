@@ -18,7 +18,7 @@ from adapters_store.ids import is_valid_id
 from server.engine.requests import TokenEvent
 
 from . import inference
-from .deps import InferScope, ReadyRuntime, StoreDep
+from .deps import InferScope, ReadyRuntime, StoreDep, granted_scope
 from .errors import ApiError, error_body
 from .jsonbody import JSONRoute
 from .quotas import caller_key
@@ -256,8 +256,12 @@ def _all_records(store) -> list:
 
 
 @router.get("/models", response_model=ModelList, responses=_ERRORS, summary="Base model and adapters")
-async def list_models(rt: ReadyRuntime, store: StoreDep):
-    records = await asyncio.to_thread(_all_records, store)
+async def list_models(request: Request, rt: ReadyRuntime, store: StoreDep):
+    """Adapters are listed to ``admin`` keys only: an ``infer`` key never learns an adapter id it
+    was not given (the rule that keeps ``/metrics``, whose series name adapters, admin-only)."""
+    records = []
+    if granted_scope(request) == "admin":
+        records = await asyncio.to_thread(_all_records, store)
     return {"object": "list", "data": [_base_card(rt)] + [_adapter_card(rt, r) for r in records]}
 
 

@@ -42,7 +42,7 @@ from pydantic import ValidationError as PydanticValidationError
 from safetensors.torch import save as st_save
 
 from adapters_store.errors import StoreError
-from adapters_store.ids import is_valid_id
+from adapters_store.ids import check_new_id, is_valid_id
 from server.engine.loader import BaseModel
 from server.methods import Adapter, AdapterError
 
@@ -171,8 +171,10 @@ class JobRunner:
             raise JobInvalid(
                 "adapter_id", "1-128 letters, digits, '.', '_', '-' (starting with a letter or digit)"
             )
-        if spec.adapter_id == self.base.name:
-            raise JobInvalid("adapter_id", "an adapter cannot take the base model's name")
+        try:
+            check_new_id(spec.adapter_id, self.base.name)  # not the base model's name, in any case
+        except StoreError as e:
+            raise JobInvalid("adapter_id", e.message) from None
         try:
             hp = Hyperparameters.model_validate(spec.hyperparameters or {})
         except PydanticValidationError as e:

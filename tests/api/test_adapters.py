@@ -130,7 +130,7 @@ async def test_upload_errors(client, tmp_path):
         assert response.status_code == status, response.text
         return response.json()["error"]
 
-    assert (await error("../escape", config, weights))["where"] == "adapter_id"
+    assert (await error("../escape", config, weights))["where"] == "body.adapter_id"
     assert (await error("tiny-llama", config, weights))["where"] == "body.adapter_id"
     assert (await error("garbage", config, b"\x00" * 64))["type"] == "invalid_request"
     assert (await error("cfg", b"{not json", weights))["type"] == "invalid_request"
