@@ -108,6 +108,20 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: int = Field(30, ge=0, description="seconds in-flight requests get on shutdown")
 
+    # ---- fine-tunes ----
+    finetune_memory_bytes: int | None = Field(
+        None,
+        ge=1 << 20,
+        description="activation memory one training micro-batch may use; a job whose batch_size x longest"
+        " example exceeds it is 422. Default: a quarter of the training device's memory",
+    )
+    finetune_bytes_per_token: int | None = Field(
+        None,
+        ge=1,
+        description="activation bytes per micro-batch token; default: estimated from the base model's"
+        " shape (~1.6 MB for SmolLM2-135M in float32, as measured)",
+    )
+
     # ---- metrics ----
     metrics_top_adapters: int = Field(
         20, ge=0, description="adapters (top N by requests) with their own /metrics series; the rest: 'other'"

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
 from server.jobs.files import FileNotFound
+from server.jobs.memory import TokenBudget
 from server.jobs.runner import (
     TERMINAL,
     JobConflict,
@@ -136,7 +137,7 @@ def make_runner(rt: Runtime) -> JobRunner:
         rt.settings.data_dir / "jobs",
         busy=busy,
         on_stored=on_stored,
-        tokenizer_lock=rt.tokenizer_lock,
+        token_budget=TokenBudget.for_model(rt.settings, engine.base),
     )
 
 

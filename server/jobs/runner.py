@@ -29,6 +29,7 @@ writes are atomic).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import threading
@@ -48,6 +49,7 @@ from server.methods import Adapter, AdapterError
 
 from .data import DataError, parse_jsonl, tokenize_records
 from .jobdb import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobDB, JobNotFound
+from .memory import TokenBudget
 from .state import StateError, load_state, save_state
 from .train import Hyperparameters, TrainingError, build_config, train_adapter
 
@@ -94,7 +96,7 @@ class JobRunner:
         *,
         busy: Callable[[], bool] | None = None,
         on_stored: Callable[[object, int | None], None] | None = None,
-        tokenizer_lock=None,
+        token_budget: TokenBudget | None = None,
         max_examples: int = 100_000,
         max_pause_s: float = 1.0,
         step_event_every: int = 1,
@@ -108,7 +110,11 @@ class JobRunner:
         self.root.mkdir(parents=True, exist_ok=True)
         self.busy = busy
         self.on_stored = on_stored
-        self.tokenizer_lock = tokenizer_lock
+        # Training has its own tokenizer (a copy): tokenising a 100k-record file never holds the
+        # lock serving tokenises under. Its lock only keeps submits and the worker apart.
+        self.tokenizer = copy.deepcopy(base.tokenizer)
+        self._tokenizer_lock = threading.Lock()
+        self.token_budget = token_budget
         self.max_examples = max_examples
         self.max_pause_s = max_pause_s
         self.step_event_every = max(1, step_event_every)
@@ -192,13 +198,15 @@ class JobRunner:
                 continue
             try:
                 records = parse_jsonl(text, max_records=self.max_examples)
-                examples = tokenize_records(
-                    self.base.tokenizer, records, hp.max_length, lock=self.tokenizer_lock
-                )
+                examples = tokenize_records(self.tokenizer, records, hp.max_length, lock=self._tokenizer_lock)
             except DataError as e:
                 raise JobInvalid(field, str(e)) from None
             parsed[field] = examples
-        return hp, parsed["training_data"], parsed.get("validation_data")
+        train, val = parsed["training_data"], parsed.get("validation_data")
+        problem = None if self.token_budget is None else self.token_budget.problem(hp.batch_size, train, val)
+        if problem is not None:
+            raise JobInvalid("hyperparameters.batch_size", problem)
+        return hp, train, val
 
     def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> dict:
         """Validate and queue a job. With an ``idempotency_key`` already used for the same request,
