@@ -20,6 +20,7 @@ from adapters_store.ids import CONFIG_NAME, WEIGHTS_NAME, check_new_id
 
 from .deps import AdapterIdPath, AdminScope, ReadyRuntime, StoreDep
 from .errors import ApiError
+from .finetune import refuse_if_a_job_publishes
 from .runtime import Runtime
 from .schemas import MAX_OFFSET, AdapterInfo, AdapterList, ErrorBody
 from .uploads import read_adapter_upload
@@ -80,6 +81,7 @@ async def upload_adapter(request: Request, rt: ReadyRuntime, store: StoreDep):
             check_new_id(upload.adapter_id, rt.engine.base.name)
         except StoreError as e:
             raise ApiError(422, e.message, "body.adapter_id") from None
+        await asyncio.to_thread(refuse_if_a_job_publishes, request.app, rt, upload.adapter_id)  # 409
         # Versions may skip numbers (a failed put reserves one), so ask which one is being replaced.
         previous = await asyncio.to_thread(store.current_version, upload.adapter_id)
         record = await asyncio.to_thread(store.put, upload.adapter_id, upload.config, upload.weights)

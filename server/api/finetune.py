@@ -141,6 +141,19 @@ def make_runner(rt: Runtime) -> JobRunner:
     )
 
 
+def refuse_if_a_job_publishes(app, rt: Runtime, adapter_id: str) -> None:
+    """409 naming the job when a queued or running fine-tune will store ``adapter_id``: an upload
+    there would be replaced when the job finishes (the job also checks again when it publishes)."""
+    job = get_or_create_runner(app, rt).active_job_for(adapter_id)
+    if job is not None:
+        raise ApiError(
+            409,
+            f"fine-tune job {job['id']} ({job['status']}) will store adapter '{job['adapter_id']}'; "
+            "wait for it to finish, or cancel it",
+            "body.adapter_id",
+        )
+
+
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 
 

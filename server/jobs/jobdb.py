@@ -146,6 +146,14 @@ class JobDB:
             rows = db.execute(f"SELECT DISTINCT adapter_id FROM jobs WHERE status IN ({marks})", statuses)
             return {r[0] for r in rows}
 
+    def find_active(self, adapter_id: str, *statuses: str) -> dict | None:
+        """The oldest job in one of ``statuses`` that trains ``adapter_id``, if any."""
+        marks = ", ".join("?" for _ in statuses)
+        query = f"SELECT * FROM jobs WHERE adapter_id = ? AND status IN ({marks}) ORDER BY seq LIMIT 1"
+        with self._db() as db:
+            row = db.execute(query, (adapter_id, *statuses)).fetchone()
+        return None if row is None else _row_dict(row)
+
     def count(self, status: str) -> int:
         with self._db() as db:
             return db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]

@@ -238,6 +238,27 @@ class JobRunner:
         if adapter_id in self.db.adapter_ids(QUEUED, RUNNING):
             raise JobInvalid("adapter_id", "a queued or running job already trains this adapter id")
 
+    def active_job_for(self, adapter_id: str) -> dict | None:
+        """The queued or running job that will store ``adapter_id`` (its final id, or one of its
+        ``<id>@<step>`` checkpoints), or None."""
+        return self.db.find_active(adapter_id.split("@", 1)[0], QUEUED, RUNNING)
+
+    def _publish_conflict(self, job_id: str, adapter_id: str, adapter: Adapter, step: int) -> bool:
+        """Whether ``adapter_id`` was created while the job ran (by a path that did not check for
+        it): then the job fails saying so and the adapter found there is left alone; the trained
+        one is kept as ``<id>@<step>`` when that id is free."""
+        taken = self.store.current_version(adapter_id)
+        if taken is None:
+            return False
+        message = f"adapter '{adapter_id}' was created (version {taken}) while this job ran; not replaced"
+        fallback = f"{adapter_id}@{step}"
+        if self.store.current_version(fallback) is None:
+            self._put(fallback, adapter)
+            message += f"; the trained adapter is stored as '{fallback}'"
+        self.db.event(job_id, "publish_refused", {"adapter_id": adapter_id, "version": taken})
+        self._finish(job_id, FAILED, error=message)
+        return True
+
     def _replay(self, idempotency_key: str, request_hash: str) -> dict | None:
         job = self.db.find_by_key(idempotency_key)
         if job is None:
@@ -417,6 +438,8 @@ class JobRunner:
                     "paused",
                     {"step": history.last_step, "reason": "the server is shutting down; resumes on restart"},
                 )
+                return
+            if self._publish_conflict(job_id, spec.adapter_id, adapter, history.last_step):
                 return
             record = self._put(spec.adapter_id, adapter)
             result = {
