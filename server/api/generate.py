@@ -73,7 +73,7 @@ async def generate(body: GenerateRequest, request: Request, rt: ReadyRuntime):
     if body.stream:
         return inference.EventStream(_events(rt, sub, body.logprobs), sub.req.cancel)
     result = await inference.collect(request, sub)
-    inference.check_finish(rt, result.finish)
+    inference.check_finish(rt, result.finish, sub)
     strings = None
     if body.logprobs:
         strings = await inference.token_strings(rt, result.tokens)
@@ -91,9 +91,9 @@ async def _events(rt: Runtime, sub: inference.Submitted, logprobs: bool) -> Asyn
             yield inference.sse(data, "token")
             continue
         try:
-            inference.check_finish(rt, event)
+            inference.check_finish(rt, event, sub)
         except ApiError as exc:
-            yield inference.sse(error_body(exc.type, exc.message), "error")
+            yield inference.sse(error_body(exc.type, exc.message, exc.where), "error")
             return
         strings = None
         if logprobs:

@@ -96,6 +96,9 @@ def sampling_params(
     cap = rt.settings.max_new_tokens
     if max_new_tokens > cap:
         raise ApiError(422, f"must be <= {cap} (the server's max_new_tokens)", where_max)
+    vocab = rt.engine.base.vocab_size
+    if top_k > vocab:  # the schema cannot know the model's vocabulary
+        raise ApiError(422, f"must be <= {vocab} (the model's vocabulary size; 0 = off)", "body.top_k")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
     try:
         return SamplingParams(
@@ -118,6 +121,7 @@ def sampling_params(
 class Submitted:
     req: GenerationRequest
     stream: AsyncStream
+    where_adapter: str = "body.adapter"  # the field that named the adapter ("body.model" on /v1)
 
     @property
     def adapter(self) -> str | None:
@@ -177,7 +181,7 @@ async def submit(
         slot.request = req
     if rt.metrics is not None:
         rt.metrics.submitted(adapter_id)
-    return Submitted(req, stream)
+    return Submitted(req, stream, where_adapter)
 
 
 # ------------------------------------------------------------------------------------ results
@@ -200,9 +204,16 @@ async def token_strings(rt: Runtime, tokens: list[TokenEvent]) -> list[str]:
     return await asyncio.to_thread(decode)
 
 
-def check_finish(rt: Runtime, finish: FinishEvent) -> None:
-    """A generation that failed becomes 503 while shutting down or when the engine had no room for
-    it (e.g. the device adapter budget is full of pinned adapters), else a generic 500."""
+def check_finish(rt: Runtime, finish: FinishEvent, sub: Submitted | None = None) -> None:
+    """A generation that failed becomes an error for this request only:
+
+    * 503 while shutting down, or when the engine had no room for it (e.g. the device adapter
+      budget is full of pinned adapters);
+    * 422 naming the adapter field when the model's scores became NaN / inf with its adapter (the
+      adapter's weights do not work on this prompt: the request's own input, not a server fault);
+    * else 500 (the base model's scores went non-finite, or one of its steps raised: a server bug,
+      logged); the requests batched with it are unaffected.
+    """
     if finish.finish_reason != "error":
         return
     retry = {"Retry-After": str(rt.settings.retry_after_s)}
@@ -213,7 +224,14 @@ def check_finish(rt: Runtime, finish: FinishEvent) -> None:
         raise ApiError(
             503, "no room for this adapter right now (device adapter budget in use)", headers=retry
         )
+    at = f"at generated token {finish.completion_tokens + 1}"
+    if finish.error_kind == "non_finite" and sub is not None and sub.adapter is not None:
+        log.warning("adapter %s@%s: non-finite scores %s", sub.adapter, sub.adapter_version, at)
+        message = f"adapter '{sub.adapter}' made the model's next-token scores NaN or inf ({at})"
+        raise ApiError(422, message, sub.where_adapter)
     log.error("generation failed: %s", finish.error)
+    if finish.error_kind == "non_finite":
+        raise ApiError(500, f"generation failed: the model's next-token scores were NaN or inf ({at})")
     raise ApiError(500, "generation failed")
 
 

@@ -100,7 +100,7 @@ async def completions(body: CompletionRequest, request: Request, rt: ReadyRuntim
         chunks = _completion_chunks(rt, sub, head, body.logprobs is not None, _include_usage(body))
         return inference.EventStream(chunks, sub.req.cancel)
     result = await inference.collect(request, sub)
-    inference.check_finish(rt, result.finish)
+    inference.check_finish(rt, result.finish, sub)
     logprobs = None
     if body.logprobs is not None:
         logprobs = await _completion_logprobs(rt, result.tokens, 0)
@@ -142,9 +142,9 @@ async def _completion_chunks(
             yield inference.sse({**head, "choices": [choice]})
             continue
         try:
-            inference.check_finish(rt, event)
+            inference.check_finish(rt, event, sub)
         except ApiError as exc:
-            yield inference.sse(error_body(exc.type, exc.message))
+            yield inference.sse(error_body(exc.type, exc.message, exc.where))
             return
         last = {"index": 0, "text": "", "finish_reason": _FINISH[event.finish_reason], "logprobs": None}
         yield inference.sse({**head, "choices": [last]})
@@ -181,7 +181,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Re
         chunks = _chat_chunks(rt, sub, head, body.logprobs, _include_usage(body))
         return inference.EventStream(chunks, sub.req.cancel)
     result = await inference.collect(request, sub)
-    inference.check_finish(rt, result.finish)
+    inference.check_finish(rt, result.finish, sub)
     choice = {
         "index": 0,
         "message": {"role": "assistant", "content": result.finish.text},
@@ -217,9 +217,9 @@ async def _chat_chunks(
             yield chunk({"content": event.text_delta}, logprobs_=lp)
             continue
         try:
-            inference.check_finish(rt, event)
+            inference.check_finish(rt, event, sub)
         except ApiError as exc:
-            yield inference.sse(error_body(exc.type, exc.message))
+            yield inference.sse(error_body(exc.type, exc.message, exc.where))
             return
         yield chunk({}, _FINISH[event.finish_reason])
         if include_usage:

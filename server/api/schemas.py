@@ -101,9 +101,9 @@ class GenerateRequest(BaseModel):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
     adapter: AdapterId | None = Field(None, description="adapter id; null = the base model")
     max_new_tokens: Count = 64
-    temperature: float = Field(0.0, ge=0, le=100, allow_inf_nan=False, description="0 = greedy")
+    temperature: float = Field(0.0, ge=0, le=100, allow_inf_nan=False, description="0 (or < 1e-5) = greedy")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0, strict=True, description="0 = off")
+    top_k: int = Field(0, ge=0, strict=True, description="0 = off; at most the model's vocabulary size")
     seed: Seed | None = None
     stop: StopField = None
     logprobs: bool = Field(False, strict=True)
