@@ -56,24 +56,30 @@ def store_limits(settings: Settings) -> StoreLimits:
     return StoreLimits(max_weights_bytes=settings.max_upload_bytes)
 
 
+def open_store(settings: Settings, base) -> AdapterStore:
+    """The adapter store for ``base``: validated against its shapes, tables checked in its dtype."""
+    return AdapterStore(
+        settings.data_dir / "adapters",
+        base.module_shapes,
+        base.name,
+        store_limits(settings),
+        table_dtype=base.dtype,
+    )
+
+
 def _build(rt: Runtime) -> None:
     """Blocking part of start-up (worker thread): whatever was not injected."""
     settings = rt.settings
     if rt.engine is None:
         base = load_base_model(settings)
         if rt.store is None:
-            rt.store = AdapterStore(
-                settings.data_dir / "adapters", base.module_shapes, base.name, store_limits(settings)
-            )
+            rt.store = open_store(settings, base)
         store = rt.store
         rt.engine = Engine(
             base, settings, source=lambda key: store.load(*key), current_version=store.current_version
         )
     elif rt.store is None:
-        base = rt.engine.base
-        rt.store = AdapterStore(
-            settings.data_dir / "adapters", base.module_shapes, base.name, store_limits(settings)
-        )
+        rt.store = open_store(settings, rt.engine.base)
     rt.uploads_dir.mkdir(parents=True, exist_ok=True)
     for leftover in rt.uploads_dir.glob("upload-*"):  # from a crash mid-upload
         leftover.unlink(missing_ok=True)
