@@ -65,11 +65,11 @@ class Engine:
         self.planner = StepPlanner(self.residency, base.device, settings.merge_after_steps, kernels)
         plain = hf_forward(base.model)
 
-        def forward(input_ids, attention_mask, position_ids, past_key_values, adapter_keys):
+        def forward(input_ids, attention_mask, position_ids, past_key_values, adapter_keys, **kw):
             running = self.generator.running_adapter_keys
             binding = self.planner.plan(adapter_keys, input_ids.shape[1], also_resident=running)
             with bind(binding):
-                return plain(input_ids, attention_mask, position_ids, past_key_values, adapter_keys)
+                return plain(input_ids, attention_mask, position_ids, past_key_values, adapter_keys, **kw)
 
         max_len = getattr(base.model.config, "max_position_embeddings", None)
         self.generator = Generator(

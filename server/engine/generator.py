@@ -49,7 +49,8 @@ from server.engine.requests import (
     TokenEvent,
     TokenizerLike,
 )
-from server.engine.sampling import make_generator, sample_rows
+from server.engine.sampling import make_generator, row_top_logprobs, sample_rows
+from server.engine.scoring import NonFinitePrompt, score_prompt
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def hf_forward(model: torch.nn.Module) -> ForwardFn:
 
     Asks the model for the last position's logits only (``logits_to_keep=1``) when it supports
     that: the generator never reads the others, and ``[B, T, V]`` logits of a long prefill are big.
+    Only a prefill with a row that wants its prompt's log-probabilities passes ``all_positions``.
     """
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
@@ -68,6 +70,7 @@ def hf_forward(model: torch.nn.Module) -> ForwardFn:
         position_ids: torch.Tensor,  # [B, T]
         past_key_values: DynamicCache,
         adapter_keys: list[Hashable],
+        all_positions: bool = False,
     ) -> torch.Tensor:  # [B, T, V]
         out = model(
             input_ids=input_ids,
@@ -75,7 +78,7 @@ def hf_forward(model: torch.nn.Module) -> ForwardFn:
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=True,
-            **extra,
+            **({} if all_positions else extra),
         )
         return out.logits
 
@@ -197,7 +200,9 @@ class Generator:
     def submit(self, request: GenerationRequest) -> None:
         """Queue ``request`` (thread-safe). Impossible requests finish at once with ``"error"``."""
         n = len(request.prompt_token_ids)
-        if self.max_seq_len is not None and n >= self.max_seq_len:
+        # Scoring alone (no new token) may fill the whole context.
+        room = 0 if request.params.max_new_tokens == 0 else 1
+        if self.max_seq_len is not None and n + room > self.max_seq_len:
             msg = f"prompt has {n} tokens; the maximum sequence length is {self.max_seq_len}"
             self._reject(request, "invalid", msg)
             return
@@ -267,10 +272,18 @@ class Generator:
         finished += len(admitted) - len(seqs)
         if seqs:
             try:
-                logits = newcomers.prefill(seqs)  # [N, V]
+                scoring = any(s.request.params.prompt_logprobs is not None for s in seqs)
+                if scoring:  # every position's logits only when some row wants its prompt scored
+                    logits, full = newcomers.prefill_all(seqs)  # [N, V], [N, T, V]
+                else:
+                    logits, full = newcomers.prefill(seqs), None  # [N, V]
                 if self._admit_cap is not None:  # grow back gradually after a back-off
                     self._admit_cap *= 2
-                finished += self._sample_and_emit(newcomers, logits)
+                if scoring or any(s.request.params.max_new_tokens == 0 for s in seqs):
+                    logits, done = self._score_prompts(newcomers, logits, full)
+                    finished += done
+                if len(newcomers):
+                    finished += self._sample_and_emit(newcomers, logits)
             except RetryLater as exc:
                 newcomers = self._new_batch()
                 if len(seqs) == 1 and not len(self._running):
@@ -373,6 +386,38 @@ class Generator:
                 self._reject(req, "request", f"set-up failed: {type(exc).__name__}: {exc}")
         return seqs
 
+    def _score_prompts(
+        self, batch: RunningBatch[_Sequence], logits: torch.Tensor, full: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int]:
+        """After a prefill: send each asking row its ``PromptEvent`` (from ``full`` ``[N, T, V]``),
+        end the rows that only score (``max_new_tokens == 0``) and those whose prompt scores are
+        unusable or whose scoring raises, each alone. Returns the logits ``[N', V]`` of the rows
+        left in ``batch`` and how many ended."""
+        keep = []
+        for i, seq in enumerate(batch.seqs):
+            params = seq.request.params
+            if params.prompt_logprobs is not None:
+                assert full is not None
+                try:
+                    seq.request.emit(score_prompt(full[i], seq.prompt_token_ids, params.prompt_logprobs))
+                except NonFinitePrompt as exc:
+                    self._finish(seq, "error", str(exc), "non_finite")
+                    continue
+                except Exception as exc:
+                    log.exception("scoring the prompt of request %s failed", seq.request.id)
+                    message = f"prompt scoring failed: {type(exc).__name__}: {exc}"
+                    self._finish(seq, "error", message, "request")
+                    continue
+            if params.max_new_tokens == 0:
+                self._finish(seq, "length")
+                continue
+            keep.append(i)
+        ended = len(batch) - len(keep)
+        if ended:
+            batch.filter(keep)
+            logits = logits[keep]
+        return logits, ended
+
     def _sample_and_emit(self, batch: RunningBatch[_Sequence], logits: torch.Tensor) -> int:
         """Sample a token per row of ``batch``, stream it, drop finished rows; return how many finished.
 
@@ -385,24 +430,25 @@ class Generator:
         batch.set_next_tokens(out.token_ids)
         tokens = torch.where(usable, out.token_ids, -1).tolist()  # host sync; -1 = unusable
         logprobs = out.logprobs.tolist() if out.logprobs is not None else [None] * len(seqs)
+        tops = row_top_logprobs(out.top, [p.top_logprobs if p.logprobs else 0 for p in params])
         keep = []
-        for i, (seq, tok, lp) in enumerate(zip(seqs, tokens, logprobs, strict=True)):
+        for i, (seq, tok, lp, top) in enumerate(zip(seqs, tokens, logprobs, tops, strict=True)):
             if tok < 0:
                 message = f"non-finite logits (NaN or inf) at generated token {len(seq.generated) + 1}"
                 self._finish(seq, "error", message, "non_finite")
             elif i in failed:
                 log.error("sampling failed for request %s: %s", seq.request.id, failed[i])
                 self._finish(seq, "error", f"sampling failed: {failed[i]}", "request")
-            elif self._advance_alone(seq, tok, lp):
+            elif self._advance_alone(seq, tok, lp, top):
                 keep.append(i)
         batch.filter(keep)
         return len(seqs) - len(keep)
 
-    def _advance_alone(self, seq: _Sequence, token: int, logprob: float | None) -> bool:
+    def _advance_alone(self, seq: _Sequence, token: int, logprob: float | None, top=None) -> bool:
         """``_advance``, but an exception (detokeniser, stop strings, the sink) ends this request only."""
         n = len(seq.generated)
         try:
-            return self._advance(seq, token, logprob)
+            return self._advance(seq, token, logprob, top)
         except Exception as exc:
             log.exception("emitting a token of request %s failed", seq.request.id)
             del seq.generated[n:]  # not delivered: completion_tokens counts the token events sent
@@ -410,7 +456,7 @@ class Generator:
                 self._finish(seq, "error", f"{type(exc).__name__}: {exc}", "request")
             return False
 
-    def _advance(self, seq: _Sequence, token: int, logprob: float | None) -> bool:
+    def _advance(self, seq: _Sequence, token: int, logprob: float | None, top=None) -> bool:
         """Record ``token`` for ``seq`` and emit its events; return whether the sequence continues."""
         seq.generated.append(token)
         params = seq.request.params
@@ -430,7 +476,7 @@ class Generator:
         text, hit_stop = seq.text.add(delta, final=reason is not None)
         if hit_stop:
             reason = "stop"
-        seq.request.emit(TokenEvent(token, text, logprob if params.logprobs else None))
+        seq.request.emit(TokenEvent(token, text, logprob if params.logprobs else None, top))
         if reason is None:
             return True
         self._finish(seq, reason)

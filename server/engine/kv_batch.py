@@ -26,7 +26,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 # forward(input_ids [B, T], attention_mask [B, L_past + T], position_ids [B, T], past_key_values,
 #         adapter_keys: one per row) -> logits [B, T', V]; it must append the T new positions to
-# ``past_key_values`` in place. Only the last position is read, so T' may be 1 (logits_to_keep=1).
+# ``past_key_values`` in place. Only the last position is read, so T' may be 1 (logits_to_keep=1);
+# ``prefill_all`` calls it with the keyword ``all_positions=True`` and needs every position (T' = T).
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache, list[Hashable]], torch.Tensor]
 
 
@@ -80,9 +81,18 @@ class RunningBatch(Generic[S]):
 
     # ------------------------------------------------------------------------------ model calls
 
-    @torch.inference_mode()
     def prefill(self, seqs: Sequence[S]) -> torch.Tensor:
         """Run the prompts of ``seqs`` (into this empty batch); return last-position logits ``[B, V]``."""
+        return self._prefill(seqs, all_positions=False)[:, -1, :]
+
+    def prefill_all(self, seqs: Sequence[S]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prefill``, also returning the logits of every position ``[B, T, V]`` (left-padded like
+        the prompts: row ``i``'s prompt occupies the last ``len(prompt)`` positions)."""
+        logits = self._prefill(seqs, all_positions=True)
+        return logits[:, -1, :], logits
+
+    @torch.inference_mode()
+    def _prefill(self, seqs: Sequence[S], all_positions: bool) -> torch.Tensor:
         if self.seqs:
             raise RuntimeError("prefill needs an empty batch; prefill a new one and concat it")
         if not seqs:
@@ -98,10 +108,13 @@ class RunningBatch(Generic[S]):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]; padding gets 0 (masked anyway)
         cache = self.cache_factory()
         keys = [s.adapter_key for s in seqs]
-        logits = self.forward(input_ids, mask, position_ids, cache, keys)  # [B, T, V]
+        extra = {"all_positions": True} if all_positions else {}
+        logits = self.forward(input_ids, mask, position_ids, cache, keys, **extra)  # [B, T', V]
         _check_cache(cache, batch=len(seqs), length=t)
+        if all_positions and logits.shape[1] != t:
+            raise RuntimeError(f"the forward returned {logits.shape[1]} positions of {t} (all_positions)")
         self.seqs, self.cache, self.attention_mask, self.next_tokens = list(seqs), cache, mask, None
-        return logits[:, -1, :]
+        return logits
 
     @torch.inference_mode()
     def decode(self) -> torch.Tensor:

@@ -8,9 +8,10 @@ test), handed to ``Generator.submit`` and from then on only the engine thread ca
   ``loop.call_soon_threadsafe`` and the owner does ``async for event in stream``;
 * ``BlockingStream`` — a ``queue.Queue``; iterate it from any thread (tests, scripts).
 
-Event invariants (per request): zero or more ``TokenEvent`` (one per sampled token, EOS included),
-then exactly one ``FinishEvent``; nothing is emitted after it. The ``text_delta`` of all token
-events concatenate to ``FinishEvent.text``.
+Event invariants (per request): one ``PromptEvent`` first if (and only if) the request asked for
+prompt log-probabilities and its prefill succeeded, zero or more ``TokenEvent`` (one per sampled
+token, EOS included), then exactly one ``FinishEvent``; nothing is emitted after it. The
+``text_delta`` of all token events concatenate to ``FinishEvent.text``.
 
 Text invariants (``StopStringBuffer``): the final text ends *before* the first stop string, and no
 delta ever carries characters that later turn out to belong to a stop string (a suffix that is a
@@ -42,6 +43,7 @@ ERROR_KINDS: tuple[ErrorKind, ...] = ("non_finite", "request", "batch", "no_room
 # of 1e-45 made every score inf/NaN and always picked token 0). vLLM draws the same line.
 GREEDY_BELOW = 1e-5
 MAX_INT64 = 2**63 - 1
+MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's and vLLM's cap)
 
 
 @dataclass
@@ -52,7 +54,11 @@ class SamplingParams:
     (it is set to 0); ``top_k == 0`` disables top-k; ``top_p == 1`` disables nucleus filtering.
     ``seed`` makes sampling reproducible for the same prompt no matter what else shares the batch.
     ``logprobs`` asks for the log-probability of each chosen token under the model's raw
-    distribution (before temperature / top-k / top-p).
+    distribution (before temperature / top-k / top-p), and ``top_logprobs`` (with ``logprobs``)
+    for that many best alternatives per token. ``prompt_logprobs`` (``None`` = off) asks for the
+    log-probabilities of the prompt's own tokens, plus that many best alternatives per position,
+    computed in the prefill (a ``PromptEvent``). ``max_new_tokens == 0`` scores without generating:
+    the request finishes right after its prefill with ``"length"``.
     """
 
     max_new_tokens: int = 16
@@ -63,12 +69,14 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
     ignore_eos: bool = False  # keep generating past EOS (benchmarks need fixed-length outputs)
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise TypeError("max_new_tokens must be an int")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         self.temperature = float(self.temperature)
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
@@ -91,6 +99,12 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         self.logprobs = bool(self.logprobs)
+        for name in ("top_logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is None and name == "prompt_logprobs":
+                continue
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name} must be an int in [0, {MAX_TOP_LOGPROBS}], got {k!r}")
 
     @property
     def greedy(self) -> bool:
@@ -107,6 +121,12 @@ class RetryLater(RuntimeError):
     """
 
 
+# (token id, log-probability) of the best alternatives at one position, best first.
+TopLogprobs = tuple[tuple[int, float], ...]
+# What a log-probability of -inf is reported as (JSON has no infinity; vLLM's convention).
+LOGPROB_FLOOR = -9999.0
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     """One sampled token. ``text_delta`` may be empty (text held back or incomplete UTF-8)."""
@@ -114,6 +134,18 @@ class TokenEvent:
     token_id: int
     text_delta: str
     logprob: float | None = None
+    top_logprobs: TopLogprobs | None = None  # with params.logprobs and top_logprobs > 0
+
+
+@dataclass(frozen=True)
+class PromptEvent:
+    """The prompt's own log-probabilities, emitted right after the prefill (before any token) to
+    requests with ``params.prompt_logprobs`` set. Entry ``j`` is about prompt token ``j`` given the
+    tokens before it, so entry 0 (nothing before it) is ``None`` in both lists."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float | None, ...]
+    top_logprobs: tuple[TopLogprobs | None, ...] | None  # None when prompt_logprobs == 0
 
 
 @dataclass(frozen=True)
@@ -129,7 +161,7 @@ class FinishEvent:
     error_kind: ErrorKind | None = None  # why, when finish_reason is "error"
 
 
-Event = TokenEvent | FinishEvent
+Event = TokenEvent | PromptEvent | FinishEvent
 
 
 class EventSink(Protocol):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.requests import SamplingParams
+from server.engine.requests import LOGPROB_FLOOR, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class SamplingTensors:
     top_p: torch.Tensor  # [B] float32, 1 = off
     generators: list[torch.Generator | None]  # [B]; None for greedy rows (or: use the global RNG)
     want_logprobs: bool
+    top_logprobs: int  # host-side: the most alternatives any row asks for (0 = none)
     sampled_rows: list[int]  # host-side: rows with temperature > 0 (no device sync to find them)
     needs_filter: bool  # host-side: some sampled row uses top-k or top-p
 
@@ -73,6 +74,7 @@ class SamplingTensors:
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             generators=list(generators),
             want_logprobs=any(p.logprobs for p in params),
+            top_logprobs=max((p.top_logprobs for p in params if p.logprobs), default=0),
             sampled_rows=sampled,
             needs_filter=any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in sampled),
         )
@@ -82,6 +84,7 @@ class SamplingTensors:
 class SampleOutput:
     token_ids: torch.Tensor  # [B] int64
     logprobs: torch.Tensor | None  # [B] float32: log p_model(token) (raw logits), or None if not asked
+    top: tuple[torch.Tensor, torch.Tensor] | None = None  # ([B, K] logprobs, [B, K] ids), best first
 
 
 def apply_top_k_top_p(
@@ -123,10 +126,13 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SampleOutput:
         # filtered tokens (p == 0) must never win, even against a (rare) zero noise draw (0/0 = nan)
         drawn = torch.where(probs > 0, probs / noise, -1.0).argmax(dim=-1)  # [S]
         token_ids = token_ids.index_copy(0, rows, drawn)
-    logprobs = None
+    logprobs, top = None, None
     if st.want_logprobs:
-        logprobs = logits.log_softmax(dim=-1).gather(-1, token_ids[:, None]).squeeze(-1)  # [B]
-    return SampleOutput(token_ids=token_ids, logprobs=logprobs)
+        log_p = logits.log_softmax(dim=-1)  # [B, V]
+        logprobs = log_p.gather(-1, token_ids[:, None]).squeeze(-1)  # [B]
+        if st.top_logprobs:
+            top = log_p.topk(min(st.top_logprobs, log_p.shape[-1]), dim=-1)  # ([B, K], [B, K])
+    return SampleOutput(token_ids=token_ids, logprobs=logprobs, top=None if top is None else tuple(top))
 
 
 def sample_rows(
@@ -162,4 +168,18 @@ def sample_rows(
         token_ids[i] = out.token_ids[0]
         if logprobs is not None and out.logprobs is not None:
             logprobs[i] = out.logprobs[0]
-    return SampleOutput(token_ids=token_ids, logprobs=logprobs), failed
+    k = max((p.top_logprobs for p in params if p.logprobs), default=0)
+    top = tuple(logits.float().log_softmax(dim=-1).topk(min(k, logits.shape[-1]), dim=-1)) if k else None
+    return SampleOutput(token_ids=token_ids, logprobs=logprobs, top=top), failed
+
+
+def row_top_logprobs(top: tuple[torch.Tensor, torch.Tensor] | None, ks: Sequence[int]) -> list:
+    """Per row, its own ``k`` best ``(token id, logprob)`` pairs from ``SampleOutput.top`` (one host
+    sync), or ``None`` for a row with ``k == 0``."""
+    if top is None:
+        return [None] * len(ks)
+    values, ids = top[0].tolist(), top[1].tolist()
+    return [
+        tuple(zip(i[:k], (max(v, LOGPROB_FLOOR) for v in vs[:k]), strict=True)) if k else None
+        for k, vs, i in zip(ks, values, ids, strict=True)
+    ]

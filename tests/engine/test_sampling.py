@@ -38,7 +38,11 @@ def _logits(rows: int, vocab: int = 50, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"max_new_tokens": 0},
+        {"max_new_tokens": -1},
+        {"top_logprobs": 21},
+        {"top_logprobs": True},
+        {"prompt_logprobs": -1},
+        {"prompt_logprobs": 21},
         {"temperature": -0.1},
         {"temperature": float("nan")},
         {"top_k": -1},
