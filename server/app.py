@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from adapters_store.limits import StoreLimits
 from adapters_store.store import AdapterStore
 from server.engine.engine import Engine
-from server.engine.loader import load_base_model
+from server.engine.loader import dtype_name, load_base_model
 from server.engine.requests import FinishEvent, SamplingParams
 from server.metrics import Metrics, MetricsMiddleware, route_templates
 from server.settings import Settings
@@ -124,7 +124,8 @@ async def _start(rt: Runtime, on_ready=None) -> None:
         if rt.freeze_gc_when_ready:
             gc.collect()
             gc.freeze()
-        log.info("ready: model %s", rt.engine.base.name)
+        base = rt.engine.base
+        log.info("ready: model %s, dtype %s on %s", base.name, dtype_name(base.dtype), base.device.type)
 
 
 def create_app(

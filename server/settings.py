@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     )
     device: str | None = Field(None, description="cuda / cpu; default: cuda when available")
     dtype: str | None = Field(
-        None, description="float32 / bfloat16 / float16; default: bf16 on CUDA, fp32 on CPU"
+        "auto",
+        description="auto / float32 / bfloat16 / float16; auto: bf16 on CUDA and on CPUs with AMX or"
+        " AVX-512-BF16, float32 elsewhere",
     )
     data_dir: Path = Field(Path("var"), description="model cache, adapter store, job data")
     models_dir: Path | None = Field(None, description="base model cache; default: <data_dir>/models")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from server.engine.loader import dtype_name
+
 from .deps import RuntimeDep
 from .schemas import ErrorBody, Health, Ready
 
@@ -28,4 +30,6 @@ async def health():
 @router.head("/ready", include_in_schema=False)
 async def ready(rt: RuntimeDep):
     rt.check_ready()
-    return {"status": "ready", "model": rt.engine.base.name}
+    base = rt.engine.base
+    dtype, device = dtype_name(base.dtype), base.device.type
+    return {"status": "ready", "model": base.name, "dtype": dtype, "device": device}

@@ -165,6 +165,8 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: Literal["ready"]
     model: str
+    dtype: str = Field(description="the dtype the base model serves in (what --dtype auto picked)")
+    device: str
 
 
 # ------------------------------------------------------------------------ OpenAI-compatible /v1

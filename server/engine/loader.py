@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,11 @@ from server.settings import DEFAULT_MODEL, Settings
 from .adapted_linear import AdaptedLinear, wrap_linears
 from .model_cache import provision_default_model
 
+log = logging.getLogger("facet.engine")
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# CPU flags (as /proc/cpuinfo names them) of native bf16 matrix math: AMX tiles, AVX-512 bf16 dots.
+_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 @dataclass
@@ -45,15 +50,47 @@ class BaseModel:
         return ids
 
 
-def pick_device_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags (``avx512_bf16``, ``amx_bf16``, ...); empty where the file is absent."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def auto_dtype(device_type: str, flags: frozenset[str] | set[str]) -> torch.dtype:
+    """What ``--dtype auto`` serves in: bf16 on CUDA and on CPUs with native bf16 matrix math,
+    float32 elsewhere (where bf16 would be emulated and slower).
+
+    On a CPU this needs AMX or AVX-512-BF16 (docs/benchmarks.md, "dtype", has the figures).
+    """
+    if device_type == "cuda":
+        return torch.bfloat16
+    if device_type == "cpu" and flags & _BF16_CPU_FLAGS:
+        return torch.bfloat16
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling of ``--dtype``)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def pick_device_dtype(
+    settings: Settings, flags: frozenset[str] | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype to serve in; ``flags``: the CPU flags (default: this machine's)."""
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if settings.dtype:
-        if settings.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {settings.dtype!r}")
-        dtype = _DTYPES[settings.dtype]
-    else:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, dtype
+    name = settings.dtype or "auto"
+    if name == "auto":
+        return device, auto_dtype(device.type, cpu_flags() if flags is None else flags)
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {name!r}")
+    return device, _DTYPES[name]
 
 
 def load_base_model(settings: Settings) -> BaseModel:
@@ -69,6 +106,7 @@ def load_base_model(settings: Settings) -> BaseModel:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     model.to(device).eval()
     model.requires_grad_(False)
+    log.info("model %s: dtype %s (--dtype %s) on %s", source, dtype_name(dtype), settings.dtype, device)
     return wrap_model(
         settings.model if settings.model == DEFAULT_MODEL else Path(source).name or source,
         model,

@@ -21,13 +21,19 @@ def facet(tmp_path_factory):
         "FACET_DATA_DIR": str(data),
         "FACET_MODELS_DIR": str(REPO / "var" / "models"),
         "FACET_THREADS": "1",
+        "FACET_DTYPE": "float32",  # pinned: `auto` picks by the CPU
     }
     with server_process("server", [], data / "server.log", env=env, timeout=300) as url:
         yield url
 
 
 def test_generate_stream_and_openai_chat(facet):
-    assert httpx.get(facet + "/ready").json() == {"status": "ready", "model": "smollm2-135m-instruct"}
+    assert httpx.get(facet + "/ready").json() == {
+        "status": "ready",
+        "model": "smollm2-135m-instruct",
+        "dtype": "float32",
+        "device": "cpu",
+    }
 
     body = {"messages": QUESTION, "max_new_tokens": 16, "temperature": 0}
     out = httpx.post(facet + "/generate", json=body, timeout=120).json()

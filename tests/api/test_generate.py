@@ -216,7 +216,12 @@ async def test_not_ready_until_warmed_up_and_while_shutting_down(make_app, monke
             assert response.status_code == 503 and response.headers["retry-after"] == "1"
             gate.set()
             await wait_ready(client)
-            assert (await client.get("/ready")).json() == {"status": "ready", "model": "tiny-llama"}
+            assert (await client.get("/ready")).json() == {
+                "status": "ready",
+                "model": "tiny-llama",
+                "dtype": "float32",
+                "device": "cpu",
+            }
         response = await client.get("/ready")  # lifespan over: shutting down
         assert response.status_code == 503 and "shutting down" in response.json()["error"]["message"]
         assert (await client.post("/generate", json={"prompt": "t1"})).status_code == 503

@@ -21,7 +21,12 @@ INFER = {"Authorization": f"Bearer {INFER_KEY}"}
 
 def test_subprocess_server_over_http(tiny_server, tmp_path):
     assert httpx.get(tiny_server + "/health").json() == {"status": "ok"}
-    assert httpx.get(tiny_server + "/ready").json() == {"status": "ready", "model": "tiny-llama"}
+    assert httpx.get(tiny_server + "/ready").json() == {
+        "status": "ready",
+        "model": "tiny-llama",
+        "dtype": "float32",
+        "device": "cpu",
+    }
     assert httpx.post(tiny_server + "/generate", json={"prompt": "t1"}).status_code == 401
 
     body = {"prompt": "t7 t8 t9", "max_new_tokens": 6}

@@ -25,6 +25,7 @@ BASE_NAME = "tiny-llama"
 # The in-memory tokenizer has no chat template: a plain one (contents joined by spaces).
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 DEFAULTS = {
+    "dtype": "float32",  # the tiny model is built in float32; pinned so `auto` never differs by CPU
     "threads": 1,
     "max_batch_size": 8,
     "device_adapter_bytes": 64 << 20,

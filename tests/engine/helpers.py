@@ -30,7 +30,10 @@ def make_engine(model, tokenizer, **overrides) -> tuple[Engine, torch.nn.Module]
     """Wrap ``model`` for serving; returns the engine and an untouched copy for references."""
     reference = copy.deepcopy(model)
     base = wrap_model("tiny", model, tokenizer, TARGETS)
-    settings = Settings(**{"max_batch_size": 16, "device_adapter_bytes": 64 << 20, **overrides})
+    # dtype pinned: the exactness tests are float32 whatever `auto` would pick on this CPU.
+    settings = Settings(
+        **{"dtype": "float32", "max_batch_size": 16, "device_adapter_bytes": 64 << 20, **overrides}
+    )
     return Engine(base, settings), reference
 
 

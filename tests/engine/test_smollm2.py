@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def engine():
-    settings = Settings(threads=2)
+    settings = Settings(threads=2, dtype="float32")  # pinned: `auto` picks by the CPU
     eng = Engine(load_base_model(settings), settings)
     eng.start()
     yield eng
