@@ -24,6 +24,7 @@ from server.engine.requests import (
     AsyncStream,
     FinishEvent,
     GenerationRequest,
+    PromptEvent,
     SamplingParams,
     TokenEvent,
 )
@@ -92,6 +93,8 @@ def sampling_params(
     seed: int | None,
     stop: str | list[str] | None,
     logprobs: bool,
+    top_logprobs: int = 0,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     cap = rt.settings.max_new_tokens
     if max_new_tokens > cap:
@@ -109,6 +112,8 @@ def sampling_params(
             seed=seed,
             stop=stop,
             logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
     except (TypeError, ValueError) as exc:  # the schemas should have caught it already
         raise ApiError(422, str(exc), "body") from None
@@ -191,6 +196,7 @@ async def submit(
 class Result:
     finish: FinishEvent
     tokens: list[TokenEvent] = field(default_factory=list)
+    prompt: PromptEvent | None = None  # when the request asked for its prompt's log-probabilities
 
 
 async def token_strings(rt: Runtime, tokens: list[TokenEvent]) -> list[str]:
@@ -235,28 +241,42 @@ def check_finish(rt: Runtime, finish: FinishEvent, sub: Submitted | None = None)
     raise ApiError(500, "generation failed")
 
 
-async def _cancel_on_disconnect(receive: Receive, req: GenerationRequest) -> None:
+async def _cancel_on_disconnect(receive: Receive, *reqs: GenerationRequest) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            req.cancel()
+            for req in reqs:
+                req.cancel()
             return
+
+
+async def _read(sub: Submitted) -> Result:
+    tokens: list[TokenEvent] = []
+    prompt = None
+    async for event in sub.stream:
+        if isinstance(event, TokenEvent):
+            tokens.append(event)
+        elif isinstance(event, PromptEvent):
+            prompt = event
+        else:
+            return Result(event, tokens, prompt)
+    raise AssertionError("event stream ended without a FinishEvent")
 
 
 async def collect(request: Request, sub: Submitted) -> Result:
     """Wait for the whole generation; a client that disconnects meanwhile cancels it."""
-    watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, sub.req))
-    tokens: list[TokenEvent] = []
+    return (await collect_many(request, [sub]))[0]
+
+
+async def collect_many(request: Request, subs: list[Submitted]) -> list[Result]:
+    """``collect`` for the generations of one HTTP request (one disconnect watcher for all)."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, *(s.req for s in subs)))
     try:
-        async for event in sub.stream:
-            if isinstance(event, TokenEvent):
-                tokens.append(event)
-            else:
-                return Result(event, tokens)
+        return list(await asyncio.gather(*(_read(s) for s in subs)))
     finally:
         watcher.cancel()
-        sub.req.cancel()  # no-op once finished; stops the work if this handler is cancelled
-    raise AssertionError("event stream ended without a FinishEvent")
+        for sub in subs:
+            sub.req.cancel()  # no-op once finished; stops the work if this handler is cancelled
 
 
 def sse(data: dict | str, event: str | None = None) -> str:

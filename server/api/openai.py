@@ -15,12 +15,14 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 
 from adapters_store.ids import is_valid_id
-from server.engine.requests import TokenEvent
+from server.engine.requests import PromptEvent, TokenEvent
 
 from . import inference
 from .deps import InferScope, ReadyRuntime, StoreDep, granted_scope
 from .errors import ApiError, error_body
 from .jsonbody import JSONRoute
+from .logprobs import chat_logprobs, completion_logprobs, generated_scored, prompt_part
+from .prompts import completion_prompts
 from .quotas import caller_key
 from .runtime import Runtime
 from .schemas import (
@@ -60,7 +62,7 @@ def _usage(finish) -> dict:
     }
 
 
-def _params(rt: Runtime, body, max_tokens: int, where_max: str, logprobs: bool):
+def _params(rt: Runtime, body, max_tokens: int, where_max: str, logprobs: bool, **more):
     return inference.sampling_params(
         rt,
         max_new_tokens=max_tokens,
@@ -71,6 +73,7 @@ def _params(rt: Runtime, body, max_tokens: int, where_max: str, logprobs: bool):
         seed=body.seed,
         stop=body.stop,
         logprobs=logprobs,
+        **more,
     )
 
 
@@ -85,72 +88,122 @@ def _include_usage(body) -> bool:
     "/completions",
     response_model=CompletionResponse,
     responses={**_ERRORS, **_JSON_BODY, 200: _STREAM_DOC},
-    summary="OpenAI-compatible text completion",
+    summary="OpenAI-compatible text completion (also prompt scoring: echo + logprobs + max_tokens 0)",
 )
 async def completions(body: CompletionRequest, request: Request, rt: ReadyRuntime):
     adapter = _adapter_for(rt, body.model)
-    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    ids = await inference.prompt_ids(rt, prompt, None, "body.prompt")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    params = _params(rt, body, max_tokens, "body.max_tokens", body.logprobs is not None)
-    sub = await inference.submit(rt, ids, params, adapter, "body.model", key=caller_key(request))
-    head = {"id": f"cmpl-{sub.req.id}", "object": "text_completion", "created": int(time.time())}
+    prompts = await completion_prompts(rt, body.prompt, score_only=max_tokens == 0)
+    k = body.logprobs
+    prompt_k = k if body.echo else None  # the prompt's own scores: only what echo returns
+    params = _params(
+        rt, body, max_tokens, "body.max_tokens", k is not None, top_logprobs=k or 0, prompt_logprobs=prompt_k
+    )
+    subs = await _submit_all(rt, prompts, params, adapter, caller_key(request))
+    head = {"id": f"cmpl-{subs[0].req.id}", "object": "text_completion", "created": int(time.time())}
     head["model"] = body.model
     if body.stream:
-        chunks = _completion_chunks(rt, sub, head, body.logprobs is not None, _include_usage(body))
-        return inference.EventStream(chunks, sub.req.cancel)
-    result = await inference.collect(request, sub)
-    inference.check_finish(rt, result.finish, sub)
-    logprobs = None
-    if body.logprobs is not None:
-        logprobs = await _completion_logprobs(rt, result.tokens, 0)
-    choice = {
-        "index": 0,
-        "text": result.finish.text,
-        "finish_reason": _FINISH[result.finish.finish_reason],
-        "logprobs": logprobs,
-    }
-    return {**head, "choices": [choice], "usage": _usage(result.finish)}
+        chunks = _completion_stream(rt, subs, head, body.echo, k is not None, _include_usage(body))
+        return inference.EventStream(chunks, lambda: [s.req.cancel() for s in subs])
+    results = await inference.collect_many(request, subs)
+    for sub, result in zip(subs, results, strict=True):
+        inference.check_finish(rt, result.finish, sub)
+    choices = [
+        await _completion_choice(rt, i, sub, result, body.echo, k is not None)
+        for i, (sub, result) in enumerate(zip(subs, results, strict=True))
+    ]
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for r in results:
+        for name, value in _usage(r.finish).items():
+            usage[name] += value
+    return {**head, "choices": choices, "usage": usage}
 
 
-async def _completion_logprobs(rt: Runtime, tokens, offset: int) -> dict:
-    strings = await inference.token_strings(rt, tokens)
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t.text_delta)
+async def _submit_all(rt: Runtime, prompts, params, adapter, key) -> list[inference.Submitted]:
+    """One engine request per prompt, queued together (so batched together); if one is refused,
+    the ones already queued are cancelled."""
+    subs: list[inference.Submitted] = []
+    try:
+        for ids in prompts:
+            subs.append(await inference.submit(rt, ids, params, adapter, "body.model", key=key))
+    except BaseException:
+        for sub in subs:
+            sub.req.cancel()
+        raise
+    return subs
+
+
+async def _completion_choice(rt: Runtime, index: int, sub, result, echo: bool, logprobs: bool) -> dict:
+    part = await prompt_part(rt, sub.req.prompt_token_ids, result.prompt) if echo else None
+    prompt_text = "".join(part.deltas) if part is not None else ""
+    lp = None
+    if logprobs:
+        parts = ([part] if part is not None else []) + [generated_scored(result.tokens)]
+        lp = await completion_logprobs(rt, parts)
     return {
-        "tokens": strings,
-        "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": None,
-        "text_offset": offsets,
+        "index": index,
+        "text": prompt_text + result.finish.text,
+        "finish_reason": _FINISH[result.finish.finish_reason],
+        "logprobs": lp,
     }
 
 
-async def _completion_chunks(
-    rt: Runtime, sub: inference.Submitted, head: dict, logprobs: bool, include_usage: bool
+async def _completion_stream(
+    rt: Runtime, subs: list[inference.Submitted], head: dict, echo: bool, logprobs: bool, include_usage: bool
 ) -> AsyncIterator[str]:
+    """Each choice's chunks in turn (all were queued together, so they run batched meanwhile),
+    then the usage (summed) and ``[DONE]``."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for index, sub in enumerate(subs):
+        finish = None
+        async for chunk in _choice_chunks(rt, sub, head, index, echo, logprobs):
+            if isinstance(chunk, str):
+                yield chunk
+            else:
+                finish = chunk
+        if finish is None:  # the choice failed: its error event was sent
+            for other in subs:
+                other.req.cancel()
+            return
+        for name, value in _usage(finish).items():
+            usage[name] += value
+    if include_usage:
+        yield inference.sse({**head, "choices": [], "usage": usage})
+    yield inference.sse("[DONE]")
+
+
+async def _choice_chunks(rt: Runtime, sub, head: dict, index: int, echo: bool, logprobs: bool):
+    """The SSE chunks of one choice, then its FinishEvent (not a chunk) unless it failed."""
     offset = 0
+
+    def chunk(text: str, lp=None, finish_reason=None) -> str:
+        choice = {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": lp}
+        return inference.sse({**head, "choices": [choice]})
+
+    if echo and not logprobs:  # no PromptEvent comes: the prompt's text alone
+        part = await prompt_part(rt, sub.req.prompt_token_ids)
+        offset = len(text := "".join(part.deltas))
+        yield chunk(text)
     async for event in sub.stream:
-        if isinstance(event, TokenEvent):
+        if isinstance(event, PromptEvent):
+            part = await prompt_part(rt, event.token_ids, event)
+            text = "".join(part.deltas)
+            yield chunk(text, await completion_logprobs(rt, [part]))
+            offset += len(text)
+        elif isinstance(event, TokenEvent):
             if not event.text_delta and not logprobs:
                 continue
-            choice = {"index": 0, "text": event.text_delta, "finish_reason": None, "logprobs": None}
-            if logprobs:
-                choice["logprobs"] = await _completion_logprobs(rt, [event], offset)
+            lp = await completion_logprobs(rt, [generated_scored([event])], offset) if logprobs else None
             offset += len(event.text_delta)
-            yield inference.sse({**head, "choices": [choice]})
-            continue
-        try:
-            inference.check_finish(rt, event, sub)
-        except ApiError as exc:
-            yield inference.sse(error_body(exc.type, exc.message, exc.where))
-            return
-        last = {"index": 0, "text": "", "finish_reason": _FINISH[event.finish_reason], "logprobs": None}
-        yield inference.sse({**head, "choices": [last]})
-        if include_usage:
-            yield inference.sse({**head, "choices": [], "usage": _usage(event)})
-        yield inference.sse("[DONE]")
+            yield chunk(event.text_delta, lp)
+        else:
+            try:
+                inference.check_finish(rt, event, sub)
+            except ApiError as exc:
+                yield inference.sse(error_body(exc.type, exc.message, exc.where))
+                return
+            yield chunk("", finish_reason=_FINISH[event.finish_reason])
+            yield event
 
 
 # --------------------------------------------------------------------------- chat completions
@@ -172,7 +225,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Re
         max_tokens, where_max = body.max_tokens, "body.max_tokens"
     if max_tokens is None:
         max_tokens = rt.settings.max_new_tokens
-    params = _params(rt, body, max_tokens, where_max, body.logprobs)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(422, "top_logprobs needs logprobs: true", "body.top_logprobs")
+    params = _params(rt, body, max_tokens, where_max, body.logprobs, top_logprobs=body.top_logprobs or 0)
     sub = await inference.submit(rt, ids, params, adapter, "body.model", key=caller_key(request))
     head = {"id": f"chatcmpl-{sub.req.id}", "object": "chat.completion", "created": int(time.time())}
     head["model"] = body.model
@@ -186,19 +241,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Re
         "index": 0,
         "message": {"role": "assistant", "content": result.finish.text},
         "finish_reason": _FINISH[result.finish.finish_reason],
-        "logprobs": await _chat_logprobs(rt, result.tokens) if body.logprobs else None,
+        "logprobs": await chat_logprobs(rt, result.tokens) if body.logprobs else None,
     }
     return {**head, "choices": [choice], "usage": _usage(result.finish)}
-
-
-async def _chat_logprobs(rt: Runtime, tokens) -> dict:
-    strings = await inference.token_strings(rt, tokens)
-    return {
-        "content": [
-            {"token": s, "logprob": t.logprob, "bytes": list(s.encode()), "top_logprobs": []}
-            for s, t in zip(strings, tokens, strict=True)
-        ]
-    }
 
 
 async def _chat_chunks(
@@ -213,7 +258,7 @@ async def _chat_chunks(
         if isinstance(event, TokenEvent):
             if not event.text_delta and not logprobs:
                 continue
-            lp = await _chat_logprobs(rt, [event]) if logprobs else None
+            lp = await chat_logprobs(rt, [event]) if logprobs else None
             yield chunk({"content": event.text_delta}, logprobs_=lp)
             continue
         try:

@@ -25,6 +25,8 @@ from adapters_store.ids import check_id
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_MESSAGES = 512
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (each is a request of the batch)
+MAX_TOP_LOGPROBS = 20
 
 
 def _check_adapter_id(value: str) -> str:
@@ -220,11 +222,28 @@ class _OpenAIRequest(BaseModel):
         return v
 
 
+TokenIds = Annotated[list[Annotated[int, Field(strict=True)]], Field(min_length=1)]
+
+
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    max_tokens: Count | None = Field(None, description="default 16")
-    logprobs: int | None = Field(None, ge=0, le=5, strict=True, description="chosen tokens only")
-    echo: bool = False
+    """``prompt``: a string, a list of strings, a list of token ids or a list of token-id lists;
+    each prompt is one choice (``index`` = its position), all batched together. ``echo`` returns the
+    prompt (and with ``logprobs`` its tokens' log-probabilities, the first ``null``) before the
+    completion; ``max_tokens: 0`` scores without generating."""
+
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
+    max_tokens: Annotated[int, Field(ge=0, strict=True)] | None = Field(
+        None, description="default 16; 0 = score the prompt only (with echo)"
+    )
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, strict=True, description="alternatives per token (plus the chosen)"
+    )
+    echo: bool = Field(False, strict=True)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -232,13 +251,8 @@ class CompletionRequest(_OpenAIRequest):
     @classmethod
     def _prompt(cls, v):
         for text in [v] if isinstance(v, str) else v:
-            _not_blank(text)
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v):
-        _unsupported_unless(not v, "echo is not supported")
+            if isinstance(text, str):
+                _not_blank(text)
         return v
 
     @field_validator("best_of")
@@ -278,15 +292,11 @@ class ChatCompletionRequest(_OpenAIRequest):
     max_tokens: Count | None = Field(None, description="default: the server's cap")
     max_completion_tokens: Count | None = None
     logprobs: bool = Field(False, strict=True)
-    top_logprobs: int | None = Field(None, strict=True)
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, strict=True, description="alternatives per token (needs logprobs)"
+    )
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs(cls, v):
-        _unsupported_unless(v in (None, 0), "top_logprobs is not supported (chosen tokens only)")
-        return v
 
     @field_validator("tools")
     @classmethod
@@ -308,9 +318,12 @@ class OpenAIUsage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape; with ``echo`` the prompt's entries come first, and the first prompt
+    token has no log-probability (``null``)."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: None = None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
 
 
@@ -330,11 +343,17 @@ class CompletionResponse(BaseModel):
     usage: OpenAIUsage
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
 class ChatTokenLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int]
-    top_logprobs: list[Any]
+    top_logprobs: list[ChatTopLogprob]
 
 
 class ChatLogprobs(BaseModel):

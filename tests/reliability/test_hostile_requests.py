@@ -55,6 +55,7 @@ WELL_FORMED = [
     ("/generate", {"prompt": "t3 t3 t3", "max_new_tokens": 6, "stream": True}),
     ("/generate", {**GREEDY, "temperature": 0.7, "top_k": VOCAB, "seed": 1}),  # top_k = vocabulary: fine
     ("/v1/completions", GREEDY_V1),
+    ("/v1/completions", {**GREEDY_V1, "prompt": [[2, 4], [6, 8, 9]], "echo": True, "logprobs": 20}),
     ("/v1/chat/completions", {**CHAT_V1, "max_tokens": 6, "seed": 3}),
     ("/v1/chat/completions", {**CHAT_V1, "max_tokens": 5, "temperature": 0, "stream": True}),
 ]  # fmt: skip
@@ -99,7 +100,9 @@ REJECTED = [
     ("/v1/completions", {**V1, "max_tokens": 10**9}, "body.max_tokens"),
     ("/v1/completions", {**V1, "max_tokens": -5}, "body.max_tokens"),
     ("/v1/completions", {**V1, "n": 2}, "body.n"),
-    ("/v1/completions", {**V1, "logprobs": 6}, "body.logprobs"),
+    ("/v1/completions", {**V1, "logprobs": 21}, "body.logprobs"),
+    ("/v1/completions", {**V1, "prompt": [[1], [2, VOCAB]], "echo": True, "logprobs": 1}, "body.prompt.1.1"),
+    ("/v1/completions", {**V1, "prompt": [2**63], "echo": True, "max_tokens": 0}, "body.prompt.0"),
     ("/v1/completions", {**V1, "presence_penalty": 1e308}, "body.presence_penalty"),
     ("/v1/completions", {**V1, "seed": 2**63}, "body.seed"),
     ("/v1/completions", {**V1, "best_of": 3}, "body.best_of"),
@@ -124,8 +127,8 @@ def poison_rows(forward):
     """``forward`` with NaN scores for the poisoned adapter's rows in decode steps (one token fed),
     as an adapter whose weights overflow would give."""
 
-    def poisoned(input_ids, attention_mask, position_ids, cache, keys):
-        logits = forward(input_ids, attention_mask, position_ids, cache, keys)
+    def poisoned(input_ids, attention_mask, position_ids, cache, keys, **kw):
+        logits = forward(input_ids, attention_mask, position_ids, cache, keys, **kw)
         rows = [i for i, key in enumerate(keys) if key is not None and key[0] == POISON]
         if rows and input_ids.shape[1] == 1:
             logits = logits.clone()
