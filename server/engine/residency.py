@@ -210,7 +210,10 @@ class Residency:
                 k: v.to(w.device, torch.float32 if v.is_floating_point() else v.dtype)
                 for k, v in params.items()
             }
-            out = adapter.method.prepare(adapter.config, p, w.float())
+            extra = {}
+            if adapter.method.prepare_uses_bias:  # IA3: PEFT scales the bias with the output
+                extra["bias"] = None if base.bias is None else base.bias.float()
+            out = adapter.method.prepare(adapter.config, p, w.float(), **extra)
             prepared[path] = {
                 k: (v.to(w.dtype) if v.is_floating_point() else v).contiguous() for k, v in out.items()
             }

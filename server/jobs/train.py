@@ -145,8 +145,8 @@ def init_trainable(
     params: dict[str, dict[str, torch.Tensor]] = {}
     for path, (out_f, in_f) in targets.items():
         weight = base.modules[path].weight.detach().to("cpu", torch.float32)
-        specs = method.param_specs(cfg, out_f, in_f)
-        fresh = method.init_params(cfg, weight, "train", generator)
+        specs = method.module_specs(cfg, path, out_f, in_f)
+        fresh = method.init_module_params(cfg, path, weight, "train", generator)
         mod = {}
         for name, t in fresh.items():
             t = t.detach().to(base.device).clone()

@@ -11,6 +11,7 @@ Loading parses JSON and safetensors only: nothing is ever unpickled or imported.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ def matches_target(module_name: str, target_modules: list[str] | str) -> bool:
 def parse_config(raw: object) -> tuple[AdapterMethod, MethodConfig]:
     if not isinstance(raw, dict):
         raise ConfigError("config", "adapter_config.json must be a JSON object")
-    method = method_for_peft_type(raw.get("peft_type"))
+    method = method_for_peft_type(raw.get("peft_type"), raw)
     return method, method.parse_config(raw)
 
 
@@ -55,7 +56,12 @@ class Adapter:
         return self.method.name
 
     def trainable_count(self) -> int:
-        return sum(self.method.trainable_count(self.config, *self.shapes[p]) for p in self.modules)
+        return sum(
+            math.prod(spec.shape)
+            for p in self.modules
+            for spec in self.method.module_specs(self.config, p, *self.shapes[p]).values()
+            if spec.trainable
+        )
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for m in self.modules.values() for t in m.values())
@@ -103,7 +109,7 @@ class Adapter:
         expected: dict[str, tuple[str, str]] = {}
         for path, (out_f, in_f) in targets.items():
             cfg.check_shape(path, out_f, in_f)
-            for pname in method.param_specs(cfg, out_f, in_f):
+            for pname in method.module_specs(cfg, path, out_f, in_f):
                 expected[f"{KEY_PREFIX}{path}.{method.tensor_suffix(pname)}"] = (path, pname)
         modules: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
@@ -113,7 +119,7 @@ class Adapter:
                 )
             path, pname = expected[key]
             out_f, in_f = targets[path]
-            spec = method.param_specs(cfg, out_f, in_f)[pname]
+            spec = method.module_specs(cfg, path, out_f, in_f)[pname]
             if tuple(t.shape) != spec.shape:
                 raise WeightsError(key, f"shape {list(t.shape)} != expected {list(spec.shape)}")
             if spec.kind == "int32":
@@ -158,6 +164,8 @@ def check_tables(adapter: Adapter, dtype: torch.dtype = torch.float32) -> None:
     enter at apply time), so a zero-stride stand-in of the module's shape serves here; the engine
     checks the real tables again when it installs them (``Residency``).
     """
+    if adapter.method.prepare_reads_weight:
+        return  # its tables depend on the base weight's values: the engine checks them (Residency)
     for path in sorted(adapter.modules):
         params = {k: v.float() if v.is_floating_point() else v for k, v in adapter.modules[path].items()}
         stand_in = torch.zeros((), dtype=torch.float32).expand(adapter.shapes[path])

@@ -115,6 +115,18 @@ class AdapterMethod(ABC):
     name: ClassVar[str]  # registry key, lower case: "lora", "hut", "ether", "dct", "surm"
     peft_type: ClassVar[str]  # value of ``peft_type`` in adapter_config.json
     config_cls: ClassVar[type[MethodConfig]]
+    # True where ``prepare`` reads the base weight's values (DoRA's norms), not only its shape:
+    # the store's upload check then cannot use a stand-in; the engine checks the real tables.
+    prepare_reads_weight: ClassVar[bool] = False
+    # True where the linear's bias enters the slot tables (IA3 scales the output and the bias):
+    # ``prepare`` is then also given ``bias=`` (the engine passes the module's, None without one).
+    prepare_uses_bias: ClassVar[bool] = False
+
+    @classmethod
+    def claims_peft(cls, raw: dict) -> bool:
+        """Whether this family serves ``raw``, a config of its ``peft_type``. Several families may
+        share a peft_type (LORA: plain LoRA and DoRA); each claims its own configs."""
+        return True
 
     # ---- configuration -------------------------------------------------------------------
     def parse_config(self, raw: dict) -> MethodConfig:
@@ -128,6 +140,11 @@ class AdapterMethod(ABC):
     @abstractmethod
     def param_specs(self, cfg: MethodConfig, out_f: int, in_f: int) -> dict[str, ParamSpec]:
         """Names and shapes of the tensors stored for one ``[out_f, in_f]`` linear."""
+
+    def module_specs(self, cfg: MethodConfig, module: str, out_f: int, in_f: int) -> dict[str, ParamSpec]:
+        """``param_specs`` for the linear at ``module``: overridden where the stored layout depends on
+        the module's role (IA3: feedforward modules scale the input, the others the output)."""
+        return self.param_specs(cfg, out_f, in_f)
 
     def trainable_count(self, cfg: MethodConfig, out_f: int, in_f: int) -> int:
         n = 0
@@ -164,6 +181,12 @@ class AdapterMethod(ABC):
         ``train``: the paper's initialisation for training; ``random``: every tensor random and
         non-zero (tests, benchmarks). Float tensors are float32 on ``weight.device``.
         """
+
+    def init_module_params(
+        self, cfg: MethodConfig, module: str, weight: torch.Tensor, mode: InitMode, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """``init_params`` for the linear at ``module`` (see ``module_specs``)."""
+        return self.init_params(cfg, weight, mode, generator)
 
     # ---- dense forms ---------------------------------------------------------------------
     @abstractmethod

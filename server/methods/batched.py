@@ -110,5 +110,6 @@ def adapted_forward(
     """Training forward for one adapter on every row: autograd flows into ``params`` only."""
     out_f, in_f = weight.shape
     sig = method.signature(cfg, out_f, in_f)
-    table = {k: v.unsqueeze(0) for k, v in method.prepare(cfg, params, weight).items()}
+    extra = {"bias": bias} if method.prepare_uses_bias else {}  # IA3 scales the bias too
+    table = {k: v.unsqueeze(0) for k, v in method.prepare(cfg, params, weight, **extra).items()}
     return batched_linear(x, weight, bias, [Group(method, sig, table, None, None)])

@@ -162,6 +162,10 @@ class LoraMethod(AdapterMethod):
     peft_type: ClassVar[str] = "LORA"
     config_cls: ClassVar[type[MethodConfig]] = LoraConfig
 
+    @classmethod
+    def claims_peft(cls, raw: dict) -> bool:
+        return raw.get("use_dora") is not True  # use_dora: true is DoRA's (dora.py)
+
     def param_specs(self, cfg: LoraConfig, out_f: int, in_f: int) -> dict[str, ParamSpec]:
         return {"lora_A": ParamSpec((cfg.r, in_f)), "lora_B": ParamSpec((out_f, cfg.r))}
 

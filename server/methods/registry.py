@@ -24,13 +24,20 @@ def get_method(name: str) -> AdapterMethod:
         ) from None
 
 
-def method_for_peft_type(peft_type: object) -> AdapterMethod:
-    for m in _METHODS.values():
-        if isinstance(peft_type, str) and m.peft_type == peft_type.upper():
-            return m
+def method_for_peft_type(peft_type: object, raw: dict | None = None) -> AdapterMethod:
+    """The family serving a PEFT config: registered for ``peft_type`` and claiming ``raw``.
+
+    Each family declares its ``peft_type`` and, where several share one (LORA with and without
+    ``use_dora``), which configs it claims (``claims_peft``); nothing else maps types to families.
+    """
+    raw = raw if raw is not None else {}
+    if isinstance(peft_type, str):
+        for m in _METHODS.values():
+            if m.peft_type == peft_type.upper() and m.claims_peft(raw):
+                return m
     raise ConfigError(
         "peft_type",
-        f"unsupported peft_type {peft_type!r}; supported: {sorted(m.peft_type for m in _METHODS.values())}",
+        f"unsupported peft_type {peft_type!r}; supported: {sorted({m.peft_type for m in _METHODS.values()})}",
     )
 
 

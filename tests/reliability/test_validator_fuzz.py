@@ -346,7 +346,7 @@ def _check_config(raw: bytes) -> None:
         return
     method, cfg = accepted
     parsed = json.loads(raw)
-    assert method_for_peft_type(parsed["peft_type"]) is method
+    assert method_for_peft_type(parsed["peft_type"], parsed) is method
     assert set(parsed) <= set(type(cfg).model_fields), sorted(set(parsed) - set(type(cfg).model_fields))
     assert "trust_remote_code" not in parsed and "auto_map" not in parsed and "tokenizer_kwargs" not in parsed
     again = validate_config(json.dumps(cfg.model_dump(mode="json")).encode(), LIMITS)[1]

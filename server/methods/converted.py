@@ -1,0 +1,93 @@
+"""A PEFT type served by another family's math (docs/adapter-format.md, "PEFT types").
+
+Some PEFT tuners are exactly an existing family after a change of variables: IA3 is HUT rank 1,
+HiRA is HUT rank r+1. Such a type keeps PEFT's own files (its config fields, its tensor names:
+an uploaded folder is stored and downloaded as written) and converts, per module, its tensors
+into the family's parameters (``family_params``, differentiable, so training runs through it).
+Every dense form and every serving hook is then the family's own, with the family's signature
+nested in this type's (its slot tables stay apart from the family's: the kernels are chosen by
+family name, and a converted table is served by the torch code of the family).
+
+A type file subclasses ``ConvertedMethod``, declares ``family``, its config, its stored tensors
+and the conversion, and registers itself: nothing else names it.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Hashable
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import field_validator
+from pydantic_core import PydanticCustomError
+
+from .base import AdapterMethod, MethodConfig
+
+
+def refuse(message: str) -> PydanticCustomError:
+    """A validation error whose message is shown as is (no "Value error, " prefix)."""
+    return PydanticCustomError("unsupported", "{message}", {"message": message})
+
+
+def must_be_off(reasons: dict[str, str]):
+    """A config validator refusing, naming the field, any "feature on" value of ``reasons``' keys:
+    PEFT features a type does not honour are refused, never silently ignored."""
+
+    def check(cls, v: Any, info) -> Any:
+        if v not in (None, False, {}, []):
+            raise refuse(f"{info.field_name}={v!r} is not supported ({reasons[info.field_name]})")
+        return v
+
+    return field_validator(*reasons)(classmethod(check))
+
+
+class ConvertedMethod(AdapterMethod):
+    family: ClassVar[AdapterMethod]  # the family whose math serves this type
+
+    @abstractmethod
+    def family_config(self, cfg: MethodConfig) -> MethodConfig:
+        """The family config this type's config converts to (the same on every module)."""
+
+    @abstractmethod
+    def family_params(
+        self,
+        cfg: MethodConfig,
+        params: dict[str, torch.Tensor],
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The family's parameters for one linear, from this type's stored tensors (``bias``: the
+        linear's, for types whose math reaches it, see ``prepare_uses_bias``)."""
+
+    # ---- dense forms ---------------------------------------------------------------------
+    def reference_weight(self, cfg, params, weight, bias):
+        fam = self.family_params(cfg, params, weight, bias)
+        return self.family.reference_weight(self.family_config(cfg), fam, weight, bias)
+
+    def merged_weight(self, cfg, params, weight, bias):
+        fam = self.family_params(cfg, params, weight, bias)
+        return self.family.merged_weight(self.family_config(cfg), fam, weight, bias)
+
+    # ---- serving: the family's hooks under this type's signature ------------------------
+    def signature(self, cfg: MethodConfig, out_f: int, in_f: int) -> Hashable:
+        return (self.name, self.family.signature(self.family_config(cfg), out_f, in_f))
+
+    def prepare(self, cfg, params, weight, bias=None):
+        fam = self.family_params(cfg, params, weight, bias)
+        return self.family.prepare(self.family_config(cfg), fam, weight)
+
+    def serving_cost(self, sig: Hashable) -> Literal["cheap", "gemm"]:
+        return self.family.serving_cost(sig[1])
+
+    def hooks(self, sig: Hashable) -> frozenset[str]:
+        return self.family.hooks(sig[1])
+
+    def pre(self, sig, x, table, slots):
+        return self.family.pre(sig[1], x, table, slots)
+
+    def post(self, sig, y, table, slots):
+        return self.family.post(sig[1], y, table, slots)
+
+    def delta(self, sig, x, table, slots, weight):
+        return self.family.delta(sig[1], x, table, slots, weight)
