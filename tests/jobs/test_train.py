@@ -25,6 +25,11 @@ FAMILIES = {
     "ether": ({"variant": "etherplus", "n_blocks": 1}, 3e-2, 0.8),
     "dct": ({"n_frequency": 64}, 3e-2, 0.15),
     "surm": ({"variant": "circulant"}, 3e-2, 0.15),
+    # PEFT types through a family's math (IA3 with input-side MLP scales, HiRA, DoRA)
+    # (measured ratios: ia3 .32, hira .29, dora .07)
+    "ia3": ({"feedforward_modules": ["up_proj", "down_proj"]}, 1e-1, 0.5),
+    "hira": ({"r": 2}, 3e-2, 0.45),
+    "dora": ({"r": 4, "lora_alpha": 8}, 1e-2, 0.15),
 }
 
 # A memorisation task: four prompts, each with its own three-token answer.

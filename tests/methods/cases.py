@@ -48,6 +48,10 @@ CASES = [
     Case("surm-circulant", "surm", {"variant": "circulant", "alpha": 1.5}),
     Case("surm-toeplitz", "surm", {"variant": "toeplitz", "alpha": 0.5}),
     Case("surm-kronecker-4", "surm", {"variant": "kronecker", "kron_factor": 4, "alpha": 1.0}),
+    # PEFT types served through a family's math (ia3/hira: HUT; dora: LoRA plus a row scale)
+    Case("ia3-out", "ia3", {}),  # output side everywhere; the input side: test_peft_types.py
+    Case("hira-r2", "hira", {"r": 2}),
+    Case("dora-r4", "dora", {"peft_type": "LORA", "use_dora": True, "r": 4, "lora_alpha": 8}),
 ]
 CASE_IDS = [c.id for c in CASES]
 

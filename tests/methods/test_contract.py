@@ -66,7 +66,10 @@ def test_mixed_batch_matches_reference_and_merge(shape_name):
     groups = []
     for (_, sig), members in by_sig.items():
         method = adapters[members[0]][0]
-        table = stack_prepared([method.prepare(adapters[a][1], adapters[a][2], weight) for a in members])
+        extra = {"bias": bias} if method.prepare_uses_bias else {}
+        table = stack_prepared(
+            [method.prepare(adapters[a][1], adapters[a][2], weight, **extra) for a in members]
+        )
         rows = [r for r, o in enumerate(owners) if o in members]
         slots = [members.index(owners[r]) for r in rows]
         groups.append(Group(method, sig, table, torch.tensor(rows), torch.tensor(slots)))

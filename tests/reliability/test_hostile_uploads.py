@@ -235,7 +235,7 @@ CONFIG_ATTACKS = {
     "target_modules": {"target_modules": ["../../etc/passwd"]},
     "modules_to_save": {"modules_to_save": ["lm_head"]},
     "peft_type": {"peft_type": "PROMPT_TUNING"},
-    "use_dora": {"use_dora": True},
+    "use_dora": {"use_dora": "yes"},  # use_dora: true is DoRA (served); anything else not a bool is refused
 }
 
 

@@ -277,7 +277,7 @@ def test_empty_file_of_tensors(populated):
         (config_bytes("lora", auto_mapping={"parent_library": "os", "evil": "x"}), "auto_mapping"),
         (config_bytes("lora", tokenizer_kwargs={"trust_remote_code": True}), "tokenizer_kwargs"),
         (config_bytes("hut", megatron_core="evil.module"), "megatron_core"),
-        (config_bytes("lora", use_dora=True), "use_dora"),
+        (config_bytes("lora", use_dora="yes"), "use_dora"),  # true is DoRA, served
         (config_bytes("lora", peft_type="EVIL"), "peft_type"),
         (config_bytes("lora", peft_type=None), "peft_type"),
         (config_bytes("lora", r=0), "r"),
