@@ -1,11 +1,12 @@
 """HTTP API: one router per resource, shared schemas and dependencies."""
 
-from . import adapters, files, finetune, generate, health, metrics, openai
+from . import adapters, files, finetune, generate, health, metrics, openai, tokenize
 
 ROUTERS = [
     health.router,
     generate.router,
     openai.router,
+    tokenize.router,
     adapters.router,
     metrics.router,
     finetune.router,

@@ -44,27 +44,35 @@ def _encode(rt: Runtime, text: str) -> list[int]:
         return list(rt.engine.base.tokenizer.encode(text, add_special_tokens=True))
 
 
-def _render_chat(rt: Runtime, messages: list[dict]) -> list[int]:
+def _render_chat(rt: Runtime, messages: list[dict], add_special_tokens: bool = False) -> list[int]:
     tokenizer = rt.engine.base.tokenizer
     with rt.tokenizer_lock:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+async def chat_ids(
+    rt: Runtime, messages: list[dict], where: str, add_special_tokens: bool = False
+) -> list[int]:
+    """Token ids of chat messages through the model's chat template (422 naming ``where`` when it
+    has none or refuses them)."""
+    if not getattr(rt.engine.base.tokenizer, "chat_template", None):
+        raise ApiError(422, "the base model has no chat template; send a plain prompt", where)
+    try:
+        return await asyncio.to_thread(_render_chat, rt, messages, add_special_tokens)
+    except jinja2.TemplateError as exc:  # raise_exception(...) for e.g. non-alternating roles
+        message = str(exc).splitlines()[0][:200] if str(exc) else "invalid messages"
+        raise ApiError(422, f"the chat template rejected the messages: {message}", where) from None
+    except Exception:  # anything else: logged; the answer names no internal (tokenizer) types
+        log.warning("chat rendering failed", exc_info=True)
+        raise ApiError(422, "the chat template could not render these messages", where) from None
 
 
 async def prompt_ids(rt: Runtime, text: str | None, messages: list[dict] | None, where: str) -> list[int]:
     """Token ids of a raw prompt or of chat messages through the model's chat template, within
     the prompt cap and the model's context (422 naming ``where`` otherwise)."""
     if messages is not None:
-        if not getattr(rt.engine.base.tokenizer, "chat_template", None):
-            raise ApiError(422, "the base model has no chat template; send a plain prompt", where)
-        try:
-            ids = await asyncio.to_thread(_render_chat, rt, messages)
-        except jinja2.TemplateError as exc:  # raise_exception(...) for e.g. non-alternating roles
-            message = str(exc).splitlines()[0][:200] if str(exc) else "invalid messages"
-            raise ApiError(422, f"the chat template rejected the messages: {message}", where) from None
-        except Exception:  # anything else: logged; the answer names no internal (tokenizer) types
-            log.warning("chat rendering failed", exc_info=True)
-            raise ApiError(422, "the chat template could not render these messages", where) from None
+        ids = await chat_ids(rt, messages, where)
     else:
         ids = await asyncio.to_thread(_encode, rt, text)
     if not ids:

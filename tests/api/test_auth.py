@@ -16,7 +16,15 @@ pytestmark = pytest.mark.asyncio
 
 ADMIN, INFER = "admin-key-0123456789", "infer-key-0123456789"
 OPEN = {"/health", "/ready"}
-INFER_ROUTES = {"/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model}"}
+INFER_ROUTES = {
+    "/generate",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/v1/models/{model}",
+    "/tokenize",
+    "/detokenize",
+}
 PATH_VALUES = {
     "adapter_id": "some-id",
     "name": "adapter_config.json",
