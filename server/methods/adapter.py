@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .base import AdapterMethod, ConfigError, MethodConfig, WeightsError
+from .base import AdapterMethod, ConfigError, MethodConfig, ParamSpec, WeightsError
 from .registry import method_for_peft_type
 
 CONFIG_NAME = "adapter_config.json"
@@ -50,6 +50,8 @@ class Adapter:
     config: MethodConfig
     modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # module path -> (out, in)
+    # Adapter-wide tensors by their full file key (VeRA's projections); ``modules`` hold views of them.
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def family(self) -> str:
@@ -63,16 +65,23 @@ class Adapter:
             if spec.trainable
         )
 
+    def _own(self, path: str) -> dict[str, torch.Tensor]:
+        """The module's tensors stored under its own name (not views of ``shared``)."""
+        specs = self.method.module_specs(self.config, path, *self.shapes[path])
+        return {n: t for n, t in self.modules[path].items() if not (n in specs and specs[n].shared)}
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for m in self.modules.values() for t in m.values())
+        tensors = [t for p in self.modules for t in self._own(p).values()] + list(self.shared.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---- files ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
+        own = {
             f"{KEY_PREFIX}{path}.{self.method.tensor_suffix(name)}": t.detach().contiguous().cpu()
-            for path, tensors in sorted(self.modules.items())
-            for name, t in sorted(tensors.items())
+            for path in sorted(self.modules)
+            for name, t in sorted(self._own(path).items())
         }
+        return own | {k: t.detach().contiguous().cpu() for k, t in sorted(self.shared.items())}
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -109,33 +118,45 @@ class Adapter:
         expected: dict[str, tuple[str, str]] = {}
         for path, (out_f, in_f) in targets.items():
             cfg.check_shape(path, out_f, in_f)
-            for pname in method.module_specs(cfg, path, out_f, in_f):
-                expected[f"{KEY_PREFIX}{path}.{method.tensor_suffix(pname)}"] = (path, pname)
+            for pname, spec in method.module_specs(cfg, path, out_f, in_f).items():
+                if not spec.shared:
+                    expected[f"{KEY_PREFIX}{path}.{method.tensor_suffix(pname)}"] = (path, pname)
+        shared_specs = method.shared_specs(cfg, targets)
         modules: dict[str, dict[str, torch.Tensor]] = {}
+        shared: dict[str, torch.Tensor] = {}
         for key, t in tensors.items():
+            if key in shared_specs:
+                _check_tensor(key, t, shared_specs[key])
+                shared[key] = t
+                continue
             if key not in expected:
                 raise WeightsError(
                     key, "unexpected tensor (not a parameter of this family on a targeted module)"
                 )
             path, pname = expected[key]
             out_f, in_f = targets[path]
-            spec = method.module_specs(cfg, path, out_f, in_f)[pname]
-            if tuple(t.shape) != spec.shape:
-                raise WeightsError(key, f"shape {list(t.shape)} != expected {list(spec.shape)}")
-            if spec.kind == "int32":
-                if t.dtype not in (torch.int32, torch.int64):
-                    raise WeightsError(key, f"dtype {t.dtype} must be int32")
-            elif t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                raise WeightsError(key, f"dtype {t.dtype} not allowed (float32, float16, bfloat16)")
-            elif not torch.isfinite(t).all():
-                raise WeightsError(key, "contains NaN or Inf")
+            _check_tensor(key, t, method.module_specs(cfg, path, out_f, in_f)[pname])
             modules.setdefault(path, {})[pname] = t
-        missing = sorted(set(expected) - set(tensors))
+        missing = sorted((set(expected) | set(shared_specs)) - set(tensors))
         if missing:
             raise WeightsError(missing[0], f"missing tensor ({len(missing)} missing in all)")
         for path, params in modules.items():
+            params |= method.shared_views(cfg, shared, path, *targets[path])
             method.check_params(cfg, path, params, *targets[path])
-        return cls(method, cfg, modules, dict(targets))
+        return cls(method, cfg, modules, dict(targets), shared)
+
+
+def _check_tensor(key: str, t: torch.Tensor, spec: ParamSpec) -> None:
+    """Shape, dtype and finite values of one stored tensor against its spec."""
+    if tuple(t.shape) != spec.shape:
+        raise WeightsError(key, f"shape {list(t.shape)} != expected {list(spec.shape)}")
+    if spec.kind == "int32":
+        if t.dtype not in (torch.int32, torch.int64):
+            raise WeightsError(key, f"dtype {t.dtype} must be int32")
+    elif t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise WeightsError(key, f"dtype {t.dtype} not allowed (float32, float16, bfloat16)")
+    elif not torch.isfinite(t).all():
+        raise WeightsError(key, "contains NaN or Inf")
 
 
 def check_finite_tables(

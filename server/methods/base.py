@@ -30,7 +30,7 @@ same code as serving (``server.methods.batched.adapted_forward``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
@@ -76,6 +76,9 @@ class ParamSpec:
     trainable: bool = True
     # "float" tensors follow the model/adapter float dtype; "int32" ones are indices (DCT positions).
     kind: Literal["float", "int32"] = "float"
+    # A view of an adapter-wide tensor (``shared_specs``: VeRA's projections), stored once for all
+    # modules, not under this module's name.
+    shared: bool = False
 
 
 class MethodConfig(BaseModel):
@@ -181,6 +184,16 @@ class AdapterMethod(ABC):
         ``train``: the paper's initialisation for training; ``random``: every tensor random and
         non-zero (tests, benchmarks). Float tensors are float32 on ``weight.device``.
         """
+
+    def shared_specs(self, cfg: MethodConfig, targets: Mapping[str, tuple[int, int]]) -> dict[str, ParamSpec]:
+        """Adapter-wide tensors by their full key in the safetensors file (none for most families)."""
+        return {}
+
+    def shared_views(
+        self, cfg: MethodConfig, shared: Mapping[str, torch.Tensor], module: str, out_f: int, in_f: int
+    ) -> dict[str, torch.Tensor]:
+        """This module's views (its ``shared=True`` params) of the adapter-wide tensors."""
+        return {}
 
     def init_module_params(
         self, cfg: MethodConfig, module: str, weight: torch.Tensor, mode: InitMode, generator: torch.Generator

@@ -33,6 +33,8 @@ def _peft_config(kind: str):
         return peft.HiraConfig(r=2, target_modules=TARGETS)
     if kind == "dora":
         return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)
+    if kind == "vera":
+        return peft.VeraConfig(r=4, target_modules=TARGETS, save_projection=True, projection_prng_key=7)
     raise AssertionError(kind)
 
 
@@ -40,7 +42,12 @@ def _peft_config(kind: str):
 def _randomise(model, kind: str, seed: int) -> None:
     """Random non-zero values for every adapter tensor (PEFT's inits are the identity)."""
     g = torch.Generator().manual_seed(seed)
-    names = {"ia3": ("ia3_l",), "hira": ("hira_A", "hira_B"), "dora": ("lora_A", "lora_B", "lora_magnitude")}
+    names = {
+        "ia3": ("ia3_l",),
+        "hira": ("hira_A", "hira_B"),
+        "dora": ("lora_A", "lora_B", "lora_magnitude"),
+        "vera": ("vera_lambda_b", "vera_lambda_d"),  # vera_A/vera_B: PEFT's random buffers
+    }
     touched = 0
     for name, p in model.named_parameters():
         if not any(n in name for n in names[kind]):
@@ -48,8 +55,14 @@ def _randomise(model, kind: str, seed: int) -> None:
         noise = torch.randn(p.shape, generator=g)
         if "magnitude" in name:  # DoRA's m: PEFT's init ‖W‖ (after the factors), rescaled
             p.mul_(1.0 + 0.3 * noise)
-        elif kind == "ia3":  # scales around 1
+        elif kind == "ia3":  # scales around 1, strong enough to move the tiny model's scores
+            p.copy_(1.0 + noise)
+        elif kind == "hira":  # mask 1 + BA with BA of std about 1.4
+            p.copy_(noise)
+        elif "lambda_d" in name:
             p.copy_(1.0 + 0.3 * noise)
+        elif "lambda_b" in name:  # PEFT's init is 0; the projections are Kaiming-uniform
+            p.copy_(3.0 * noise)
         else:
             p.copy_(0.3 * noise)
         touched += 1
@@ -112,8 +125,7 @@ def _assert_matches(served, expected, what: str) -> None:
         assert abs(got - want) <= LOGPROB_TOL, (what, got, want)
 
 
-KINDS = ["ia3", "hira", "dora"]
-FAMILY = {"ia3": "ia3", "hira": "hira", "dora": "dora"}
+KINDS = ["ia3", "hira", "dora", "vera"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -123,8 +135,8 @@ async def test_peft_folder_uploads_unchanged_and_serves_as_peft(client, tmp_path
     with model.disable_adapter():
         base_expected = _peft_greedy(model)
     info = await _upload_folder(client, kind, tmp_path / kind)
-    assert info["family"] == FAMILY[kind]
-    assert expected != base_expected  # the adapter changes what the model says
+    assert info["family"] == kind
+    assert expected[0] != base_expected[0]  # the adapter changes what the model says
     _assert_matches(await _served(client, kind), expected, kind)
     # The stored files are PEFT's own: downloading gives back the uploaded weights byte for byte.
     weights = await client.get(f"/adapters/{kind}/files/adapter_model.safetensors")

@@ -3,6 +3,8 @@ formulas written out against PEFT's, and PEFT features they do not honour refuse
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -26,6 +28,7 @@ def _close(actual, expected, n_terms: int):
         ("IA3", {}, "ia3"),
         ("HIRA", {}, "hira"),
         ("HUT", {}, "hut"),
+        ("VERA", {}, "vera"),
     ],
 )
 def test_each_family_claims_its_peft_configs(peft_type, extra, family):
@@ -55,6 +58,9 @@ def test_unknown_peft_type_names_the_field():
         ({"peft_type": "LORA", "use_dora": True, "bias": "all"}, "bias"),
         ({"peft_type": "LORA", "use_dora": True, "modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"peft_type": "LORA", "use_dora": "yes"}, "use_dora"),
+        ({"peft_type": "VERA", "save_projection": False}, "save_projection"),
+        ({"peft_type": "VERA", "bias": "vera_only"}, "bias"),
+        ({"peft_type": "VERA", "layers_to_transform": [1]}, "layers_to_transform"),
     ],
 )
 def test_features_not_honoured_are_refused_by_name(raw, field):
@@ -137,3 +143,87 @@ def test_dora_is_magnitude_over_row_norm():
     w_m, b_m = method.merged_weight(cfg, params, weight, bias)
     _close(x @ w_m.T + b_m, peft, 48 * 4)
     assert torch.equal(b_m, bias)
+
+
+def _vera_folder(tmp_path, r: int = 4):
+    """A VeRA adapter over MODULE_SHAPES written as PEFT lays it out: the projections stored once."""
+    from safetensors.torch import save_file
+
+    from .cases import MODULE_SHAPES
+
+    g = torch.Generator().manual_seed(5)
+    max_out = max(o for o, _ in MODULE_SHAPES.values())
+    max_in = max(i for _, i in MODULE_SHAPES.values())
+    tensors = {
+        "base_model.vera_A": torch.randn(r, max_in, generator=g),
+        "base_model.vera_B": torch.randn(max_out, r, generator=g),
+    }
+    for path, (out_f, _) in MODULE_SHAPES.items():
+        tensors[f"base_model.model.{path}.vera_lambda_b"] = torch.randn(out_f, generator=g)
+        tensors[f"base_model.model.{path}.vera_lambda_d"] = torch.randn(r, generator=g)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    cfg = {"peft_type": "VERA", "target_modules": TARGETS, "r": r, "save_projection": True}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    return tensors
+
+
+def test_vera_slices_the_shared_projections_and_round_trips(tmp_path):
+    from server.methods import Adapter
+
+    from .cases import MODULE_SHAPES
+
+    tensors = _vera_folder(tmp_path)
+    adapter = Adapter.load(tmp_path, MODULE_SHAPES)
+    assert adapter.family == "vera" and set(adapter.shared) == {"base_model.vera_A", "base_model.vera_B"}
+    g = torch.Generator().manual_seed(6)
+    for path, (out_f, in_f) in MODULE_SHAPES.items():
+        params = adapter.modules[path]
+        weight, bias = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g)
+        x = torch.randn(6, in_f, generator=g)
+        a = tensors["base_model.vera_A"][:, :in_f]
+        b = tensors["base_model.vera_B"][:out_f, :]
+        peft = x @ weight.T + bias + params["vera_lambda_b"] * ((params["vera_lambda_d"] * (x @ a.T)) @ b.T)
+        _close(_served(adapter.method, adapter.config, params, x, weight, bias), peft[::2], 4 * in_f)
+        w_m, b_m = adapter.method.merged_weight(adapter.config, params, weight, bias)
+        _close(x @ w_m.T + b_m, peft, 4 * in_f)
+    # Saved again: the projections once, under PEFT's names, byte-identical tensors.
+    again = adapter.state_dict()
+    assert again.keys() == tensors.keys()
+    assert all(torch.equal(again[k], tensors[k]) for k in tensors)
+    assert adapter.nbytes() == sum(t.numel() * 4 for t in tensors.values())
+    assert adapter.trainable_count() == sum(o + 4 for o, _ in MODULE_SHAPES.values())
+
+
+def test_vera_without_its_projections_names_the_missing_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from server.methods import Adapter, WeightsError
+
+    from .cases import MODULE_SHAPES
+
+    _vera_folder(tmp_path)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    del tensors["base_model.vera_B"]
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(WeightsError) as e:
+        Adapter.load(tmp_path, MODULE_SHAPES)
+    assert e.value.where == "base_model.vera_B"
+
+
+def test_vera_gradients_reach_the_vectors_only():
+    from server.methods import adapted_forward
+
+    method = get_method("vera")
+    cfg = method.parse_config({"peft_type": "VERA", "target_modules": TARGETS, "r": 4})
+    g = torch.Generator().manual_seed(7)
+    weight, bias = torch.randn(24, 48, generator=g), torch.randn(24, generator=g)
+    params = method.init_params(cfg, weight, "random", g)
+    for name, spec in method.param_specs(cfg, 24, 48).items():
+        params[name].requires_grad_(spec.trainable)
+    y = adapted_forward(method, cfg, params, torch.randn(3, 48, generator=g), weight, bias)
+    (y * torch.randn(y.shape, generator=g)).sum().backward()
+    assert params["vera_lambda_b"].grad.abs().sum() > 0 and params["vera_lambda_d"].grad.abs().sum() > 0
+    assert params["vera_A"].grad is None and params["vera_B"].grad is None
+    ident = method.init_params(cfg, weight, "identity", g)  # PEFT's: λ_b = 0
+    x = torch.randn(5, 48, generator=g)
+    _close(adapted_forward(method, cfg, ident, x, weight, bias), x @ weight.T + bias, 48)
