@@ -154,3 +154,33 @@ async def test_every_peft_type_in_one_batch(client, tmp_path):
     served = await asyncio.gather(*(_served(client, a) for a in ids))
     for adapter_id, got in zip(ids, served, strict=True):
         _assert_matches(got, expected[adapter_id.removeprefix("mix-")], adapter_id)
+
+
+@pytest.mark.parametrize(
+    ("kind", "edit", "field"),
+    [
+        ("vera", {"save_projection": False}, "save_projection"),
+        ("dora", {"rank_pattern": {"q_proj": 2}}, "rank_pattern"),
+        ("ia3", {"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ("hira", {"layers_to_transform": [0]}, "layers_to_transform"),
+    ],
+)
+async def test_peft_features_not_honoured_are_422_naming_the_field(client, tmp_path, kind, edit, field):
+    """Saved by PEFT with the feature on, uploaded: refused by name, nothing stored."""
+    import peft
+
+    from tests.conftest import make_tiny_llama
+
+    config = _peft_config(kind)
+    for k, v in edit.items():
+        setattr(config, k, v)
+    peft.get_peft_model(make_tiny_llama(), config).save_pretrained(tmp_path / kind)
+    response = await upload(
+        client,
+        "refused",
+        (tmp_path / kind / "adapter_config.json").read_bytes(),
+        (tmp_path / kind / "adapter_model.safetensors").read_bytes(),
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["where"] == field, response.text
+    assert (await client.get("/adapters/refused")).status_code == 404
