@@ -103,6 +103,7 @@ def sampling_params(
     logprobs: bool,
     top_logprobs: int = 0,
     prompt_logprobs: int | None = None,
+    logit_bias: dict[int, float] | None = None,
 ) -> SamplingParams:
     cap = rt.settings.max_new_tokens
     if max_new_tokens > cap:
@@ -122,6 +123,7 @@ def sampling_params(
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             prompt_logprobs=prompt_logprobs,
+            logit_bias=logit_bias or {},
         )
     except (TypeError, ValueError) as exc:  # the schemas should have caught it already
         raise ApiError(422, str(exc), "body") from None

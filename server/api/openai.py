@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
 
 from adapters_store.ids import is_valid_id
-from server.engine.requests import PromptEvent, TokenEvent
+from server.engine.requests import MAX_INT64, PromptEvent, TokenEvent
 
 from . import inference
 from .deps import InferScope, ReadyRuntime, StoreDep, granted_scope
@@ -26,6 +26,7 @@ from .prompts import completion_prompts
 from .quotas import caller_key
 from .runtime import Runtime
 from .schemas import (
+    MAX_PROMPTS,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -54,16 +55,15 @@ def _adapter_for(rt: Runtime, model: str) -> str | None:
     return model
 
 
-def _usage(finish) -> dict:
-    return {
-        "prompt_tokens": finish.prompt_tokens,
-        "completion_tokens": finish.completion_tokens,
-        "total_tokens": finish.prompt_tokens + finish.completion_tokens,
-    }
-
-
-def _params(rt: Runtime, body, max_tokens: int, where_max: str, logprobs: bool, **more):
-    return inference.sampling_params(
+def _params(rt: Runtime, body, max_tokens: int, where_max: str, logprobs: bool, **more) -> list:
+    """The sampling settings of each of the ``n`` choices of one prompt: independent samples, the
+    seed of choice ``j`` is ``seed + j``."""
+    n = body.n or 1
+    if getattr(body, "best_of", None) not in (None, n):
+        raise ApiError(422, "best_of must equal n (extra samples are not ranked)", "body.best_of")
+    if body.seed is not None and body.seed + n - 1 > MAX_INT64:
+        raise ApiError(422, "seed + n - 1 must be <= 2**63 - 1 (choice j uses seed + j)", "body.seed")
+    first = inference.sampling_params(
         rt,
         max_new_tokens=max_tokens,
         where_max=where_max,
@@ -73,8 +73,51 @@ def _params(rt: Runtime, body, max_tokens: int, where_max: str, logprobs: bool, 
         seed=body.seed,
         stop=body.stop,
         logprobs=logprobs,
+        logit_bias=_logit_bias(rt, body.logit_bias),
         **more,
     )
+    return [first] + [
+        replace(first, seed=body.seed + j if body.seed is not None else None) for j in range(1, n)
+    ]
+
+
+def _logit_bias(rt: Runtime, bias: dict[str, float] | None) -> dict[int, float]:
+    """``{token id: bias}``; every key a token id of the vocabulary (422 naming the key)."""
+    vocab, out = rt.engine.base.vocab_size, {}
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab):
+            where = f"body.logit_bias.{key[:40]}"
+            raise ApiError(422, f"keys must be token ids of the vocabulary (0 .. {vocab - 1})", where)
+        out[int(key)] = value
+    return out
+
+
+def _total_usage(finishes: list, n: int) -> dict:
+    """Usage of all choices; the prompt of ``n`` samples counts once (as OpenAI counts it)."""
+    prompt = sum(f.prompt_tokens for f in finishes[::n])
+    completion = sum(f.completion_tokens for f in finishes)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _stream_choices(subs: list, per_choice, head: dict, n: int, include_usage: bool):
+    """Each choice's chunks in turn (all were queued together, so they run batched meanwhile),
+    then the usage and ``[DONE]``; a choice that fails ends the stream with its error."""
+    finishes = []
+    for index, sub in enumerate(subs):
+        finish = None
+        async for chunk in per_choice(sub, index):
+            if isinstance(chunk, str):
+                yield chunk
+            else:
+                finish = chunk
+        if finish is None:  # the choice failed: its error event was sent
+            for other in subs:
+                other.req.cancel()
+            return
+        finishes.append(finish)
+    if include_usage:
+        yield inference.sse({**head, "choices": [], "usage": _total_usage(finishes, n)})
+    yield inference.sse("[DONE]")
 
 
 def _include_usage(body) -> bool:
@@ -96,14 +139,21 @@ async def completions(body: CompletionRequest, request: Request, rt: ReadyRuntim
     prompts = await completion_prompts(rt, body.prompt, score_only=max_tokens == 0)
     k = body.logprobs
     prompt_k = k if body.echo else None  # the prompt's own scores: only what echo returns
-    params = _params(
+    samples = _params(
         rt, body, max_tokens, "body.max_tokens", k is not None, top_logprobs=k or 0, prompt_logprobs=prompt_k
     )
-    subs = await _submit_all(rt, prompts, params, adapter, caller_key(request))
+    if len(prompts) * len(samples) > MAX_PROMPTS:
+        raise ApiError(422, f"prompts x n must be <= {MAX_PROMPTS}", "body.n")
+    rows = [(ids, params) for ids in prompts for params in samples]  # choice index = prompt * n + sample
+    subs = await _submit_all(rt, rows, adapter, caller_key(request))
     head = {"id": f"cmpl-{subs[0].req.id}", "object": "text_completion", "created": int(time.time())}
     head["model"] = body.model
     if body.stream:
-        chunks = _completion_stream(rt, subs, head, body.echo, k is not None, _include_usage(body))
+
+        def per_choice(sub, index):
+            return _choice_chunks(rt, sub, head, index, body.echo, k is not None)
+
+        chunks = _stream_choices(subs, per_choice, head, len(samples), _include_usage(body))
         return inference.EventStream(chunks, lambda: [s.req.cancel() for s in subs])
     results = await inference.collect_many(request, subs)
     for sub, result in zip(subs, results, strict=True):
@@ -112,19 +162,16 @@ async def completions(body: CompletionRequest, request: Request, rt: ReadyRuntim
         await _completion_choice(rt, i, sub, result, body.echo, k is not None)
         for i, (sub, result) in enumerate(zip(subs, results, strict=True))
     ]
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for r in results:
-        for name, value in _usage(r.finish).items():
-            usage[name] += value
+    usage = _total_usage([r.finish for r in results], len(samples))
     return {**head, "choices": choices, "usage": usage}
 
 
-async def _submit_all(rt: Runtime, prompts, params, adapter, key) -> list[inference.Submitted]:
-    """One engine request per prompt, queued together (so batched together); if one is refused,
-    the ones already queued are cancelled."""
+async def _submit_all(rt: Runtime, rows, adapter, key) -> list[inference.Submitted]:
+    """One engine request per (prompt, settings) row, queued together (so batched together); if one
+    is refused, the ones already queued are cancelled."""
     subs: list[inference.Submitted] = []
     try:
-        for ids in prompts:
+        for ids, params in rows:
             subs.append(await inference.submit(rt, ids, params, adapter, "body.model", key=key))
     except BaseException:
         for sub in subs:
@@ -146,30 +193,6 @@ async def _completion_choice(rt: Runtime, index: int, sub, result, echo: bool, l
         "finish_reason": _FINISH[result.finish.finish_reason],
         "logprobs": lp,
     }
-
-
-async def _completion_stream(
-    rt: Runtime, subs: list[inference.Submitted], head: dict, echo: bool, logprobs: bool, include_usage: bool
-) -> AsyncIterator[str]:
-    """Each choice's chunks in turn (all were queued together, so they run batched meanwhile),
-    then the usage (summed) and ``[DONE]``."""
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for index, sub in enumerate(subs):
-        finish = None
-        async for chunk in _choice_chunks(rt, sub, head, index, echo, logprobs):
-            if isinstance(chunk, str):
-                yield chunk
-            else:
-                finish = chunk
-        if finish is None:  # the choice failed: its error event was sent
-            for other in subs:
-                other.req.cancel()
-            return
-        for name, value in _usage(finish).items():
-            usage[name] += value
-    if include_usage:
-        yield inference.sse({**head, "choices": [], "usage": usage})
-    yield inference.sse("[DONE]")
 
 
 async def _choice_chunks(rt: Runtime, sub, head: dict, index: int, echo: bool, logprobs: bool):
@@ -227,30 +250,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Re
         max_tokens = rt.settings.max_new_tokens
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(422, "top_logprobs needs logprobs: true", "body.top_logprobs")
-    params = _params(rt, body, max_tokens, where_max, body.logprobs, top_logprobs=body.top_logprobs or 0)
-    sub = await inference.submit(rt, ids, params, adapter, "body.model", key=caller_key(request))
-    head = {"id": f"chatcmpl-{sub.req.id}", "object": "chat.completion", "created": int(time.time())}
+    samples = _params(rt, body, max_tokens, where_max, body.logprobs, top_logprobs=body.top_logprobs or 0)
+    subs = await _submit_all(rt, [(ids, p) for p in samples], adapter, caller_key(request))
+    head = {"id": f"chatcmpl-{subs[0].req.id}", "object": "chat.completion", "created": int(time.time())}
     head["model"] = body.model
     if body.stream:
         head["object"] = "chat.completion.chunk"
-        chunks = _chat_chunks(rt, sub, head, body.logprobs, _include_usage(body))
-        return inference.EventStream(chunks, sub.req.cancel)
-    result = await inference.collect(request, sub)
-    inference.check_finish(rt, result.finish, sub)
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": result.finish.text},
-        "finish_reason": _FINISH[result.finish.finish_reason],
-        "logprobs": await chat_logprobs(rt, result.tokens) if body.logprobs else None,
-    }
-    return {**head, "choices": [choice], "usage": _usage(result.finish)}
+
+        def per_choice(sub, index):
+            return _chat_chunks(rt, sub, head, index, body.logprobs)
+
+        chunks = _stream_choices(subs, per_choice, head, len(samples), _include_usage(body))
+        return inference.EventStream(chunks, lambda: [s.req.cancel() for s in subs])
+    results = await inference.collect_many(request, subs)
+    for sub, result in zip(subs, results, strict=True):
+        inference.check_finish(rt, result.finish, sub)
+    choices = [
+        {
+            "index": index,
+            "message": {"role": "assistant", "content": result.finish.text},
+            "finish_reason": _FINISH[result.finish.finish_reason],
+            "logprobs": await chat_logprobs(rt, result.tokens) if body.logprobs else None,
+        }
+        for index, result in enumerate(results)
+    ]
+    return {**head, "choices": choices, "usage": _total_usage([r.finish for r in results], len(samples))}
 
 
-async def _chat_chunks(
-    rt: Runtime, sub: inference.Submitted, head: dict, logprobs: bool, include_usage: bool
-) -> AsyncIterator[str]:
+async def _chat_chunks(rt: Runtime, sub: inference.Submitted, head: dict, index: int, logprobs: bool):
+    """The SSE chunks of one choice, then its FinishEvent (not a chunk) unless it failed."""
+
     def chunk(delta: dict, finish_reason=None, logprobs_=None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs_, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs_, "finish_reason": finish_reason}
         return inference.sse({**head, "choices": [choice]})
 
     yield chunk({"role": "assistant", "content": ""})
@@ -267,9 +298,7 @@ async def _chat_chunks(
             yield inference.sse(error_body(exc.type, exc.message, exc.where))
             return
         yield chunk({}, _FINISH[event.finish_reason])
-        if include_usage:
-            yield inference.sse({**head, "choices": [], "usage": _usage(event)})
-        yield inference.sse("[DONE]")
+        yield event
 
 
 # ------------------------------------------------------------------------------------- models

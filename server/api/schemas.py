@@ -27,6 +27,8 @@ MAX_STOP_LENGTH = 256
 MAX_MESSAGES = 512
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (each is a request of the batch)
 MAX_TOP_LOGPROBS = 20
+MAX_N = 16  # samples per prompt; prompts x n is at most MAX_PROMPTS
+MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
 
 
 def _check_adapter_id(value: str) -> str:
@@ -193,32 +195,26 @@ class _OpenAIRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="default 1")
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0, strict=True, description="extension (vLLM): 0 = off")
-    n: int | None = Field(None, strict=True)
+    n: int | None = Field(None, ge=1, le=MAX_N, strict=True, description="independent samples (choices)")
     seed: Seed | None = None
     stop: StopField = None
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: (
+        Annotated[
+            dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]],
+            Field(max_length=MAX_LOGIT_BIAS),
+        ]
+        | None
+    ) = Field(None, description="token id (a string) -> a bias in [-100, 100] added to its score")
     user: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v):
-        _unsupported_unless(v in (None, 1), "only n=1 is supported")
-        return v
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
     def _penalties(cls, v):
         _unsupported_unless(v in (None, 0), "penalties are not supported (use 0 or leave out)")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _logit_bias(cls, v):
-        _unsupported_unless(not v, "logit_bias is not supported")
         return v
 
 
@@ -244,7 +240,7 @@ class CompletionRequest(_OpenAIRequest):
         None, ge=0, le=MAX_TOP_LOGPROBS, strict=True, description="alternatives per token (plus the chosen)"
     )
     echo: bool = Field(False, strict=True)
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, strict=True, description="only equal to n (nothing is ranked)")
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -253,12 +249,6 @@ class CompletionRequest(_OpenAIRequest):
         for text in [v] if isinstance(v, str) else v:
             if isinstance(text, str):
                 _not_blank(text)
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, v):
-        _unsupported_unless(v in (None, 1), "only best_of=1 is supported")
         return v
 
     @field_validator("suffix")

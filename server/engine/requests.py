@@ -54,8 +54,8 @@ class SamplingParams:
     (it is set to 0); ``top_k == 0`` disables top-k; ``top_p == 1`` disables nucleus filtering.
     ``seed`` makes sampling reproducible for the same prompt no matter what else shares the batch.
     ``logprobs`` asks for the log-probability of each chosen token under the model's raw
-    distribution (before temperature / top-k / top-p), and ``top_logprobs`` (with ``logprobs``)
-    for that many best alternatives per token. ``prompt_logprobs`` (``None`` = off) asks for the
+    distribution (before temperature / top-k / top-p / ``logit_bias``), and ``top_logprobs`` (with
+    ``logprobs``) for that many best alternatives per token. ``prompt_logprobs`` (``None`` = off) asks for the
     log-probabilities of the prompt's own tokens, plus that many best alternatives per position,
     computed in the prefill (a ``PromptEvent``). ``max_new_tokens == 0`` scores without generating:
     the request finishes right after its prefill with ``"length"``.
@@ -71,6 +71,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS (benchmarks need fixed-length outputs)
     top_logprobs: int = 0
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its score
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -105,6 +106,9 @@ class SamplingParams:
                 continue
             if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS:
                 raise ValueError(f"{name} must be an int in [0, {MAX_TOP_LOGPROBS}], got {k!r}")
+        self.logit_bias = {int(t): float(b) for t, b in dict(self.logit_bias).items()}
+        if not all(t >= 0 and math.isfinite(b) for t, b in self.logit_bias.items()):
+            raise ValueError("logit_bias needs token ids >= 0 and finite biases")
 
     @property
     def greedy(self) -> bool:

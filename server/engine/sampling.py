@@ -57,6 +57,7 @@ class SamplingTensors:
     top_logprobs: int  # host-side: the most alternatives any row asks for (0 = none)
     sampled_rows: list[int]  # host-side: rows with temperature > 0 (no device sync to find them)
     needs_filter: bool  # host-side: some sampled row uses top-k or top-p
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, biases) [N]
 
     @classmethod
     def from_params(
@@ -68,6 +69,15 @@ class SamplingTensors:
         if len(params) != len(generators):
             raise ValueError("need one generator slot per row")
         sampled = [i for i, p in enumerate(params) if not p.greedy]
+        bias = None
+        if any(p.logit_bias for p in params):
+            entries = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
+            rows, ids, values = zip(*entries, strict=True)
+            bias = (
+                torch.tensor(rows, dtype=torch.int64, device=device),
+                torch.tensor(ids, dtype=torch.int64, device=device),
+                torch.tensor(values, dtype=torch.float32, device=device),
+            )
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
@@ -77,6 +87,7 @@ class SamplingTensors:
             top_logprobs=max((p.top_logprobs for p in params if p.logprobs), default=0),
             sampled_rows=sampled,
             needs_filter=any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in sampled),
+            bias=bias,
         )
 
 
@@ -108,7 +119,9 @@ def apply_top_k_top_p(
 
 def sample(logits: torch.Tensor, st: SamplingTensors) -> SampleOutput:
     """Pick one token per row of ``logits`` ``[B, V]`` according to ``st``."""
-    logits = logits.float()
+    logits = raw = logits.float()
+    if st.bias is not None:  # a new tensor: log-probabilities stay those of the raw scores
+        logits = logits.index_put(st.bias[:2], st.bias[2], accumulate=True)
     token_ids = logits.argmax(dim=-1)  # [B]; final for greedy rows
     sampled_rows = st.sampled_rows
     if sampled_rows:
@@ -128,7 +141,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SampleOutput:
         token_ids = token_ids.index_copy(0, rows, drawn)
     logprobs, top = None, None
     if st.want_logprobs:
-        log_p = logits.log_softmax(dim=-1)  # [B, V]
+        log_p = raw.log_softmax(dim=-1)  # [B, V]
         logprobs = log_p.gather(-1, token_ids[:, None]).squeeze(-1)  # [B]
         if st.top_logprobs:
             top = log_p.topk(min(st.top_logprobs, log_p.shape[-1]), dim=-1)  # ([B, K], [B, K])

@@ -222,3 +222,82 @@ async def test_chat_top_logprobs_errors(client, body, where):
         client, "/v1/chat/completions", status=422, messages=[{"role": "user", "content": "t1"}], **body
     )
     assert out["error"]["where"] == where
+
+
+@pytest.mark.asyncio
+async def test_n_samples_are_independent_choices_seeded_per_choice(client):
+    """n choices per prompt (index = prompt x n + sample); choice j with seed s samples as a
+    request with seed s + j alone; the prompt counts once per prompt in the usage."""
+    body = dict(prompt=["t1 t2", "t5"], max_tokens=6, temperature=1.0, seed=11)
+    out = await _post(client, n=3, **body)
+    assert [c["index"] for c in out["choices"]] == list(range(6))
+    assert out["usage"]["prompt_tokens"] == 3 and out["usage"]["completion_tokens"] == 36
+    for i, prompt in enumerate(body["prompt"]):
+        for j in range(3):
+            alone = await _post(client, **{**body, "prompt": prompt, "seed": 11 + j})
+            assert out["choices"][i * 3 + j]["text"] == alone["choices"][0]["text"], (i, j)
+    texts = [c["text"] for c in out["choices"][:3]]
+    assert len(set(texts)) > 1  # independent samples (6 tokens of a 128-token vocabulary)
+    chat = await _post(
+        client,
+        "/v1/chat/completions",
+        messages=[{"role": "user", "content": "t3"}],
+        max_tokens=4,
+        n=2,
+        seed=5,
+    )
+    alone = await _post(
+        client, "/v1/chat/completions", messages=[{"role": "user", "content": "t3"}], max_tokens=4, seed=6
+    )
+    assert [c["index"] for c in chat["choices"]] == [0, 1]
+    assert chat["choices"][1]["message"]["content"] == alone["choices"][0]["message"]["content"]
+    response = await client.post(
+        "/v1/chat/completions",
+        json={"model": "tiny-llama", "messages": [{"role": "user", "content": "t3"}], "max_tokens": 4, "n": 2,
+              "seed": 5, "stream": True, "stream_options": {"include_usage": True}},
+    )  # fmt: skip
+    chunks = [d for _, d in sse_json(response.text)[:-1]]
+    for index in (0, 1):
+        text = "".join(
+            c["choices"][0]["delta"].get("content", "")
+            for c in chunks
+            if c["choices"] and c["choices"][0]["index"] == index
+        )
+        assert text == chat["choices"][index]["message"]["content"]
+    assert chunks[-1]["usage"] == chat["usage"]
+
+
+@pytest.mark.asyncio
+async def test_logit_bias_steers_greedy_and_leaves_logprobs_raw(client):
+    plain = await _post(client, prompt="t1 t2", max_tokens=3, temperature=0, logprobs=0)
+    biased = await _post(
+        client, prompt="t1 t2", max_tokens=3, temperature=0, logprobs=0, logit_bias={"77": 100}
+    )
+    assert biased["choices"][0]["logprobs"]["tokens"] == ["t77"] * 3
+    first_plain = plain["choices"][0]["logprobs"]
+    assert first_plain["tokens"][0] != "t77"
+    # the reported log-probability is the model's own (before the bias): below the best token's
+    assert biased["choices"][0]["logprobs"]["token_logprobs"][0] < first_plain["token_logprobs"][0]
+    banned = await _post(
+        client, prompt="t1 t2", max_tokens=3, temperature=0, logit_bias={first_plain["tokens"][0][1:]: -100}
+    )
+    assert not banned["choices"][0]["text"].startswith(" " + first_plain["tokens"][0])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"logit_bias": {"128": 1}}, "body.logit_bias.128"),
+        ({"logit_bias": {"-1": 1}}, "body.logit_bias.-1"),
+        ({"logit_bias": {"t5": 1}}, "body.logit_bias.t5"),
+        ({"logit_bias": {"5": 101}}, "body.logit_bias.5"),
+        ({"n": 2, "best_of": 3}, "body.best_of"),
+        ({"n": 0}, "body.n"),
+        ({"n": 16, "prompt": ["t1"] * 5}, "body.n"),
+        ({"n": 2, "seed": 2**63 - 1}, "body.seed"),
+    ],
+)
+async def test_n_best_of_logit_bias_errors(client, body, where):
+    out = await _post(client, status=422, **{"prompt": "t1", **body})
+    assert out["error"]["where"] == where, out

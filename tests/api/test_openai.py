@@ -131,7 +131,7 @@ BAD = [
     ("/v1/completions", {"model": "nope", "prompt": "t1"}, 404, "body.model"),
     ("/v1/completions", {"model": "../etc/passwd", "prompt": "t1"}, 422, "body.model"),
     ("/v1/completions", {"model": "tiny-llama", "prompt": ""}, 422, "body.prompt"),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": "t1", "n": 2}, 422, "body.n"),
+    ("/v1/completions", {"model": "tiny-llama", "prompt": "t1", "n": 17}, 422, "body.n"),
     ("/v1/completions", {"model": "tiny-llama", "prompt": "t1", "echo": 1}, 422, "body.echo"),
     ("/v1/completions", {"model": "tiny-llama", "prompt": "t1", "max_tokens": -1}, 422, "body.max_tokens"),
     ("/v1/completions", {"model": "tiny-llama", "prompt": "t1", "max_tokens": 10**6}, 422, "body.max_tokens"),
@@ -217,7 +217,7 @@ def test_openai_client_models_adapters_and_errors(oai, tiny_server, tmp_path):
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="no-such-adapter", messages=CHAT, max_tokens=2)
     with pytest.raises(openai.UnprocessableEntityError):
-        oai.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=2, n=3)
+        oai.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=2, n=17)
     bad_key = openai.OpenAI(base_url=tiny_server + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad_key.models.list()

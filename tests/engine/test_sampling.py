@@ -214,3 +214,23 @@ def test_stop_string_buffer_holds_back_prefixes() -> None:
     assert buf.add("# tail") == ("", True)
     assert buf.final_text == "hello <|enx "
     assert StopStringBuffer([]).add("abc") == ("abc", False)
+
+
+def test_logit_bias_per_row_and_raw_logprobs() -> None:
+    """A row's logit_bias moves only its own choice (greedy and sampled); log-probabilities and
+    top_logprobs stay those of the raw scores; a row without bias is untouched."""
+    logits = _logits(3, seed=4)
+    target = int(logits[0].argmin())
+    params = [
+        SamplingParams(logit_bias={target: 100.0}, logprobs=True, top_logprobs=2),
+        SamplingParams(logprobs=True),
+        SamplingParams(temperature=1.0, logit_bias={7: 100.0}),
+    ]
+    gens = [None, None, make_generator(3, "cpu")]
+    out = sample(logits, SamplingTensors.from_params(params, gens, "cpu"))
+    assert out.token_ids.tolist() == [target, int(logits[1].argmax()), 7]
+    raw = logits.log_softmax(-1)
+    assert torch.allclose(out.logprobs[:2], raw[[0, 1], [target, int(logits[1].argmax())]])
+    values, ids = out.top
+    assert torch.equal(ids[0], raw[0].topk(2).indices) and target not in ids[0].tolist()
+    assert torch.allclose(values[0], raw[0].topk(2).values)

@@ -99,7 +99,7 @@ REJECTED = [
     ("/v1/completions", {**V1, "top_k": VOCAB + 1}, "body.top_k"),
     ("/v1/completions", {**V1, "max_tokens": 10**9}, "body.max_tokens"),
     ("/v1/completions", {**V1, "max_tokens": -5}, "body.max_tokens"),
-    ("/v1/completions", {**V1, "n": 2}, "body.n"),
+    ("/v1/completions", {**V1, "n": 17}, "body.n"),
     ("/v1/completions", {**V1, "logprobs": 21}, "body.logprobs"),
     ("/v1/completions", {**V1, "prompt": [[1], [2, VOCAB]], "echo": True, "logprobs": 1}, "body.prompt.1.1"),
     ("/v1/completions", {**V1, "prompt": [2**63], "echo": True, "max_tokens": 0}, "body.prompt.0"),
