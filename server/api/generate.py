@@ -6,12 +6,13 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from server.engine.requests import TokenEvent
+from server.engine.requests import PromptEvent, TokenEvent
 
 from . import inference
 from .deps import InferScope, ReadyRuntime
 from .errors import ApiError, error_body
 from .jsonbody import JSONRoute
+from .logprobs import decode_each
 from .quotas import caller_key
 from .runtime import Runtime
 from .schemas import ErrorBody, GenerateRequest, GenerateResponse
@@ -22,14 +23,36 @@ router = APIRouter(tags=["generate"], dependencies=[InferScope], route_class=JSO
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503)}
 _SSE_DOC = {
     "description": "With `stream: true`: Server-Sent Events. `event: token` per generated token "
-    '(`{"token_id", "text", "logprob"?}`), then `event: done` with the JSON response above, or '
+    '(`{"token_id", "text", "logprob"?, "top_logprobs"?}`), after `event: prompt` '
+    '(`{"prompt_logprobs"}`) when asked; then `event: done` with the JSON response above, or '
     '`event: error` with `{"error": {...}}`.',
     "content": {"text/event-stream": {}},
 }
 
 
-def _response(sub: inference.Submitted, result: inference.Result, token_strings: list[str] | None) -> dict:
-    finish = result.finish
+async def _entries(rt: Runtime, ids, logprobs, tops) -> list[dict]:
+    """``[{token_id, token, logprob, top_logprobs}]`` (tokens decoded alone, in one thread hop)."""
+    wanted = set(ids) | {t for top in tops for t, _ in top or ()}
+    text = await decode_each(rt, wanted)
+
+    def alternatives(top):
+        return None if top is None else [{"token_id": t, "token": text[t], "logprob": v} for t, v in top]
+
+    return [
+        {"token_id": t, "token": text[t], "logprob": lp, "top_logprobs": alternatives(top)}
+        for t, lp, top in zip(ids, logprobs, tops, strict=True)
+    ]
+
+
+async def _prompt_entries(rt: Runtime, event: PromptEvent | None) -> list[dict] | None:
+    if event is None:
+        return None
+    tops = event.top_logprobs or [None] * len(event.token_ids)
+    return await _entries(rt, event.token_ids, event.logprobs, tops)
+
+
+async def _response(rt: Runtime, sub: inference.Submitted, result: inference.Result, logprobs: bool) -> dict:
+    finish, tokens = result.finish, result.tokens
     body = {
         "text": finish.text,
         "adapter": sub.adapter,
@@ -37,12 +60,11 @@ def _response(sub: inference.Submitted, result: inference.Result, token_strings:
         "finish_reason": finish.finish_reason,
         "usage": {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens},
         "logprobs": None,
+        "prompt_logprobs": await _prompt_entries(rt, result.prompt),
     }
-    if token_strings is not None:
-        body["logprobs"] = [
-            {"token_id": t.token_id, "token": s, "logprob": t.logprob}
-            for t, s in zip(result.tokens, token_strings, strict=True)
-        ]
+    if logprobs:
+        ids, lps = [t.token_id for t in tokens], [t.logprob for t in tokens]
+        body["logprobs"] = await _entries(rt, ids, lps, [t.top_logprobs for t in tokens])
     return body
 
 
@@ -68,26 +90,35 @@ async def generate(body: GenerateRequest, request: Request, rt: ReadyRuntime):
         seed=body.seed,
         stop=body.stop,
         logprobs=body.logprobs,
+        top_logprobs=body.top_logprobs,
+        prompt_logprobs=body.prompt_logprobs,
     )
+    if body.top_logprobs and not body.logprobs:
+        raise ApiError(422, "top_logprobs needs logprobs: true", "body.top_logprobs")
     sub = await inference.submit(rt, ids, params, body.adapter, "body.adapter", key=caller_key(request))
     if body.stream:
         return inference.EventStream(_events(rt, sub, body.logprobs), sub.req.cancel)
     result = await inference.collect(request, sub)
     inference.check_finish(rt, result.finish, sub)
-    strings = None
-    if body.logprobs:
-        strings = await inference.token_strings(rt, result.tokens)
-    return _response(sub, result, strings)
+    return await _response(rt, sub, result, body.logprobs)
 
 
 async def _events(rt: Runtime, sub: inference.Submitted, logprobs: bool) -> AsyncIterator[str]:
     tokens: list[TokenEvent] = []
+    prompt = None
     async for event in sub.stream:
+        if isinstance(event, PromptEvent):
+            prompt = event
+            yield inference.sse({"prompt_logprobs": await _prompt_entries(rt, event)}, "prompt")
+            continue
         if isinstance(event, TokenEvent):
             tokens.append(event)
             data = {"token_id": event.token_id, "text": event.text_delta}
             if logprobs:
                 data["logprob"] = event.logprob
+                if event.top_logprobs is not None:
+                    top = await _entries(rt, [event.token_id], [event.logprob], [event.top_logprobs])
+                    data["top_logprobs"] = top[0]["top_logprobs"]
             yield inference.sse(data, "token")
             continue
         try:
@@ -95,7 +126,5 @@ async def _events(rt: Runtime, sub: inference.Submitted, logprobs: bool) -> Asyn
         except ApiError as exc:
             yield inference.sse(error_body(exc.type, exc.message, exc.where), "error")
             return
-        strings = None
-        if logprobs:
-            strings = await inference.token_strings(rt, tokens)
-        yield inference.sse(_response(sub, inference.Result(event, tokens), strings), "done")
+        done = await _response(rt, sub, inference.Result(event, tokens, prompt), logprobs)
+        yield inference.sse(done, "done")

@@ -209,17 +209,6 @@ class Result:
     prompt: PromptEvent | None = None  # when the request asked for its prompt's log-probabilities
 
 
-async def token_strings(rt: Runtime, tokens: list[TokenEvent]) -> list[str]:
-    """The text of each chosen token on its own (for log-probabilities), in a worker thread."""
-    tokenizer = rt.engine.base.tokenizer
-
-    def decode() -> list[str]:
-        with rt.tokenizer_lock:
-            return [tokenizer.decode([t.token_id]) for t in tokens]
-
-    return await asyncio.to_thread(decode)
-
-
 def check_finish(rt: Runtime, finish: FinishEvent, sub: Submitted | None = None) -> None:
     """A generation that failed becomes an error for this request only:
 

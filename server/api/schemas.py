@@ -104,13 +104,27 @@ class GenerateRequest(BaseModel):
     prompt: Annotated[str, AfterValidator(_not_blank)] | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
     adapter: AdapterId | None = Field(None, description="adapter id; null = the base model")
-    max_new_tokens: Count = 64
+    max_new_tokens: int = Field(64, ge=0, strict=True, description="0 = score the prompt only")
     temperature: float = Field(0.0, ge=0, le=100, allow_inf_nan=False, description="0 (or < 1e-5) = greedy")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(0, ge=0, strict=True, description="0 = off; at most the model's vocabulary size")
     seed: Seed | None = None
     stop: StopField = None
     logprobs: bool = Field(False, strict=True)
+    top_logprobs: int = Field(
+        0,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        strict=True,
+        description="alternatives per generated token (with logprobs)",
+    )
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        strict=True,
+        description="the prompt tokens' log-probabilities, with this many alternatives per position",
+    )
     stream: bool = Field(False, strict=True, description="answer with Server-Sent Events")
 
 
@@ -119,10 +133,26 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class TopTokenLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
 class TokenLogprob(BaseModel):
     token_id: int
     token: str
     logprob: float
+    top_logprobs: list[TopTokenLogprob] | None = None
+
+
+class PromptTokenLogprob(BaseModel):
+    """The first prompt token has no log-probability (nothing precedes it): ``null``."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top_logprobs: list[TopTokenLogprob] | None = None
 
 
 class GenerateResponse(BaseModel):
@@ -132,6 +162,7 @@ class GenerateResponse(BaseModel):
     finish_reason: Literal["stop", "length", "eos", "cancelled"]
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[PromptTokenLogprob] | None = None
 
 
 # ------------------------------------------------------------------------------------ adapters

@@ -19,7 +19,8 @@ PROMPTS = [[5, 9, 17, 33, 2, 64], [7, 7, 8, 100, 3]]
 
 
 async def _post(client, path="/v1/completions", status=200, **body):
-    response = await client.post(path, json={"model": "tiny-llama", **body})
+    body = body if path == "/generate" else {"model": "tiny-llama", **body}
+    response = await client.post(path, json=body)
     assert response.status_code == status, response.text
     return response.json()
 
@@ -301,3 +302,46 @@ async def test_logit_bias_steers_greedy_and_leaves_logprobs_raw(client):
 async def test_n_best_of_logit_bias_errors(client, body, where):
     out = await _post(client, status=422, **{"prompt": "t1", **body})
     assert out["error"]["where"] == where, out
+
+
+@pytest.mark.asyncio
+async def test_native_generate_prompt_and_top_logprobs(client):
+    """/generate: prompt_logprobs (the first null) equal the OpenAI route's echo scores, top_logprobs
+    per generated token, max_new_tokens 0 scores only; streamed as event: prompt, then tokens."""
+    body = {
+        "prompt": "t5 t9 t17",
+        "max_new_tokens": 3,
+        "logprobs": True,
+        "top_logprobs": 4,
+        "prompt_logprobs": 2,
+    }
+    out = await _post(client, "/generate", **body)
+    prompt = out["prompt_logprobs"]
+    assert [p["token"] for p in prompt] == ["t5", "t9", "t17"] and [p["token_id"] for p in prompt] == [
+        5,
+        9,
+        17,
+    ]
+    assert prompt[0]["logprob"] is None and prompt[0]["top_logprobs"] is None
+    assert all(len(p["top_logprobs"]) == 2 for p in prompt[1:])
+    echo = await _post(client, prompt="t5 t9 t17", echo=True, logprobs=2, max_tokens=0)
+    want = echo["choices"][0]["logprobs"]["token_logprobs"][1:]
+    assert torch.allclose(torch.tensor([p["logprob"] for p in prompt[1:]]), torch.tensor(want), atol=1e-5)
+    for entry in out["logprobs"]:
+        values = [t["logprob"] for t in entry["top_logprobs"]]
+        assert len(values) == 4 and values == sorted(values, reverse=True)
+        assert (
+            entry["token_id"] == entry["top_logprobs"][0]["token_id"] or values[0] - entry["logprob"] < 1e-5
+        )
+    only = await _post(client, "/generate", prompt="t5 t9 t17", max_new_tokens=0, prompt_logprobs=0)
+    assert (
+        only["text"] == "" and only["finish_reason"] == "length" and only["usage"]["completion_tokens"] == 0
+    )
+    assert only["prompt_logprobs"][1]["top_logprobs"] is None
+    response = await client.post("/generate", json={**body, "stream": True})
+    events = sse_json(response.text)
+    assert [n for n, _ in events] == ["prompt", "token", "token", "token", "done"]
+    assert events[0][1]["prompt_logprobs"] == events[-1][1]["prompt_logprobs"]
+    assert [len(d["top_logprobs"]) for n, d in events if n == "token"] == [4, 4, 4]
+    bad = await _post(client, "/generate", status=422, prompt="t1", top_logprobs=2)
+    assert bad["error"]["where"] == "body.top_logprobs"

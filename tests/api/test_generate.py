@@ -83,7 +83,7 @@ BAD_BODIES = [
     ({"prompt": "   \n"}, "body.prompt"),
     ({"prompt": None}, "body.prompt"),
     ({"prompt": "t1", "messages": [{"role": "user", "content": "t1"}]}, "body.prompt"),
-    ({"prompt": "t1", "max_new_tokens": 0}, "body.max_new_tokens"),
+    ({"prompt": "t1", "max_new_tokens": -1}, "body.max_new_tokens"),
     ({"prompt": "t1", "max_new_tokens": -1}, "body.max_new_tokens"),
     ({"prompt": "t1", "max_new_tokens": 2**31}, "body.max_new_tokens"),
     ({"prompt": "t1", "max_new_tokens": "10"}, "body.max_new_tokens"),

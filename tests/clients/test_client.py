@@ -55,7 +55,7 @@ def test_sync_client_generate_stream_adapters_and_errors(server_url, adapter_fol
         assert e.message == "no adapter with this id"
 
         with pytest.raises(ValidationError) as info_422:
-            facet.generate("t1", max_new_tokens=0)
+            facet.generate("t1", max_new_tokens=-1)
         assert info_422.value.status == 422 and info_422.value.where == "body.max_new_tokens"
 
         with pytest.raises(NotFoundError):  # a streamed request fails before its first event

@@ -82,7 +82,7 @@ REJECTED = [
     ("/generate", {**GREEDY, "top_k": 10**40}, "body.top_k"),
     ("/generate", {**GREEDY, "top_k": -1}, "body.top_k"),
     ("/generate", {**GREEDY, "max_new_tokens": -1}, "body.max_new_tokens"),
-    ("/generate", {**GREEDY, "max_new_tokens": 0}, "body.max_new_tokens"),
+    ("/generate", {**GREEDY, "prompt_logprobs": 21}, "body.prompt_logprobs"),
     ("/generate", {**GREEDY, "max_new_tokens": 10**12}, "body.max_new_tokens"),
     ("/generate", {**GREEDY, "max_new_tokens": 8.5}, "body.max_new_tokens"),
     ("/generate", {**GREEDY, "seed": 2**64}, "body.seed"),
