@@ -27,6 +27,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,6 +112,40 @@ def gauges_idle(url: str, timeout: float = 5.0) -> dict[str, float]:
         time.sleep(0.05)
 
 
+class GaugePeaks:
+    """While entered, scrape ``/metrics`` every ``every_s`` on a thread and keep the largest
+    ``facet_requests_running`` and ``facet_requests_waiting`` seen (the queue bound, observed)."""
+
+    NAMES = ("facet_requests_running", "facet_requests_waiting")
+
+    def __init__(self, url: str, every_s: float = 0.05):
+        self.url, self.every_s = url, every_s
+        self.peaks = dict.fromkeys(self.NAMES, 0.0)
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                m = scrape(self.url)
+            except httpx.HTTPError:
+                m = {}
+            for k in self.NAMES:
+                self.peaks[k] = max(self.peaks[k], m.get(k, 0.0))
+            self.scrapes += 1
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> GaugePeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peaks["scrapes"] = self.scrapes
+
+
 # ------------------------------------------------------------------------------ the clients
 
 
@@ -120,22 +155,29 @@ class Outcome:
     seconds: float
     retry_after: str | None = None
     tokens: int = 0  # completion tokens of a 200
+    error: str | None = None  # the transport error's type, for status 0
 
 
 async def _one(client: httpx.AsyncClient, body: dict) -> Outcome:
     t0 = time.perf_counter()
     try:
         r = await client.post("/generate", json=body)
-    except httpx.TransportError:
-        return Outcome(0, time.perf_counter() - t0)
+    except httpx.TransportError as e:
+        return Outcome(0, time.perf_counter() - t0, error=f"{type(e).__name__}: {e}"[:200])
     seconds = time.perf_counter() - t0
     tokens = r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
     return Outcome(r.status_code, seconds, r.headers.get("retry-after"), tokens)
 
 
-def client_for(url: str, timeout: float = 300) -> httpx.AsyncClient:
-    # Generous pool: an open loop must never wait for a connection (that would hide overload).
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+def client_for(url: str, timeout: float = 300, keep_alive: bool = True) -> httpx.AsyncClient:
+    """Generous pool: an open loop must never wait for a connection (that would hide overload).
+
+    ``keep_alive=False`` gives every request its own connection: the open loop's arrivals are
+    independent clients. (With a shared pool, a client whose event loop lags behind by seconds,
+    as an overloaded 2-core machine makes it, reuses a connection the server already closed after
+    its keep-alive timeout, and the request dies with a ReadError before the server sees it.)
+    """
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200 if keep_alive else 0)
     return httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits)
 
 
@@ -163,7 +205,7 @@ async def closed_loop(url: str, body: dict, concurrency: int, seconds: float) ->
 async def open_loop(url: str, body: dict, rate: float, seconds: float) -> tuple[list[Outcome], dict]:
     """Arrivals every ``1/rate`` s for ``seconds``, never waiting for answers: every outcome, and
     how well the client kept the schedule (a late client would hide overload: check the lag)."""
-    async with client_for(url) as client:
+    async with client_for(url, keep_alive=False) as client:
         tasks, lag = [], 0.0
         t0 = time.perf_counter()
         for i in range(int(rate * seconds)):
@@ -199,6 +241,7 @@ def summarize(outcomes: list[Outcome]) -> dict:
         "refused_without_retry_after": sum(o.retry_after is None for o in refused),
         "server_errors_5xx": sum(o.status >= 500 for o in outcomes),
         "transport_errors": sum(o.status == 0 for o in outcomes),
+        "transport_error_kinds": sorted({o.error for o in outcomes if o.error}),
         "other": sum(o.status not in (0, 200, 429) and o.status < 500 for o in outcomes),
         "ok_p50_ms": _ms(_pct(ok, 0.5)),
         "ok_p99_ms": _ms(_pct(ok, 0.99)),
@@ -220,8 +263,10 @@ def run_load(
     capacity, cap_outcomes = asyncio.run(closed_loop(server.url, body, concurrency, capacity_s))
     before = process_stats(server.pid)
     rate = factor * capacity
+    peaks = GaugePeaks(server.url)
     t0 = time.perf_counter()
-    outcomes, schedule = asyncio.run(open_loop(server.url, body, rate, duration))
+    with peaks:
+        outcomes, schedule = asyncio.run(open_loop(server.url, body, rate, duration))
     elapsed = time.perf_counter() - t0
     after = process_stats(server.pid)
     return {
@@ -231,6 +276,7 @@ def run_load(
         **schedule,
         "overload_seconds": round(elapsed, 2),
         "overload": summarize(outcomes),
+        "overload_gauge_peaks": peaks.peaks,  # the largest running / waiting seen while overloaded
         "server_before": before,
         "server_after": after,
         "gauges_after": gauges_idle(server.url),
