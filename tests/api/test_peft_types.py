@@ -33,6 +33,10 @@ def _peft_config(kind: str):
         return peft.HiraConfig(r=2, target_modules=TARGETS)
     if kind == "dora":
         return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)
+    if kind == "hra":
+        return peft.HRAConfig(r=4, target_modules=TARGETS)
+    if kind == "hra-gs":
+        return peft.HRAConfig(r=3, apply_GS=True, target_modules=TARGETS)
     if kind == "vera":
         return peft.VeraConfig(r=4, target_modules=TARGETS, save_projection=True, projection_prng_key=7)
     raise AssertionError(kind)
@@ -47,6 +51,8 @@ def _randomise(model, kind: str, seed: int) -> None:
         "hira": ("hira_A", "hira_B"),
         "dora": ("lora_A", "lora_B", "lora_magnitude"),
         "vera": ("vera_lambda_b", "vera_lambda_d"),  # vera_A/vera_B: PEFT's random buffers
+        "hra": ("hra_u",),
+        "hra-gs": ("hra_u",),
     }
     touched = 0
     for name, p in model.named_parameters():
@@ -125,7 +131,7 @@ def _assert_matches(served, expected, what: str) -> None:
         assert abs(got - want) <= LOGPROB_TOL, (what, got, want)
 
 
-KINDS = ["ia3", "hira", "dora", "vera"]
+KINDS = ["ia3", "hira", "dora", "vera", "hra", "hra-gs"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -135,7 +141,7 @@ async def test_peft_folder_uploads_unchanged_and_serves_as_peft(client, tmp_path
     with model.disable_adapter():
         base_expected = _peft_greedy(model)
     info = await _upload_folder(client, kind, tmp_path / kind)
-    assert info["family"] == kind
+    assert info["family"] == kind.removesuffix("-gs")
     assert expected[0] != base_expected[0]  # the adapter changes what the model says
     _assert_matches(await _served(client, kind), expected, kind)
     # The stored files are PEFT's own: downloading gives back the uploaded weights byte for byte.

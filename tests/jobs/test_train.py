@@ -26,10 +26,11 @@ FAMILIES = {
     "dct": ({"n_frequency": 64}, 3e-2, 0.15),
     "surm": ({"variant": "circulant"}, 3e-2, 0.15),
     # PEFT types through a family's math (IA3 with input-side MLP scales, HiRA, DoRA)
-    # (measured ratios: ia3 .32, hira .29, dora .07)
+    # (measured ratios: ia3 .32, hira .29, dora .07, hra .50; HRA only rotates the inputs)
     "ia3": ({"feedforward_modules": ["up_proj", "down_proj"]}, 1e-1, 0.5),
     "hira": ({"r": 2}, 3e-2, 0.45),
     "dora": ({"r": 4, "lora_alpha": 8}, 1e-2, 0.15),
+    "hra": ({"r": 4}, 3e-2, 0.75),
 }
 
 # A memorisation task: four prompts, each with its own three-token answer.

@@ -25,6 +25,7 @@ class Case:
     id: str
     family: str
     config: dict
+    identity: bool = True  # False: asking for an identity init is an error (plain ETHER, HRA odd r or GS)
 
     def raw_config(self) -> dict:
         peft_type = self.family.upper()
@@ -52,6 +53,9 @@ CASES = [
     Case("ia3-out", "ia3", {}),  # output side everywhere; the input side: test_peft_types.py
     Case("hira-r2", "hira", {"r": 2}),
     Case("dora-r4", "dora", {"peft_type": "LORA", "use_dora": True, "r": 4, "lora_alpha": 8}),
+    Case("hra-r1", "hra", {"r": 1}, identity=False),
+    Case("hra-r4", "hra", {"r": 4}),
+    Case("hra-r3-gs", "hra", {"r": 3, "apply_GS": True}, identity=False),
 ]
 CASE_IDS = [c.id for c in CASES]
 

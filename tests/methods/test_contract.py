@@ -98,21 +98,26 @@ def test_training_forward_matches_reference(case, shape_name):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_identity_init_leaves_output_unchanged(case):
-    """Check 2 (plain ETHER has no identity: asking for one is an error)."""
+    """Check 2 (plain ETHER, HRA with odd r or GS have no identity: asking for one is an error).
+
+    Within a few float32 ulps of the output: HRA's identity is a product of paired reflections
+    (H H = I exactly in real arithmetic, each one rounds), the other families' is exact."""
     for shape in SHAPES.values():
         method = get_method(case.family)
         cfg = method.parse_config(case.raw_config())
         weight, bias = torch.randn(shape), torch.randn(shape[0])
-        if case.config.get("variant") == "ether":
+        if case.config.get("variant") == "ether" or not case.identity:
             with pytest.raises(ConfigError):
                 method.init_params(cfg, weight, "identity", torch.Generator().manual_seed(0))
             continue
         params = method.init_params(cfg, weight, "identity", torch.Generator().manual_seed(0))
         x = torch.randn(7, shape[1])
         base = x @ weight.T + bias
-        assert (adapted_forward(method, cfg, params, x, weight, bias) - base).abs().max() <= 1e-6
+        ulps = 8 * torch.finfo(torch.float32).eps
+        tol = max(1e-6, ulps * float(base.abs().max()))
+        assert (adapted_forward(method, cfg, params, x, weight, bias) - base).abs().max() <= tol
         w2, b2 = method.merged_weight(cfg, params, weight, bias)
-        assert (w2 - weight).abs().max() <= 1e-6
+        assert (w2 - weight).abs().max() <= max(1e-6, ulps * float(weight.abs().max()))
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -29,6 +29,7 @@ def _close(actual, expected, n_terms: int):
         ("HIRA", {}, "hira"),
         ("HUT", {}, "hut"),
         ("VERA", {}, "vera"),
+        ("HRA", {}, "hra"),
     ],
 )
 def test_each_family_claims_its_peft_configs(peft_type, extra, family):
@@ -61,6 +62,9 @@ def test_unknown_peft_type_names_the_field():
         ({"peft_type": "VERA", "save_projection": False}, "save_projection"),
         ({"peft_type": "VERA", "bias": "vera_only"}, "bias"),
         ({"peft_type": "VERA", "layers_to_transform": [1]}, "layers_to_transform"),
+        ({"peft_type": "HRA", "bias": "hra_only"}, "bias"),
+        ({"peft_type": "HRA", "layers_pattern": "layers"}, "layers_pattern"),
+        ({"peft_type": "HRA", "apply_GS": "yes"}, "apply_GS"),
     ],
 )
 def test_features_not_honoured_are_refused_by_name(raw, field):
@@ -227,3 +231,53 @@ def test_vera_gradients_reach_the_vectors_only():
     ident = method.init_params(cfg, weight, "identity", g)  # PEFT's: λ_b = 0
     x = torch.randn(5, 48, generator=g)
     _close(adapted_forward(method, cfg, ident, x, weight, bias), x @ weight.T + bias, 48)
+
+
+def test_hra_r1_is_one_sided_ether_with_one_block():
+    hra, ether = get_method("hra"), get_method("ether")
+    h_cfg = hra.parse_config({"peft_type": "HRA", "target_modules": TARGETS, "r": 1})
+    e_cfg = ether.parse_config(
+        {"peft_type": "ETHER", "target_modules": TARGETS, "variant": "ether", "side": "in", "n_blocks": 1}
+    )
+    g = torch.Generator().manual_seed(8)
+    weight, bias = torch.randn(24, 48, generator=g), torch.randn(24, generator=g)
+    u = torch.randn(48, 1, generator=g)
+    w_h, _ = hra.merged_weight(h_cfg, {"hra_u": u}, weight, bias)
+    w_e, _ = ether.merged_weight(e_cfg, {"ether_u_in": u.T.clone()}, weight, bias)
+    _close(w_h, w_e, 48)
+
+
+@pytest.mark.parametrize("apply_gs", [False, True])
+def test_hra_is_peft_product_of_reflections(apply_gs):
+    """PEFT: W' = W H, H = Π_i (I − 2 û_i û_iᵀ) in order, or I − 2 Q Qᵀ after Gram–Schmidt."""
+    method = get_method("hra")
+    cfg = method.parse_config({"peft_type": "HRA", "target_modules": TARGETS, "r": 3, "apply_GS": apply_gs})
+    g = torch.Generator().manual_seed(9)
+    weight, bias = torch.randn(24, 48, generator=g), torch.randn(24, generator=g)
+    u = torch.randn(48, 3, generator=g)
+    if apply_gs:
+        q, _ = torch.linalg.qr(u)  # Gram–Schmidt up to the signs of the columns, which H ignores
+        h = torch.eye(48) - 2 * q @ q.T
+    else:
+        h = torch.eye(48)
+        for i in range(3):
+            ui = u[:, i : i + 1] / u[:, i].norm()
+            h = h @ (torch.eye(48) - 2 * ui @ ui.T)
+    x = torch.randn(6, 48, generator=g)
+    peft = x @ (weight @ h).T + bias
+    _close(_served(method, cfg, {"hra_u": u}, x, weight, bias), peft[::2], 48 * 6)
+    w_m, b_m = method.merged_weight(cfg, {"hra_u": u}, weight, bias)
+    _close(x @ w_m.T + b_m, peft, 48 * 6)
+    assert method.hooks(method.signature(cfg, 24, 48)) == {"pre"}  # on the fly, before the GEMM
+
+
+def test_hra_column_without_direction_is_refused_naming_the_tensor():
+    from server.methods import WeightsError
+
+    method = get_method("hra")
+    cfg = method.parse_config({"peft_type": "HRA", "target_modules": TARGETS, "r": 2})
+    u = torch.randn(24, 2)
+    u[:, 1] = 0.0
+    with pytest.raises(WeightsError) as e:
+        method.check_params(cfg, "model.layers.0.self_attn.q_proj", {"hra_u": u}, 24, 24)
+    assert e.value.where.endswith("q_proj.hra_u")
