@@ -39,7 +39,7 @@ from pydantic import ConfigDict, Field, FiniteFloat
 
 from server.engine.adapted_linear import TrainBinding, bind
 from server.engine.loader import BaseModel
-from server.methods import Adapter, AdapterMethod, ConfigError, MethodConfig, get_method, matches_target
+from server.methods import Adapter, AdapterMethod, ConfigError, MethodConfig, get_method
 
 from .data import IGNORE_INDEX, Example, Record, read_jsonl, tokenize_records
 from .state import StateError, TrainState
@@ -121,7 +121,7 @@ def build_config(
         raise ConfigError("target_modules", "given both in the config and as an argument, differently")
     raw.setdefault("base_model_name_or_path", base.name)
     cfg = method.parse_config({"peft_type": method.peft_type, "target_modules": target_modules, **raw})
-    targets = {p: s for p, s in sorted(base.module_shapes.items()) if matches_target(p, cfg.target_modules)}
+    targets = {p: s for p, s in sorted(base.module_shapes.items()) if cfg.targets(p)}
     if not targets:
         raise ConfigError(
             "target_modules",

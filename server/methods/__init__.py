@@ -4,8 +4,16 @@ Importing this package registers every family.
 """
 
 from . import dct, dora, ether, hira, hra, hut, ia3, lora, surm, vera  # noqa: F401  (registration side effect)
-from .adapter import Adapter, check_finite_tables, check_tables, matches_target, parse_config
-from .base import AdapterError, AdapterMethod, ConfigError, MethodConfig, ParamSpec, WeightsError
+from .adapter import Adapter, check_finite_tables, check_tables, parse_config
+from .base import (
+    AdapterError,
+    AdapterMethod,
+    ConfigError,
+    MethodConfig,
+    ParamSpec,
+    WeightsError,
+    matches_target,
+)
 from .batched import Group, adapted_forward, batched_linear, stack_prepared
 from .registry import available_methods, get_method, method_for_peft_type
 

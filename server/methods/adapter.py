@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +25,6 @@ from .registry import method_for_peft_type
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
-
-
-def matches_target(module_name: str, target_modules: list[str] | str) -> bool:
-    """PEFT's rule: a string is a full regex match; a list matches the name or its last parts."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, module_name) is not None
-    return any(module_name == t or module_name.endswith("." + t) for t in target_modules)
 
 
 def parse_config(raw: object) -> tuple[AdapterMethod, MethodConfig]:
@@ -110,7 +102,7 @@ class Adapter:
         module_shapes: Mapping[str, tuple[int, int]],
     ) -> Adapter:
         """Group tensors by module and check every name, shape and dtype against the base model."""
-        targets = {p: s for p, s in module_shapes.items() if matches_target(p, cfg.target_modules)}
+        targets = {p: s for p, s in module_shapes.items() if cfg.targets(p)}
         if not targets:
             raise ConfigError(
                 "target_modules", f"{cfg.target_modules!r} matches no linear layer of the base model"

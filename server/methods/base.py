@@ -29,6 +29,7 @@ same code as serving (``server.methods.batched.adapted_forward``).
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
@@ -81,6 +82,13 @@ class ParamSpec:
     shared: bool = False
 
 
+def matches_target(module_name: str, target_modules: list[str] | str) -> bool:
+    """PEFT's rule: a string is a full regex match; a list matches the name or its last parts."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) for t in target_modules)
+
+
 class MethodConfig(BaseModel):
     """Fields common to every family; each family subclasses this with its own fields.
 
@@ -98,6 +106,10 @@ class MethodConfig(BaseModel):
     inference_mode: StrictBool = True
     revision: str | None = None
     format_version: StrictInt = 1
+
+    def targets(self, module: str) -> bool:
+        """Whether this adapter adapts the linear at ``module`` (LoRA adds PEFT's layer selection)."""
+        return matches_target(module, self.target_modules)
 
     def check_shape(self, module: str, out_f: int, in_f: int) -> None:
         """Raise ConfigError if this config cannot adapt a ``[out_f, in_f]`` linear."""

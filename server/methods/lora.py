@@ -29,6 +29,7 @@ overflow would reach every row of the batch.)
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Hashable
 from typing import Any, ClassVar
 
@@ -36,7 +37,17 @@ import torch
 from pydantic import Field, StrictBool, StrictInt, field_validator
 from pydantic_core import PydanticCustomError
 
-from .base import MAX_RANK, AdapterMethod, InitMode, MethodConfig, ParamSpec, Scale, StrictNumber, per_row
+from .base import (
+    MAX_RANK,
+    AdapterMethod,
+    InitMode,
+    MethodConfig,
+    ParamSpec,
+    Scale,
+    StrictNumber,
+    matches_target,
+    per_row,
+)
 from .registry import register_method
 
 # Keys PEFT writes whose only accepted values are the "feature off" ones, and why.
@@ -46,8 +57,6 @@ _OFF: dict[str, str] = {
     "alpha_pattern": "per-module alphas",
     "modules_to_save": "fully fine-tuned extra modules",
     "fan_in_fan_out": "transposed (Conv1D) weights",
-    "layers_to_transform": "layer selection beyond target_modules",
-    "layers_pattern": "layer selection beyond target_modules",
     "exclude_modules": "module exclusion",
     "lora_bias": "a bias on lora_B",
     "use_qalora": "QA-LoRA pooling",
@@ -95,8 +104,9 @@ class LoraConfig(MethodConfig):
     alpha_pattern: Any = Field(default_factory=dict)
     modules_to_save: Any = None
     fan_in_fan_out: Any = False
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
+    # PEFT's layer selection, honoured exactly (``targets``)
+    layers_to_transform: StrictInt | list[StrictInt] | None = None
+    layers_pattern: str | list[str] | None = None
     exclude_modules: Any = None
     lora_bias: Any = False
     use_qalora: Any = False
@@ -120,6 +130,55 @@ class LoraConfig(MethodConfig):
         if v not in (None, False, {}, []):
             raise _refuse(f"{info.field_name}={v!r} is not supported ({_OFF[info.field_name]})")
         return v
+
+    @field_validator("layers_to_transform")
+    @classmethod
+    def _layers_with_list_targets(cls, v: int | list[int] | None, info) -> int | list[int] | None:
+        if v is not None and isinstance(info.data.get("target_modules"), str):
+            raise _refuse("layers_to_transform needs target_modules as a list, not a regex (as PEFT)")
+        if v is not None and any(i < 0 for i in ([v] if isinstance(v, int) else v)):
+            raise _refuse("layer indices must be >= 0")
+        return v
+
+    @field_validator("layers_pattern")
+    @classmethod
+    def _pattern_with_layers(cls, v: str | list[str] | None, info) -> str | list[str] | None:
+        if v and info.data.get("layers_to_transform") is None:
+            raise _refuse("layers_pattern needs layers_to_transform (as PEFT)")
+        if v and isinstance(info.data.get("target_modules"), str):
+            raise _refuse("layers_pattern needs target_modules as a list, not a regex (as PEFT)")
+        for p in [v] if isinstance(v, str) else v or []:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise _refuse(f"{p!r} is not a regular expression ({e})") from None
+        return v
+
+    def targets(self, module: str) -> bool:
+        """PEFT's ``check_target_module_exists``: a name listed in full is always adapted; a suffix
+        match is adapted only in the selected layers (the first numbered path segment, or the one
+        after ``layers_pattern``)."""
+        tm = self.target_modules
+        if isinstance(tm, str) or module in tm:
+            return matches_target(module, tm)
+        if not any(module.endswith("." + t) for t in tm):
+            return False
+        chosen = self.layers_to_transform
+        if chosen is None or chosen == []:
+            return True
+        if not self.layers_pattern:
+            found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+        else:
+            found = None
+            patterns = self.layers_pattern
+            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+                found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+                if found is not None:
+                    break
+        if found is None:
+            return False
+        idx = int(found.group("idx"))
+        return idx == chosen if isinstance(chosen, int) else idx in chosen
 
     @field_validator("bias")
     @classmethod

@@ -33,6 +33,8 @@ def _peft_config(kind: str):
         return peft.HiraConfig(r=2, target_modules=TARGETS)
     if kind == "dora":
         return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)
+    if kind == "lora-layers":  # PEFT's layer selection, honoured
+        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, layers_to_transform=[1])
     if kind == "hra":
         return peft.HRAConfig(r=4, target_modules=TARGETS)
     if kind == "hra-gs":
@@ -53,6 +55,7 @@ def _randomise(model, kind: str, seed: int) -> None:
         "vera": ("vera_lambda_b", "vera_lambda_d"),  # vera_A/vera_B: PEFT's random buffers
         "hra": ("hra_u",),
         "hra-gs": ("hra_u",),
+        "lora-layers": ("lora_A", "lora_B"),
     }
     touched = 0
     for name, p in model.named_parameters():
@@ -72,7 +75,7 @@ def _randomise(model, kind: str, seed: int) -> None:
         else:
             p.copy_(0.3 * noise)
         touched += 1
-    assert touched >= 2 * len(TARGETS)  # both layers, every projection
+    assert touched >= (1 if kind == "lora-layers" else 2) * len(TARGETS)  # every projection (of each layer)
 
 
 def _build(kind: str, folder, seed: int = 0):
@@ -131,7 +134,7 @@ def _assert_matches(served, expected, what: str) -> None:
         assert abs(got - want) <= LOGPROB_TOL, (what, got, want)
 
 
-KINDS = ["ia3", "hira", "dora", "vera", "hra", "hra-gs"]
+KINDS = ["ia3", "hira", "dora", "vera", "hra", "hra-gs", "lora-layers"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -141,7 +144,7 @@ async def test_peft_folder_uploads_unchanged_and_serves_as_peft(client, tmp_path
     with model.disable_adapter():
         base_expected = _peft_greedy(model)
     info = await _upload_folder(client, kind, tmp_path / kind)
-    assert info["family"] == kind.removesuffix("-gs")
+    assert info["family"] == kind.removesuffix("-gs").removesuffix("-layers")
     assert expected[0] != base_expected[0]  # the adapter changes what the model says
     _assert_matches(await _served(client, kind), expected, kind)
     # The stored files are PEFT's own: downloading gives back the uploaded weights byte for byte.

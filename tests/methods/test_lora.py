@@ -142,8 +142,8 @@ def plain_raw(tmp_path_factory) -> dict:
         ("bias", "all"),
         ("bias", "lora_only"),
         ("fan_in_fan_out", True),
-        ("layers_to_transform", [0]),
-        ("layers_pattern", "layers"),
+        ("layers_to_transform", [-1]),
+        ("layers_pattern", "layers"),  # without layers_to_transform: PEFT refuses it too
         ("exclude_modules", ["v_proj"]),
         ("lora_bias", True),
         ("use_qalora", True),
@@ -185,6 +185,8 @@ def test_unsupported_peft_fields_are_rejected_by_name(plain_raw, field, value):
         ("rank_pattern", None),
         ("target_parameters", []),
         ("inference_mode", False),
+        ("layers_to_transform", [0]),  # honoured: test_layer_selection_is_peft_s
+        ("layers_to_transform", 1),
     ],
 )
 def test_harmless_peft_fields_are_accepted(plain_raw, field, value):
@@ -285,3 +287,38 @@ def test_our_saved_folder_loads_in_peft(tmp_path):
     ids = torch.randint(0, 64, (2, 9), generator=g)
     with torch.no_grad():
         _close(merged(input_ids=ids).logits, pm(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize(
+    ("extra", "adapted"),
+    [
+        ({"layers_to_transform": [1]}, {"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"}),
+        ({"layers_to_transform": 0}, {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"}),
+        ({"layers_to_transform": [0], "layers_pattern": "blocks"}, {"model.blocks.0.q_proj"}),
+        (
+            {"layers_to_transform": [1], "target_modules": ["q_proj", "model.layers.0.mlp.down_proj"]},
+            {"model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj"},
+        ),  # a full name is always adapted
+        (
+            {"layers_to_transform": []},
+            {
+                "model.layers.0.self_attn.q_proj",
+                "model.layers.1.self_attn.q_proj",
+                "model.layers.0.mlp.down_proj",
+                "model.layers.1.mlp.down_proj",
+            },
+        ),
+    ],
+)
+def test_layer_selection_is_peft_s(extra, adapted):
+    """PEFT's check_target_module_exists: the first numbered path segment (or the one after
+    layers_pattern) is the layer index; a name listed in full ignores the selection."""
+    modules = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj")]
+    modules += ["model.blocks.0.q_proj", "model.blocks.1.q_proj"]
+    raw = {"peft_type": "LORA", "target_modules": ["q_proj", "down_proj"], **extra}
+    ours = {m for m in modules if get_method("lora").parse_config(raw).targets(m)}
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    peft_cfg = peft.LoraConfig(**{k: v for k, v in raw.items() if k != "peft_type"})
+    assert ours == {m for m in modules if check_target_module_exists(peft_cfg, m)}
+    assert ours - {"model.blocks.0.q_proj", "model.blocks.1.q_proj"} == adapted - {"model.blocks.0.q_proj"}
