@@ -1,6 +1,6 @@
 #!/bin/sh
 # Create deploy/secrets/{api_keys,metrics_token} once: an admin key (also used by Prometheus to
-# scrape /metrics) and an infer key. Existing files are left alone.
+# scrape /metrics) and an infer key, and deploy/.env from .env.example. Existing files are left alone.
 set -eu
 cd "$(dirname "$0")/secrets"
 chmod 700 .  # the directory keeps other host users out
@@ -13,4 +13,9 @@ if [ ! -f api_keys ]; then
     echo "wrote deploy/secrets/api_keys and deploy/secrets/metrics_token"
 else
     echo "deploy/secrets/api_keys exists; nothing to do"
+fi
+# The compose file's env_file: settings (FACET_*), all commented out in .env.example.
+if [ ! -f ../.env ]; then
+    cp ../.env.example ../.env
+    echo "wrote deploy/.env (from .env.example)"
 fi

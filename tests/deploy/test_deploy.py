@@ -53,11 +53,16 @@ def test_every_dockerfile_copy_source_exists_and_is_not_ignored():
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert "*" in ignore  # an allowlist: nothing else reaches the build context
-    copies = [args for word, args in _dockerfile_instructions() if word == "COPY"]
+    instructions = _dockerfile_instructions()
+    stages = {args.split()[-1] for word, args in instructions if word == "FROM" and " AS " in args.upper()}
+    copies = [args for word, args in instructions if word == "COPY"]
     assert copies
     for args in copies:
         parts = [p for p in args.split() if not p.startswith("--")]
-        assert "--from" not in args
+        stage = re.search(r"--from=(\S+)", args)
+        if stage:  # from an earlier build stage, not the context
+            assert stage.group(1) in stages, args
+            continue
         for source in parts[:-1]:
             source = source.removeprefix("./").rstrip("/")
             assert (ROOT / source).exists(), source
@@ -69,10 +74,12 @@ def test_dockerfile_shape():
     words = [w for w, _ in instructions]
     args = {a.split("=")[0] for w, a in instructions if w == "ARG"}
     assert {"BASE_IMAGE", "DEVICE"} <= args
-    assert instructions[words.index("FROM")][1] == "${BASE_IMAGE}"
-    user = [a for w, a in instructions if w == "USER"]
-    assert user and user[-1] not in ("root", "0")
-    assert words.index("USER") < words.index("CMD")
+    froms = [a for w, a in instructions if w == "FROM"]
+    assert froms[0] == "${BASE_IMAGE} AS python"  # every stage starts from the base image
+    assert froms[-1] == "python" and all(a.split()[0] in ("${BASE_IMAGE}", "python") for a in froms)
+    last_stage = len(words) - words[::-1].index("FROM")
+    user = [a for w, a in instructions[last_stage:] if w == "USER"]
+    assert user and user[-1].split(":")[0] not in ("root", "0")  # the runtime stage's last USER
     healthcheck = next(a for w, a in instructions if w == "HEALTHCHECK")
     assert "/ready" in healthcheck
     env = " ".join(a for w, a in instructions if w == "ENV")
