@@ -50,8 +50,9 @@ class StepPlanner:
         cost = self._costs.get(key)
         if cost is None:
             adapter = self.residency.get_host(key)
+            method = adapter.method
             costs = {
-                adapter.method.serving_cost(adapter.method.signature(adapter.config, *adapter.shapes[p]))
+                method.serving_cost(method.signature(adapter.config_for(p), *adapter.shapes[p]))
                 for p in adapter.modules
             }
             cost = self._costs[key] = "gemm" if "gemm" in costs else "cheap"

@@ -213,14 +213,14 @@ class Residency:
             extra = {}
             if adapter.method.prepare_uses_bias:  # IA3: PEFT scales the bias with the output
                 extra["bias"] = None if base.bias is None else base.bias.float()
-            out = adapter.method.prepare(adapter.config, p, w.float(), **extra)
+            out = adapter.method.prepare(adapter.config_for(path), p, w.float(), **extra)
             prepared[path] = {
                 k: (v.to(w.dtype) if v.is_floating_point() else v).contiguous() for k, v in out.items()
             }
             # Second line of defence (the store checked the same tables at upload and load): a
             # non-finite table never reaches a slot pool.
             check_finite_tables(path, list(params), prepared[path], w.dtype)
-            sigs[path] = adapter.method.signature(adapter.config, w.shape[0], w.shape[1])
+            sigs[path] = adapter.method.signature(adapter.config_for(path), w.shape[0], w.shape[1])
         return prepared, sigs
 
     def _make_room(self, layout, adapter: Adapter, prepared, sigs, keep: AdapterKey) -> None:
@@ -279,7 +279,7 @@ class Residency:
                     for k, v in params.items()
                 }
                 b = None if base.bias is None else base.bias.float()
-                w2, b2 = adapter.method.merged_weight(adapter.config, p, w.float(), b)
+                w2, b2 = adapter.method.merged_weight(adapter.config_for(path), p, w.float(), b)
                 w2 = w2.to(w.dtype).contiguous()
                 b2 = None if b2 is None else b2.to(w.dtype)
                 weights[path] = (w2, b2)

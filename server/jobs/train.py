@@ -122,6 +122,10 @@ def build_config(
     raw.setdefault("base_model_name_or_path", base.name)
     cfg = method.parse_config({"peft_type": method.peft_type, "target_modules": target_modules, **raw})
     targets = {p: s for p, s in sorted(base.module_shapes.items()) if cfg.targets(p)}
+    if any(cfg.for_module(p) != cfg for p in targets):  # one config per training binding
+        raise ConfigError(
+            "method_config", "per-module settings (rank_pattern, alpha_pattern) are not trained here"
+        )
     if not targets:
         raise ConfigError(
             "target_modules",

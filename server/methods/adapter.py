@@ -53,13 +53,17 @@ class Adapter:
         return sum(
             math.prod(spec.shape)
             for p in self.modules
-            for spec in self.method.module_specs(self.config, p, *self.shapes[p]).values()
+            for spec in self.method.module_specs(self.config_for(p), p, *self.shapes[p]).values()
             if spec.trainable
         )
 
+    def config_for(self, path: str) -> MethodConfig:
+        """The config of the linear at ``path`` (per-module ranks and scales, see ``for_module``)."""
+        return self.config.for_module(path)
+
     def _own(self, path: str) -> dict[str, torch.Tensor]:
         """The module's tensors stored under its own name (not views of ``shared``)."""
-        specs = self.method.module_specs(self.config, path, *self.shapes[path])
+        specs = self.method.module_specs(self.config_for(path), path, *self.shapes[path])
         return {n: t for n, t in self.modules[path].items() if not (n in specs and specs[n].shared)}
 
     def nbytes(self) -> int:
@@ -109,8 +113,8 @@ class Adapter:
             )
         expected: dict[str, tuple[str, str]] = {}
         for path, (out_f, in_f) in targets.items():
-            cfg.check_shape(path, out_f, in_f)
-            for pname, spec in method.module_specs(cfg, path, out_f, in_f).items():
+            cfg.for_module(path).check_shape(path, out_f, in_f)
+            for pname, spec in method.module_specs(cfg.for_module(path), path, out_f, in_f).items():
                 if not spec.shared:
                     expected[f"{KEY_PREFIX}{path}.{method.tensor_suffix(pname)}"] = (path, pname)
         shared_specs = method.shared_specs(cfg, targets)
@@ -127,14 +131,14 @@ class Adapter:
                 )
             path, pname = expected[key]
             out_f, in_f = targets[path]
-            _check_tensor(key, t, method.module_specs(cfg, path, out_f, in_f)[pname])
+            _check_tensor(key, t, method.module_specs(cfg.for_module(path), path, out_f, in_f)[pname])
             modules.setdefault(path, {})[pname] = t
         missing = sorted((set(expected) | set(shared_specs)) - set(tensors))
         if missing:
             raise WeightsError(missing[0], f"missing tensor ({len(missing)} missing in all)")
         for path, params in modules.items():
             params |= method.shared_views(cfg, shared, path, *targets[path])
-            method.check_params(cfg, path, params, *targets[path])
+            method.check_params(cfg.for_module(path), path, params, *targets[path])
         return cls(method, cfg, modules, dict(targets), shared)
 
 
@@ -183,5 +187,5 @@ def check_tables(adapter: Adapter, dtype: torch.dtype = torch.float32) -> None:
         params = {k: v.float() if v.is_floating_point() else v for k, v in adapter.modules[path].items()}
         stand_in = torch.zeros((), dtype=torch.float32).expand(adapter.shapes[path])
         with torch.no_grad():
-            tables = adapter.method.prepare(adapter.config, params, stand_in)
+            tables = adapter.method.prepare(adapter.config_for(path), params, stand_in)
         check_finite_tables(path, list(params), tables, dtype)

@@ -107,6 +107,10 @@ class MethodConfig(BaseModel):
     revision: str | None = None
     format_version: StrictInt = 1
 
+    def for_module(self, module: str) -> MethodConfig:
+        """The config that applies to the linear at ``module`` (LoRA: PEFT's rank/alpha patterns)."""
+        return self
+
     def targets(self, module: str) -> bool:
         """Whether this adapter adapts the linear at ``module`` (LoRA adds PEFT's layer selection)."""
         return matches_target(module, self.target_modules)

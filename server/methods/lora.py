@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Hashable
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 from pydantic import Field, StrictBool, StrictInt, field_validator
@@ -53,8 +53,6 @@ from .registry import register_method
 # Keys PEFT writes whose only accepted values are the "feature off" ones, and why.
 _OFF: dict[str, str] = {
     "use_dora": "DoRA adds a magnitude vector and a column norm",
-    "rank_pattern": "per-module ranks",
-    "alpha_pattern": "per-module alphas",
     "modules_to_save": "fully fine-tuned extra modules",
     "fan_in_fan_out": "transposed (Conv1D) weights",
     "exclude_modules": "module exclusion",
@@ -79,6 +77,13 @@ _PLAIN_INITS = {"gaussian", "eva", "orthogonal", "mica"}
 GATHER_MAX_RANK = 8  # r up to which per-row gathered factors beat regrouping rows per slot (CPU)
 
 
+def _pattern_value(pattern: dict, module: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return pattern.get(module, default)
+
+
 def _refuse(message: str) -> PydanticCustomError:
     """A validation error whose message is shown as is (no "Value error, " prefix)."""
     return PydanticCustomError("unsupported", "{message}", {"message": message})
@@ -100,8 +105,11 @@ class LoraConfig(MethodConfig):
     megatron_core: str | None = "megatron.core"
     # Must be "off" (see _OFF).
     use_dora: Any = False
-    rank_pattern: Any = Field(default_factory=dict)
-    alpha_pattern: Any = Field(default_factory=dict)
+    # PEFT's per-module ranks and alphas, honoured exactly (``for_module``)
+    rank_pattern: dict[str, Annotated[StrictInt, Field(ge=1, le=MAX_RANK)]] | None = Field(
+        default_factory=dict
+    )
+    alpha_pattern: dict[str, Scale] | None = Field(default_factory=dict)
     modules_to_save: Any = None
     fan_in_fan_out: Any = False
     # PEFT's layer selection, honoured exactly (``targets``)
@@ -153,6 +161,27 @@ class LoraConfig(MethodConfig):
             except re.error as e:
                 raise _refuse(f"{p!r} is not a regular expression ({e})") from None
         return v
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _pattern_keys(cls, v: dict | None) -> dict | None:
+        for key in v or {}:
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as e:
+                raise _refuse(f"{key!r} is not a regular expression ({e})") from None
+        return v
+
+    def for_module(self, module: str) -> LoraConfig:
+        """PEFT's ``get_pattern_key``: the first pattern key matching the end of the module path
+        (after a dot) gives its rank / alpha; otherwise ``r`` / ``lora_alpha``."""
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
+        r = _pattern_value(self.rank_pattern or {}, module, self.r)
+        alpha = _pattern_value(self.alpha_pattern or {}, module, self.lora_alpha)
+        if r == self.r and alpha == self.lora_alpha:
+            return self  # no pattern changes this module
+        return self.model_copy(update={"r": r, "lora_alpha": alpha, "rank_pattern": {}, "alpha_pattern": {}})
 
     def targets(self, module: str) -> bool:
         """PEFT's ``check_target_module_exists``: a name listed in full is always adapted; a suffix

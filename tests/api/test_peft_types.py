@@ -35,6 +35,15 @@ def _peft_config(kind: str):
         return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)
     if kind == "lora-layers":  # PEFT's layer selection, honoured
         return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, layers_to_transform=[1])
+    if kind == "lora-patterns":  # PEFT's per-module ranks and alphas, honoured (with rsLoRA scaling)
+        return peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=TARGETS,
+            rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
+            alpha_pattern={"k_proj": 3, "up_proj": 20},
+        )
     if kind == "hra":
         return peft.HRAConfig(r=4, target_modules=TARGETS)
     if kind == "hra-gs":
@@ -56,6 +65,7 @@ def _randomise(model, kind: str, seed: int) -> None:
         "hra": ("hra_u",),
         "hra-gs": ("hra_u",),
         "lora-layers": ("lora_A", "lora_B"),
+        "lora-patterns": ("lora_A", "lora_B"),
     }
     touched = 0
     for name, p in model.named_parameters():
@@ -134,7 +144,7 @@ def _assert_matches(served, expected, what: str) -> None:
         assert abs(got - want) <= LOGPROB_TOL, (what, got, want)
 
 
-KINDS = ["ia3", "hira", "dora", "vera", "hra", "hra-gs", "lora-layers"]
+KINDS = ["ia3", "hira", "dora", "vera", "hra", "hra-gs", "lora-layers", "lora-patterns"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -144,7 +154,7 @@ async def test_peft_folder_uploads_unchanged_and_serves_as_peft(client, tmp_path
     with model.disable_adapter():
         base_expected = _peft_greedy(model)
     info = await _upload_folder(client, kind, tmp_path / kind)
-    assert info["family"] == kind.removesuffix("-gs").removesuffix("-layers")
+    assert info["family"] == kind.split("-")[0]
     assert expected[0] != base_expected[0]  # the adapter changes what the model says
     _assert_matches(await _served(client, kind), expected, kind)
     # The stored files are PEFT's own: downloading gives back the uploaded weights byte for byte.
@@ -169,7 +179,7 @@ async def test_every_peft_type_in_one_batch(client, tmp_path):
     ("kind", "edit", "field"),
     [
         ("vera", {"save_projection": False}, "save_projection"),
-        ("dora", {"rank_pattern": {"q_proj": 2}}, "rank_pattern"),
+        ("dora", {"exclude_modules": ["q_proj"]}, "exclude_modules"),
         ("ia3", {"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ("hira", {"layers_to_transform": [0]}, "layers_to_transform"),
     ],

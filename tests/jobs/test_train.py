@@ -285,3 +285,14 @@ def test_training_works_after_the_family_was_served_in_inference_mode(family):
         base, family, config, None, RECORDS, None, hp(lr, max_steps=3), on_step=serve_once
     )
     assert len(history.steps) == 3
+
+
+def test_per_module_ranks_are_served_but_not_trained():
+    """One config per training binding: a LoRA rank_pattern that changes a module is refused by name."""
+    from server.jobs.train import build_config
+
+    base = tiny_base()
+    with pytest.raises(ConfigError) as e:
+        build_config(base, "lora", {"r": 4, "rank_pattern": {"q_proj": 2}}, None)
+    assert e.value.where == "method_config"
+    build_config(base, "lora", {"r": 4, "rank_pattern": {"no_such_proj": 2}}, None)  # changes nothing: fine

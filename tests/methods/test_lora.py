@@ -136,8 +136,8 @@ def plain_raw(tmp_path_factory) -> dict:
     ("field", "value"),
     [
         ("use_dora", True),
-        ("rank_pattern", {"q_proj": 4}),
-        ("alpha_pattern", {"q_proj": 4}),
+        ("rank_pattern", ["q_proj"]),  # honoured when a {pattern: rank} mapping
+        ("alpha_pattern", "q_proj"),
         ("modules_to_save", ["lm_head"]),
         ("bias", "all"),
         ("bias", "lora_only"),
@@ -187,6 +187,8 @@ def test_unsupported_peft_fields_are_rejected_by_name(plain_raw, field, value):
         ("inference_mode", False),
         ("layers_to_transform", [0]),  # honoured: test_layer_selection_is_peft_s
         ("layers_to_transform", 1),
+        ("rank_pattern", {"q_proj": 4}),  # honoured: test_rank_and_alpha_patterns_are_peft_s
+        ("alpha_pattern", {"down_proj": 3.5}),
     ],
 )
 def test_harmless_peft_fields_are_accepted(plain_raw, field, value):
@@ -322,3 +324,23 @@ def test_layer_selection_is_peft_s(extra, adapted):
     peft_cfg = peft.LoraConfig(**{k: v for k, v in raw.items() if k != "peft_type"})
     assert ours == {m for m in modules if check_target_module_exists(peft_cfg, m)}
     assert ours - {"model.blocks.0.q_proj", "model.blocks.1.q_proj"} == adapted - {"model.blocks.0.q_proj"}
+
+
+def test_rank_and_alpha_patterns_are_peft_s():
+    """PEFT's get_pattern_key: the first key matching the end of the path (after a dot) wins."""
+    from peft.utils.other import get_pattern_key
+
+    rank = {"q_proj": 2, "layers.1.mlp.down_proj": 6, "mlp.*_proj": 3}
+    alpha = {"k_proj": 3, "up_proj": 20.5}
+    raw = {"peft_type": "LORA", "target_modules": ["q_proj"], "r": 4, "lora_alpha": 8}
+    cfg = get_method("lora").parse_config({**raw, "rank_pattern": rank, "alpha_pattern": alpha})
+    for i in (0, 1):
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj", "mlp.up_proj", "mlp.gate_proj"):
+            path = f"model.layers.{i}.{m}"
+            mod = cfg.for_module(path)
+            assert mod.r == rank.get(get_pattern_key(rank.keys(), path), 4), path
+            assert mod.lora_alpha == alpha.get(get_pattern_key(alpha.keys(), path), 8), path
+            assert mod is cfg or (not mod.rank_pattern and not mod.alpha_pattern)
+    assert cfg.for_module("model.layers.1.mlp.down_proj").r == 6
+    plain = get_method("lora").parse_config(raw)
+    assert plain.for_module("model.layers.0.self_attn.q_proj") is plain
