@@ -52,6 +52,12 @@ def test_mixed_batch_equals_each_request_alone_on_merged_model(tiny_llama, merge
         assert engine.planner.kernels is None
     elif shutil.which("c++") or shutil.which("g++"):
         assert engine.planner.kernels is not None
+    check_mixed_batch(engine, reference, base_requests=2)
+
+
+def check_mixed_batch(engine, reference, base_requests: int) -> None:
+    """One adapter of every engine case plus ``base_requests`` base-model requests, arriving over
+    the first 4 steps with random prompts: each equals its own merged model alone (greedy)."""
     shapes = engine.base.module_shapes
     weights = {p: m.base.weight for p, m in engine.base.modules.items()}
     adapters = {}
@@ -59,7 +65,7 @@ def test_mixed_batch_equals_each_request_alone_on_merged_model(tiny_llama, merge
         adapters[f"a{i}"] = random_adapter(family, cfg, shapes, weights, seed=10 + i)
         engine.add_adapter(f"a{i}", adapters[f"a{i}"])
     rng = random.Random(0)
-    ids = [None, None, *adapters]
+    ids = [None] * base_requests + list(adapters)
     plan = [(rng.randrange(4), [rng.randrange(1, 128) for _ in range(rng.randrange(2, 9))], a) for a in ids]
     outs = _run(engine, plan, max_new=6)
     for i, (_, prompt, adapter_id) in enumerate(plan):
