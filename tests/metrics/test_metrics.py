@@ -49,7 +49,7 @@ async def test_counters_move_by_exactly_the_traffic(make_app, tmp_path):
             assert response.status_code == 200, response.text
         for i in range(v):  # an invalid field (schema), prompt and messages both (the handler)
             both = {**GEN, "messages": [{"role": "user", "content": "t1"}]}
-            bad = {**GEN, "max_new_tokens": 0} if i % 2 == 0 else both
+            bad = {**GEN, "max_new_tokens": -1} if i % 2 == 0 else both
             assert (await client.post("/generate", json=bad)).status_code == 422
         for i in range(u):
             response = await client.post("/generate", json={**GEN, "adapter": f"missing-{i}"})
