@@ -44,6 +44,8 @@ def _peft_config(kind: str):
             rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
             alpha_pattern={"k_proj": 3, "up_proj": 20},
         )
+    if kind == "loha":
+        return peft.LoHaConfig(r=3, alpha=6, target_modules=TARGETS)
     if kind == "hra":
         return peft.HRAConfig(r=4, target_modules=TARGETS)
     if kind == "hra-gs":
@@ -66,6 +68,7 @@ def _randomise(model, kind: str, seed: int) -> None:
         "hra-gs": ("hra_u",),
         "lora-layers": ("lora_A", "lora_B"),
         "lora-patterns": ("lora_A", "lora_B"),
+        "loha": ("hada_",),
     }
     touched = 0
     for name, p in model.named_parameters():
@@ -144,7 +147,7 @@ def _assert_matches(served, expected, what: str) -> None:
         assert abs(got - want) <= LOGPROB_TOL, (what, got, want)
 
 
-KINDS = ["ia3", "hira", "dora", "vera", "hra", "hra-gs", "lora-layers", "lora-patterns"]
+KINDS = ["ia3", "hira", "dora", "vera", "hra", "hra-gs", "lora-layers", "lora-patterns", "loha"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

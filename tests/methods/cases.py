@@ -53,6 +53,7 @@ CASES = [
     Case("ia3-out", "ia3", {}),  # output side everywhere; the input side: test_peft_types.py
     Case("hira-r2", "hira", {"r": 2}),
     Case("dora-r4", "dora", {"peft_type": "LORA", "use_dora": True, "r": 4, "lora_alpha": 8}),
+    Case("loha-r3", "loha", {"r": 3, "alpha": 5}),
     Case("hra-r1", "hra", {"r": 1}, identity=False),
     Case("hra-r4", "hra", {"r": 4}),
     Case("hra-r3-gs", "hra", {"r": 3, "apply_GS": True}, identity=False),

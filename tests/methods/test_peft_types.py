@@ -30,6 +30,7 @@ def _close(actual, expected, n_terms: int):
         ("HUT", {}, "hut"),
         ("VERA", {}, "vera"),
         ("HRA", {}, "hra"),
+        ("LOHA", {}, "loha"),
     ],
 )
 def test_each_family_claims_its_peft_configs(peft_type, extra, family):
@@ -65,6 +66,8 @@ def test_unknown_peft_type_names_the_field():
         ({"peft_type": "VERA", "bias": "vera_only"}, "bias"),
         ({"peft_type": "VERA", "layers_to_transform": [1]}, "layers_to_transform"),
         ({"peft_type": "HRA", "bias": "hra_only"}, "bias"),
+        ({"peft_type": "LOHA", "rank_pattern": {"q_proj": 2}}, "rank_pattern"),
+        ({"peft_type": "LOHA", "r": 65}, "r"),
         ({"peft_type": "HRA", "layers_pattern": "layers"}, "layers_pattern"),
         ({"peft_type": "HRA", "apply_GS": "yes"}, "apply_GS"),
     ],
