@@ -430,7 +430,9 @@ class Generator:
         batch.set_next_tokens(out.token_ids)
         tokens = torch.where(usable, out.token_ids, -1).tolist()  # host sync; -1 = unusable
         logprobs = out.logprobs.tolist() if out.logprobs is not None else [None] * len(seqs)
-        tops = row_top_logprobs(out.top, [p.top_logprobs if p.logprobs else 0 for p in params])
+        tops = [None] * len(seqs)  # alternatives only when some row asked (SampleOutput.top)
+        if out.top is not None:
+            tops = row_top_logprobs(out.top, [p.top_logprobs if p.logprobs else 0 for p in params])
         keep = []
         for i, (seq, tok, lp, top) in enumerate(zip(seqs, tokens, logprobs, tops, strict=True)):
             if tok < 0:
