@@ -118,6 +118,10 @@ async def test_score_only_and_echo_without_logprobs(client):
     plain = await _post(client, prompt=[3, 4], max_tokens=2, temperature=0)
     assert echoed["choices"][0]["text"] == "t3 t4" + plain["choices"][0]["text"]
     assert echoed["choices"][0]["logprobs"] is None
+    single = await _post(client, prompt=[9], echo=True, logprobs=3, max_tokens=1, temperature=0)
+    lp = single["choices"][0]["logprobs"]  # one prompt token: nothing to score but its text
+    assert lp["tokens"][0] == "t9" and lp["token_logprobs"][0] is None and len(lp["tokens"]) == 2
+    assert len(lp["top_logprobs"][1]) in (3, 4) and lp["text_offset"][0] == 0
 
 
 BAD_PROMPTS = [
