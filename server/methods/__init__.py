@@ -3,7 +3,7 @@
 Importing this package registers every family.
 """
 
-from . import dct, dora, ether, hira, hra, hut, ia3, loha, lora, surm, vera  # noqa: F401  (registration side effect)
+from . import dct, dora, ether, hira, hra, hut, ia3, loha, lokr, lora, surm, vera  # noqa: F401  (registration side effect)
 from .adapter import Adapter, check_finite_tables, check_tables, parse_config
 from .base import (
     AdapterError,

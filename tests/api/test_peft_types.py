@@ -46,6 +46,10 @@ def _peft_config(kind: str):
         )
     if kind == "loha":
         return peft.LoHaConfig(r=3, alpha=6, target_modules=TARGETS)
+    if kind == "lokr":
+        return peft.LoKrConfig(r=2, alpha=4, target_modules=TARGETS)
+    if kind == "lokr-both":
+        return peft.LoKrConfig(r=2, alpha=3, decompose_both=True, decompose_factor=8, target_modules=TARGETS)
     if kind == "hra":
         return peft.HRAConfig(r=4, target_modules=TARGETS)
     if kind == "hra-gs":
@@ -69,6 +73,8 @@ def _randomise(model, kind: str, seed: int) -> None:
         "lora-layers": ("lora_A", "lora_B"),
         "lora-patterns": ("lora_A", "lora_B"),
         "loha": ("hada_",),
+        "lokr": ("lokr_",),
+        "lokr-both": ("lokr_",),
     }
     touched = 0
     for name, p in model.named_parameters():
@@ -147,7 +153,19 @@ def _assert_matches(served, expected, what: str) -> None:
         assert abs(got - want) <= LOGPROB_TOL, (what, got, want)
 
 
-KINDS = ["ia3", "hira", "dora", "vera", "hra", "hra-gs", "lora-layers", "lora-patterns", "loha"]
+KINDS = [
+    "ia3",
+    "hira",
+    "dora",
+    "vera",
+    "hra",
+    "hra-gs",
+    "lora-layers",
+    "lora-patterns",
+    "loha",
+    "lokr",
+    "lokr-both",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -54,6 +54,9 @@ CASES = [
     Case("hira-r2", "hira", {"r": 2}),
     Case("dora-r4", "dora", {"peft_type": "LORA", "use_dora": True, "r": 4, "lora_alpha": 8}),
     Case("loha-r3", "loha", {"r": 3, "alpha": 5}),
+    Case("lokr-r1", "lokr", {"r": 1, "alpha": 3}),  # W2 a rank-1 product
+    Case("lokr-full-f4", "lokr", {"r": 8, "decompose_factor": 4}),  # both whole
+    Case("lokr-both-r2", "lokr", {"r": 2, "decompose_both": True, "decompose_factor": 8}),
     Case("hra-r1", "hra", {"r": 1}, identity=False),
     Case("hra-r4", "hra", {"r": 4}),
     Case("hra-r3-gs", "hra", {"r": 3, "apply_GS": True}, identity=False),

@@ -31,6 +31,7 @@ def _close(actual, expected, n_terms: int):
         ("VERA", {}, "vera"),
         ("HRA", {}, "hra"),
         ("LOHA", {}, "loha"),
+        ("LOKR", {}, "lokr"),
     ],
 )
 def test_each_family_claims_its_peft_configs(peft_type, extra, family):
@@ -68,6 +69,8 @@ def test_unknown_peft_type_names_the_field():
         ({"peft_type": "HRA", "bias": "hra_only"}, "bias"),
         ({"peft_type": "LOHA", "rank_pattern": {"q_proj": 2}}, "rank_pattern"),
         ({"peft_type": "LOHA", "r": 65}, "r"),
+        ({"peft_type": "LOKR", "decompose_factor": -2}, "decompose_factor"),
+        ({"peft_type": "LOKR", "alpha_pattern": {"q_proj": 2}}, "alpha_pattern"),
         ({"peft_type": "HRA", "layers_pattern": "layers"}, "layers_pattern"),
         ({"peft_type": "HRA", "apply_GS": "yes"}, "apply_GS"),
     ],
@@ -286,3 +289,14 @@ def test_hra_column_without_direction_is_refused_naming_the_tensor():
     with pytest.raises(WeightsError) as e:
         method.check_params(cfg, "model.layers.0.self_attn.q_proj", {"hra_u": u}, 24, 24)
     assert e.value.where.endswith("q_proj.hra_u")
+
+
+@pytest.mark.parametrize(
+    ("dim", "factor"), [(256, -1), (128, -1), (127, -1), (128, 4), (96, 5), (64, 0), (24, 8)]
+)
+def test_lokr_factorization_is_peft_s(dim, factor):
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    from server.methods.lokr import factorization
+
+    assert factorization(dim, factor) == peft_factorization(dim, factor)
