@@ -16,13 +16,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from transformers.cache_utils import DynamicCache
-
 from server.methods import Adapter
 from server.settings import Settings
 
 from .adapted_linear import bind
 from .generator import Generator, hf_forward
+from .kv_batch import growing_cache
 from .loader import BaseModel
 from .policy import StepPlanner
 from .requests import EventSink, GenerationRequest, SamplingParams
@@ -80,7 +79,7 @@ class Engine:
             max_tokens_per_step=settings.max_tokens_per_step,
             device=base.device,
             max_seq_len=max_len,
-            cache_factory=lambda: DynamicCache(config=base.model.config),
+            cache_factory=lambda: growing_cache(base.model.config),  # no per-step copy of the cache
             housekeeping=self.residency.apply_drops,
         )
         self._thread: threading.Thread | None = None
