@@ -5,7 +5,7 @@ no-adapter runs, in ``--rounds`` rounds; its ratio is taken against the mean of 
 neighbours and the median over rounds is reported (with the spread), so the slow drift of a noisy
 machine hits both sides of every ratio.
 
-    .venv/bin/python bench/serve.py [--requests 32] [--new-tokens 64] [--threads 2] [--quick]
+    .venv/bin/python bench/serve.py [--requests 32] [--new-tokens 64] [--threads 2] [--dtype auto] [--quick]
 
 Scenarios (32 concurrent requests, 64 new tokens each, EOS ignored so lengths are fixed):
   base       no adapter
@@ -113,6 +113,7 @@ def hf_generate(model, prompts, new_tokens) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="auto", help="auto (the server's default) / float32 / bfloat16")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
@@ -133,6 +134,7 @@ def main() -> None:
         "merged_cache_bytes": 2 << 30,
         "merge_after_steps": 1,
         "device_adapter_bytes": 1 << 30,
+        "dtype": args.dtype,
     }
     if args.model:
         overrides["model"] = args.model
@@ -150,6 +152,7 @@ def main() -> None:
         "meta": {
             "model": engine.base.name,
             "device": str(device),
+            "dtype": str(engine.base.dtype).removeprefix("torch."),
             "threads": args.threads,
             "requests": args.requests,
             "new_tokens": args.new_tokens,
