@@ -75,13 +75,19 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "server", "--host", "0.0.0.0"]
 
-# CPU images: a C++ compiler and ninja for the fused adapter kernels (server/kernels). They are
-# compiled with -march=native on the first start, for the CPU that runs the image, into
-# /data/.cache/facet (kept by the volume); without them the server serves with the torch code.
+# CPU images: a C++ compiler, ninja and Python's headers (Debian's python3 has none; python:*
+# images do) for the fused adapter kernels (server/kernels). They are compiled with -march=native
+# on the first start, for the CPU that runs the image, into /data/.cache/facet (kept by the
+# volume); without them the server serves with the torch code.
 # hadolint ignore=DL3008
 RUN if [ "$DEVICE" = "cpu" ]; then \
-        apt-get update \
-        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ ninja-build \
+        headers= \
+        && if [ ! -f "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then \
+            headers=libpython3-dev; \
+        fi \
+        && apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            g++ ninja-build ${headers:+"$headers"} \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
     && useradd --system --uid 10001 --user-group --home-dir /data --no-create-home facet \

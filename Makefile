@@ -51,3 +51,9 @@ bench: $(STAMP) model
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The CPU image built from the Dockerfile and run for real (dockerd, debootstrap, docker-compose
+# and prometheus from apt when missing; root starts a private dockerd): deploy/README.md.
+.PHONY: image-test
+image-test:
+	deploy/test-image.sh
