@@ -47,6 +47,15 @@ FAMILIES = {
     "surm circulant": ("surm", {"variant": "circulant"}),
     "surm toeplitz": ("surm", {"variant": "toeplitz"}),
     "surm kronecker f32": ("surm", {"variant": "kronecker", "kron_factor": 32}),
+    # PEFT types (docs/adapter-format.md, PEFT types); HiRA is served merged, timed here on the fly
+    "dora r8": ("dora", {"peft_type": "LORA", "use_dora": True, "r": 8, "lora_alpha": 16}),
+    "ia3": ("ia3", {}),
+    "vera r256": ("vera", {"r": 256}),
+    "hira r8 (on the fly)": ("hira", {"r": 8}),
+    "hra r8": ("hra", {"r": 8}),
+    "hra r8 GS": ("hra", {"r": 8, "apply_GS": True}),
+    "loha r8": ("loha", {"r": 8, "alpha": 8}),
+    "lokr r8": ("lokr", {"r": 8, "alpha": 8}),
 }
 
 

@@ -71,20 +71,26 @@ class LohaMethod(ConvertedMethod):
     def init_params(
         self, cfg: LohaConfig, weight: torch.Tensor, mode: InitMode, generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
-        """PEFT's: W1a, W2a, W1b Kaiming-uniform, W2b = 0 (ΔW = 0); ``random``: W2b random too."""
+        """PEFT's: W1a, W2a, W1b Kaiming-uniform, W2b = 0 (ΔW = 0); ``random``: all four Gaussian."""
         out_f, in_f = weight.shape
         dev, r = weight.device, cfg.r
 
         def kaiming(*shape: int) -> torch.Tensor:  # kaiming_uniform_(a=√5): U(±1/√fan_in)
             return (torch.rand(*shape, generator=generator, device=dev) * 2 - 1) / math.sqrt(shape[1])
 
+        if mode == "random":  # s·r·σ⁴ = 0.3·std(W): the update is clearly visible at W's scale
+            w_std = weight.float().std().clamp_min(1e-3).item()
+            sigma = (0.3 * w_std / (max(abs(cfg.alpha / r), 1e-3) * r)) ** 0.25
+            names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+            shapes = ((out_f, r), (r, in_f), (out_f, r), (r, in_f))
+            draws = zip(names, shapes, strict=True)
+            return {n: sigma * torch.randn(*s, generator=generator, device=dev) for n, s in draws}
         params = {
             "hada_w1_a": kaiming(out_f, r),
             "hada_w1_b": kaiming(r, in_f),
             "hada_w2_a": kaiming(out_f, r),
         }
-        w2b = kaiming(r, in_f) if mode == "random" else torch.zeros(r, in_f, device=dev)
-        return params | {"hada_w2_b": w2b}
+        return params | {"hada_w2_b": torch.zeros(r, in_f, device=dev)}
 
     def family_config(self, cfg: LohaConfig) -> LoraConfig:
         # r² and alpha·r give LoRA's scaling alpha / r; built unvalidated (alpha·r may pass LoRA's bound).

@@ -112,6 +112,11 @@ class LokrMethod(AdapterMethod):
             if mode != "random" and name in ("lokr_w1", "lokr_w1_a"):
                 t = torch.zeros(spec.shape, device=dev)
             out[name] = t
+        if mode == "random":  # rescale W1 so that std(ΔW) = 0.3·std(W): clearly visible at W's scale
+            w1, w2 = self._factors(out)
+            now = abs(cfg.scaling) * float(w1.std() * w2.std())
+            first = "lokr_w1" if "lokr_w1" in out else "lokr_w1_a"
+            out[first] = out[first] * (0.3 * weight.float().std().clamp_min(1e-3).item() / max(now, 1e-12))
         return out
 
     @staticmethod
