@@ -77,9 +77,11 @@ METHOD_CASES = [
 ]
 
 
-def _prepared(method, cfg, params, weight, dtype):
-    """As the engine installs a slot: prepared from float32, then cast to the serving dtype."""
-    out = method.prepare(cfg, params, weight.float())
+def _prepared(method, cfg, params, weight, dtype, bias=None):
+    """As the engine installs a slot: prepared from float32 (with the bias where the family's
+    tables hold it, IA3), then cast to the serving dtype."""
+    extra = {"bias": bias.float()} if method.prepare_uses_bias else {}
+    out = method.prepare(cfg, params, weight.float(), **extra)
     return {n: t.to(dtype) if t.is_floating_point() else t for n, t in out.items()}
 
 
@@ -120,10 +122,10 @@ def test_neighbour_slot_never_reaches_other_rows(request, case, shape, path):
     bias = torch.randn(out_f, generator=g)
     x = torch.randn(N_ROWS, in_f, generator=g)
     adapters = [(cfg, method.init_params(cfg, weight, "random", g)) for _ in range(3)]
-    tables = [_prepared(method, c, p, weight, dtype) for c, p in adapters]
+    tables = [_prepared(method, c, p, weight, dtype, bias) for c, p in adapters]
     big_cfg = largest_accepted_config(case.family, case.raw_config())
     big = largest_accepted(case.family, case.raw_config(), {"m": shape}, {"m": weight}, seed=11)
-    neighbours = {"accepted": _prepared(method, big_cfg, big.modules["m"], weight, dtype)}
+    neighbours = {"accepted": _prepared(method, big_cfg, big.modules["m"], weight, dtype, bias)}
     neighbours |= {name: poisoned(tables[1], v) for name, v in POISONS.items()}
     sig = method.signature(cfg, out_f, in_f)
     w, b, xd = weight.to(dtype), bias.to(dtype), x.to(dtype)
