@@ -285,7 +285,7 @@ class _StateCollector(Collector):
         waiting = GaugeMetricFamily("facet_requests_waiting", "Generations waiting for admission")
         gen = None if engine is None else engine.generator
         running.add_metric([], 0 if gen is None else gen.num_running)
-        waiting.add_metric([], rt.submitting + (0 if gen is None else gen.num_waiting))
+        waiting.add_metric([], 0 if gen is None else gen.num_queued)
         yield running
         yield waiting
 

@@ -176,8 +176,8 @@ async def submit(
     sink = stream if rt.metrics is None else rt.metrics.sink(stream)
     if slot is not None:  # released when the generation's FinishEvent passes
         slot.inner, sink = sink, slot
-    rt.submitting += 1
-    task = asyncio.ensure_future(asyncio.to_thread(rt.engine.submit, ids, params, adapter_id, sink))
+    submit = functools.partial(rt.engine.submit, ids, params, adapter_id, sink, reserved=True)
+    task = asyncio.ensure_future(asyncio.to_thread(submit))
     try:
         req = await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -190,8 +190,6 @@ async def submit(
         if isinstance(exc, UnknownAdapter):
             raise ApiError(404, "no adapter with this id", where_adapter) from None
         raise
-    finally:
-        rt.submitting -= 1
     if slot is not None:
         slot.request = req
     if rt.metrics is not None:

@@ -30,8 +30,6 @@ class Runtime:
     store: AdapterStore | None = None
     # starting -> ready -> draining; "failed" when start-up raised.
     phase: str = "starting"
-    # Requests handed to a thread for engine.submit, not yet counted by the generator's queue.
-    submitting: int = 0
     # Fast tokenizers may not be used from several threads at once ("Already borrowed").
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     # Called when the background start-up fails (``python -m server`` stops the server).
@@ -75,10 +73,11 @@ class Runtime:
             raise ApiError(503, reason, headers={"Retry-After": str(self.settings.retry_after_s)})
 
     def admit(self) -> None:
-        """429 when the waiting queue is full. Called on the event loop right before a submit
-        is handed to a thread, so check + count is atomic across concurrent handlers."""
-        waiting = self.engine.generator.num_waiting + self.submitting
-        if waiting >= self.settings.max_queue:
+        """Reserve a place in the engine's queue, or 429 when it is full. The place is used by
+        ``engine.submit(..., reserved=True)`` (or given back if that fails): requests still loading
+        their adapter count against ``max_queue`` from here on, exactly once."""
+        waiting = self.engine.generator.reserve(self.settings.max_queue)
+        if waiting is not None:
             raise ApiError(
                 429,
                 f"server overloaded: {waiting} requests already waiting; retry later",

@@ -120,18 +120,29 @@ class Engine:
         params: SamplingParams | None = None,
         adapter_id: str | None = None,
         sink: EventSink | None = None,
+        reserved: bool = False,
     ) -> GenerationRequest:
-        key = None if adapter_id is None else self._hold(adapter_id)
-        kwargs = {} if sink is None else {"sink": sink}
-        req = GenerationRequest(
-            prompt_token_ids=list(prompt_token_ids),
-            params=params or SamplingParams(),
-            adapter_key=key,
-            **kwargs,
-        )
+        """Resolve and load the adapter, then queue the request. ``reserved``: the caller holds a
+        queue place (``generator.reserve``); it is used by the submit, and given back on failure."""
+        key = None
+        try:
+            key = None if adapter_id is None else self._hold(adapter_id)
+            kwargs = {} if sink is None else {"sink": sink}
+            req = GenerationRequest(
+                prompt_token_ids=list(prompt_token_ids),
+                params=params or SamplingParams(),
+                adapter_key=key,
+                **kwargs,
+            )
+        except BaseException:
+            if key is not None:
+                self.residency.release(key)
+            if reserved:
+                self.generator.unreserve()
+            raise
         if key is not None:
             req.on_finish.append(lambda: self.residency.release(key))
-        self.generator.submit(req)
+        self.generator.submit(req, reserved=reserved)
         return req
 
     def _hold(self, adapter_id: str, tries: int = 3) -> AdapterKey:

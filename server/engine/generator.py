@@ -160,6 +160,9 @@ class Generator:
         # device memory of deleted adapters).
         self.housekeeping = housekeeping
         self._waiting: deque[GenerationRequest] = deque()
+        # Admitted by the caller (``reserve``) and on their way to ``submit`` (adapter loading):
+        # counted with the queue, so the bound holds before they reach it.
+        self._reserved = 0
         self._cond = threading.Condition()
         self._running: RunningBatch[_Sequence] = self._new_batch()
         self._admit_cap: int | None = None  # lowered after RetryLater, grows back after a prefill
@@ -197,16 +200,45 @@ class Generator:
             return 0.0
         return max(0.0, time.monotonic() - self._progress)
 
-    def submit(self, request: GenerationRequest) -> None:
-        """Queue ``request`` (thread-safe). Impossible requests finish at once with ``"error"``."""
+    @property
+    def num_queued(self) -> int:
+        """Waiting requests plus those reserved and not yet submitted (the bound ``reserve`` keeps)."""
+        with self._cond:
+            return len(self._waiting) + self._reserved
+
+    def reserve(self, limit: int) -> int | None:
+        """Hold a place in the queue for a request about to be submitted, if fewer than ``limit``
+        are queued or reserved; returns None when it holds one, else the count (the queue is full).
+
+        Check and count happen under the queue's lock, so concurrent callers never overshoot and
+        a reserved request is never counted twice (``submit(..., reserved=True)`` turns it into a
+        waiting one in the same critical section; ``unreserve`` gives the place back)."""
+        with self._cond:
+            n = len(self._waiting) + self._reserved
+            if n >= limit:
+                return n
+            self._reserved += 1
+            return None
+
+    def unreserve(self) -> None:
+        with self._cond:
+            self._reserved -= 1
+
+    def submit(self, request: GenerationRequest, reserved: bool = False) -> None:
+        """Queue ``request`` (thread-safe). Impossible requests finish at once with ``"error"``.
+        ``reserved``: it holds a place taken with ``reserve``, which it now uses (or gives back)."""
         n = len(request.prompt_token_ids)
         # Scoring alone (no new token) may fill the whole context.
         room = 0 if request.params.max_new_tokens == 0 else 1
         if self.max_seq_len is not None and n + room > self.max_seq_len:
+            if reserved:
+                self.unreserve()
             msg = f"prompt has {n} tokens; the maximum sequence length is {self.max_seq_len}"
             self._reject(request, "invalid", msg)
             return
         with self._cond:
+            if reserved:
+                self._reserved -= 1
             self._waiting.append(request)
             self._cond.notify()
 
