@@ -247,7 +247,7 @@ prometheus_scrapes() { # the host's prometheus scrapes /metrics with the metrics
 }
 
 stop_drains() { # a stream in flight when docker stop lands goes on to its done event; exit code 0
-    local out="$WORK/stream.txt" client at_stop code drained
+    local out="$WORK/stream.txt" client stopper at_stop code drained
     rm -f "$out"
     python3 "$ROOT/deploy/image_client.py" stream "$1" "$INFER" "$out" \
         '{"prompt":"Once upon a time, in a land far away,","max_new_tokens":64}' &
@@ -255,10 +255,11 @@ stop_drains() { # a stream in flight when docker stop lands goes on to its done 
     for _ in $(seq 300); do grep -q '^event: token' "$out" 2>/dev/null && break; sleep 0.1; done
     grep -q '^event: token' "$out" 2>/dev/null || { kill "$client"; return 1; }
     $DOCKER stop -t 45 "$NAME" >/dev/null &
+    stopper=$!
     at_stop=$(grep -c '^event: token' "$out")
     timeout 60 tail --pid="$client" -f /dev/null
     wait "$client"
-    wait
+    wait "$stopper"
     code=$($DOCKER inspect -f '{{.State.ExitCode}}' "$NAME")
     drained=$($DOCKER logs "$NAME" 2>&1 | grep -o 'draining [0-9]* request(s)' | tail -1)
     log "  stream: $at_stop token(s) when docker stop began, $(grep -c '^event: token' "$out") in all," \
