@@ -52,9 +52,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY adapters_store ./adapters_store
-# accelerate: transformers needs it to read the default model's GGUF file on the first start
-ARG ACCELERATE_VERSION=1.15.0
-RUN pip install . "accelerate==${ACCELERATE_VERSION}"
+# (accelerate, which transformers needs to read the default model's GGUF file, is a dependency)
+RUN pip install .
 
 # ---- runtime (its settings first and the big venv layer last: with vfs storage every step after
 # a layer copies it)
