@@ -52,8 +52,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY adapters_store ./adapters_store
-# (accelerate, which transformers needs to read the default model's GGUF file, is a dependency)
-RUN pip install .
+# accelerate: transformers needs it to read the default model's GGUF file on the first start
+ARG ACCELERATE_VERSION=1.15.0
+RUN pip install . "accelerate==${ACCELERATE_VERSION}"
 
 # ---- runtime (its settings first and the big venv layer last: with vfs storage every step after
 # a layer copies it)
