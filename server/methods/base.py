@@ -33,10 +33,21 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, ValidationError
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 InitMode = Literal["identity", "train", "random"]
 
@@ -117,6 +128,47 @@ class MethodConfig(BaseModel):
 
     def check_shape(self, module: str, out_f: int, in_f: int) -> None:
         """Raise ConfigError if this config cannot adapt a ``[out_f, in_f]`` linear."""
+
+
+# ---- config helpers shared by the families' PEFT-format configs ---------------------------------
+def refuse(message: str) -> PydanticCustomError:
+    """A validation error whose message is shown as is (no "Value error, " prefix)."""
+    return PydanticCustomError("unsupported", "{message}", {"message": message})
+
+
+def must_be_off(reasons: dict[str, str]):
+    """A config validator refusing, naming the field, any "feature on" value of ``reasons``' keys:
+    PEFT features a type does not honour are refused, never silently ignored."""
+
+    def check(cls, v: Any, info) -> Any:
+        if v not in (None, False, {}, []):
+            raise refuse(f"{info.field_name}={v!r} is not supported ({reasons[info.field_name]})")
+        return v
+
+    return field_validator(*reasons)(classmethod(check))
+
+
+def bias_none():
+    """A config validator: PEFT's ``bias`` must be "none" (trained biases are not served)."""
+
+    def check(cls, v: str) -> str:
+        if v != "none":
+            raise refuse(f"bias={v!r} is not supported (trained biases); only 'none'")
+        return v
+
+    return field_validator("bias")(classmethod(check))
+
+
+def auto_mapping_shape():
+    """A config validator: PEFT's ``auto_mapping`` (the base model class it records) is data with
+    exactly two string keys; it is never imported, and nothing else may ride along in it."""
+
+    def check(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and set(v) != {"base_model_class", "parent_library"}:
+            raise refuse(f"auto_mapping may only hold base_model_class and parent_library, got {sorted(v)}")
+        return v
+
+    return field_validator("auto_mapping")(classmethod(check))
 
 
 def per_row(t: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:

@@ -16,30 +16,11 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Hashable
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import field_validator
-from pydantic_core import PydanticCustomError
 
 from .base import AdapterMethod, MethodConfig
-
-
-def refuse(message: str) -> PydanticCustomError:
-    """A validation error whose message is shown as is (no "Value error, " prefix)."""
-    return PydanticCustomError("unsupported", "{message}", {"message": message})
-
-
-def must_be_off(reasons: dict[str, str]):
-    """A config validator refusing, naming the field, any "feature on" value of ``reasons``' keys:
-    PEFT features a type does not honour are refused, never silently ignored."""
-
-    def check(cls, v: Any, info) -> Any:
-        if v not in (None, False, {}, []):
-            raise refuse(f"{info.field_name}={v!r} is not supported ({reasons[info.field_name]})")
-        return v
-
-    return field_validator(*reasons)(classmethod(check))
 
 
 class ConvertedMethod(AdapterMethod):

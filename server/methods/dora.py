@@ -16,13 +16,11 @@ output row.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import field_validator
 
-from .base import InitMode, MethodConfig, ParamSpec, per_row
-from .converted import refuse
+from .base import InitMode, MethodConfig, ParamSpec, must_be_off, per_row
 from .lora import _OFF, LoraConfig, LoraMethod
 from .registry import register_method
 
@@ -32,12 +30,7 @@ _DORA_OFF = {k: v for k, v in _OFF.items() if k != "use_dora"}
 class DoraConfig(LoraConfig):
     use_dora: Literal[True] = True
 
-    @field_validator(*_DORA_OFF)
-    @classmethod
-    def _must_be_off(cls, v: Any, info) -> Any:  # replaces LoRA's check, which refuses use_dora
-        if v not in (None, False, {}, []):
-            raise refuse(f"{info.field_name}={v!r} is not supported ({_DORA_OFF[info.field_name]})")
-        return v
+    _off = must_be_off(_DORA_OFF)  # replaces LoRA's check of the same name, which refuses use_dora
 
 
 def _row_norm(weight: torch.Tensor, cfg: LoraConfig, params: dict) -> torch.Tensor:

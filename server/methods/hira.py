@@ -17,8 +17,17 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, StrictBool, StrictInt
 
-from .base import MAX_RANK, ConfigError, InitMode, MethodConfig, ParamSpec, StrictNumber
-from .converted import ConvertedMethod, must_be_off
+from .base import (
+    MAX_RANK,
+    ConfigError,
+    InitMode,
+    MethodConfig,
+    ParamSpec,
+    StrictNumber,
+    auto_mapping_shape,
+    must_be_off,
+)
+from .converted import ConvertedMethod
 from .hut import HutConfig, HutMethod
 from .registry import register_method
 
@@ -46,6 +55,7 @@ class HiraConfig(MethodConfig):
     rank_pattern: Any = Field(default_factory=dict)
 
     _off = must_be_off(_OFF)
+    _auto_mapping = auto_mapping_shape()
 
     def check_shape(self, module: str, out_f: int, in_f: int) -> None:
         if self.r + 1 > min(out_f, in_f):

@@ -23,7 +23,7 @@ from collections.abc import Hashable
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, StrictBool, StrictInt, field_validator
+from pydantic import Field, StrictBool, StrictInt
 
 from .base import (
     MAX_RANK,
@@ -33,9 +33,11 @@ from .base import (
     MethodConfig,
     ParamSpec,
     WeightsError,
+    auto_mapping_shape,
+    bias_none,
+    must_be_off,
     per_row,
 )
-from .converted import must_be_off, refuse
 from .registry import register_method
 
 _OFF = {
@@ -60,13 +62,8 @@ class HraConfig(MethodConfig):
     layers_pattern: Any = None
 
     _off = must_be_off(_OFF)
-
-    @field_validator("bias")
-    @classmethod
-    def _bias_none(cls, v: str) -> str:
-        if v != "none":
-            raise refuse(f"bias={v!r} is not supported (trained biases); only 'none'")
-        return v
+    _auto_mapping = auto_mapping_shape()
+    _bias = bias_none()
 
     def check_shape(self, module: str, out_f: int, in_f: int) -> None:
         if self.r > in_f:

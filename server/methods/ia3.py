@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import StrictBool
 
-from .base import ConfigError, InitMode, MethodConfig, ParamSpec
-from .converted import ConvertedMethod, must_be_off
+from .base import ConfigError, InitMode, MethodConfig, ParamSpec, auto_mapping_shape, must_be_off
+from .converted import ConvertedMethod
 from .hut import HutConfig, HutMethod
 from .registry import register_method
 
@@ -45,6 +45,7 @@ class Ia3Config(MethodConfig):
     fan_in_fan_out: Any = False
 
     _off = must_be_off(_OFF)
+    _auto_mapping = auto_mapping_shape()
 
     def is_feedforward(self, module: str) -> bool:
         ff = self.feedforward_modules

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, StrictBool, StrictInt
 
-from .base import InitMode, MethodConfig, ParamSpec, Scale, StrictNumber
-from .converted import ConvertedMethod, must_be_off
+from .base import InitMode, MethodConfig, ParamSpec, Scale, StrictNumber, auto_mapping_shape, must_be_off
+from .converted import ConvertedMethod
 from .lora import LoraConfig, LoraMethod
 from .registry import register_method
 
@@ -51,6 +51,7 @@ class LohaConfig(MethodConfig):
     alpha_pattern: Any = Field(default_factory=dict)
 
     _off = must_be_off(_OFF)
+    _auto_mapping = auto_mapping_shape()
 
 
 class LohaMethod(ConvertedMethod):

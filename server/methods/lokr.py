@@ -20,8 +20,18 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, StrictBool, StrictInt
 
-from .base import MAX_RANK, AdapterMethod, InitMode, MethodConfig, ParamSpec, Scale, StrictNumber, per_row
-from .converted import must_be_off
+from .base import (
+    MAX_RANK,
+    AdapterMethod,
+    InitMode,
+    MethodConfig,
+    ParamSpec,
+    Scale,
+    StrictNumber,
+    auto_mapping_shape,
+    must_be_off,
+    per_row,
+)
 from .registry import register_method
 
 _OFF = {
@@ -73,6 +83,7 @@ class LokrConfig(MethodConfig):
     alpha_pattern: Any = Field(default_factory=dict)
 
     _off = must_be_off(_OFF)
+    _auto_mapping = auto_mapping_shape()
 
     def factors(self, out_f: int, in_f: int) -> tuple[int, int, int, int]:
         """(l, k, m, n): out = l·k, in = m·n, as PEFT splits them."""

@@ -35,7 +35,6 @@ from typing import Annotated, Any, ClassVar
 
 import torch
 from pydantic import Field, StrictBool, StrictInt, field_validator
-from pydantic_core import PydanticCustomError
 
 from .base import (
     MAX_RANK,
@@ -45,8 +44,12 @@ from .base import (
     ParamSpec,
     Scale,
     StrictNumber,
+    auto_mapping_shape,
+    bias_none,
     matches_target,
+    must_be_off,
     per_row,
+    refuse,
 )
 from .registry import register_method
 
@@ -82,11 +85,6 @@ def _pattern_value(pattern: dict, module: str, default):
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return pattern.get(module, default)
-
-
-def _refuse(message: str) -> PydanticCustomError:
-    """A validation error whose message is shown as is (no "Value error, " prefix)."""
-    return PydanticCustomError("unsupported", "{message}", {"message": message})
 
 
 class LoraConfig(MethodConfig):
@@ -132,34 +130,31 @@ class LoraConfig(MethodConfig):
     velora_config: Any = None
     monteclora_config: Any = None
 
-    @field_validator(*_OFF)
-    @classmethod
-    def _must_be_off(cls, v: Any, info) -> Any:
-        if v not in (None, False, {}, []):
-            raise _refuse(f"{info.field_name}={v!r} is not supported ({_OFF[info.field_name]})")
-        return v
+    _off = must_be_off(_OFF)
+    _bias = bias_none()
+    _auto_mapping = auto_mapping_shape()
 
     @field_validator("layers_to_transform")
     @classmethod
     def _layers_with_list_targets(cls, v: int | list[int] | None, info) -> int | list[int] | None:
         if v is not None and isinstance(info.data.get("target_modules"), str):
-            raise _refuse("layers_to_transform needs target_modules as a list, not a regex (as PEFT)")
+            raise refuse("layers_to_transform needs target_modules as a list, not a regex (as PEFT)")
         if v is not None and any(i < 0 for i in ([v] if isinstance(v, int) else v)):
-            raise _refuse("layer indices must be >= 0")
+            raise refuse("layer indices must be >= 0")
         return v
 
     @field_validator("layers_pattern")
     @classmethod
     def _pattern_with_layers(cls, v: str | list[str] | None, info) -> str | list[str] | None:
         if v and info.data.get("layers_to_transform") is None:
-            raise _refuse("layers_pattern needs layers_to_transform (as PEFT)")
+            raise refuse("layers_pattern needs layers_to_transform (as PEFT)")
         if v and isinstance(info.data.get("target_modules"), str):
-            raise _refuse("layers_pattern needs target_modules as a list, not a regex (as PEFT)")
+            raise refuse("layers_pattern needs target_modules as a list, not a regex (as PEFT)")
         for p in [v] if isinstance(v, str) else v or []:
             try:
                 re.compile(p)
             except re.error as e:
-                raise _refuse(f"{p!r} is not a regular expression ({e})") from None
+                raise refuse(f"{p!r} is not a regular expression ({e})") from None
         return v
 
     @field_validator("rank_pattern", "alpha_pattern")
@@ -169,7 +164,7 @@ class LoraConfig(MethodConfig):
             try:
                 re.compile(rf"(.*\.)?({key})$")
             except re.error as e:
-                raise _refuse(f"{key!r} is not a regular expression ({e})") from None
+                raise refuse(f"{key!r} is not a regular expression ({e})") from None
         return v
 
     def for_module(self, module: str) -> LoraConfig:
@@ -209,35 +204,21 @@ class LoraConfig(MethodConfig):
         idx = int(found.group("idx"))
         return idx == chosen if isinstance(chosen, int) else idx in chosen
 
-    @field_validator("bias")
-    @classmethod
-    def _bias_none(cls, v: str) -> str:
-        if v != "none":
-            raise _refuse(f"bias={v!r} is not supported (trained biases); only 'none'")
-        return v
-
     @field_validator("init_lora_weights")
     @classmethod
     def _plain_init(cls, v: bool | str) -> bool | str:
         if isinstance(v, str) and v.lower() not in _PLAIN_INITS:
-            raise _refuse(
+            raise refuse(
                 f"init_lora_weights={v!r} is not supported: it modifies the base weights; convert the "
                 "adapter with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) first"
             )
-        return v
-
-    @field_validator("auto_mapping")
-    @classmethod
-    def _auto_mapping_shape(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        if v is not None and set(v) != {"base_model_class", "parent_library"}:
-            raise _refuse(f"auto_mapping may only hold base_model_class and parent_library, got {sorted(v)}")
         return v
 
     @field_validator("megatron_core")
     @classmethod
     def _megatron_core_default(cls, v: str | None) -> str | None:
         if v not in (None, "megatron.core"):
-            raise _refuse(f"megatron_core={v!r} is not supported (only the default 'megatron.core')")
+            raise refuse(f"megatron_core={v!r} is not supported (only the default 'megatron.core')")
         return v
 
     @property

@@ -21,8 +21,19 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, StrictBool, StrictInt, field_validator
 
-from .base import MAX_RANK, ConfigError, InitMode, MethodConfig, ParamSpec, StrictNumber
-from .converted import ConvertedMethod, must_be_off, refuse
+from .base import (
+    MAX_RANK,
+    ConfigError,
+    InitMode,
+    MethodConfig,
+    ParamSpec,
+    StrictNumber,
+    auto_mapping_shape,
+    bias_none,
+    must_be_off,
+    refuse,
+)
+from .converted import ConvertedMethod
 from .lora import LoraConfig, LoraMethod
 from .registry import register_method
 
@@ -51,6 +62,8 @@ class VeraConfig(MethodConfig):
     layers_pattern: Any = None
 
     _off = must_be_off(_OFF)
+    _auto_mapping = auto_mapping_shape()
+    _bias = bias_none()
 
     @field_validator("save_projection")
     @classmethod
@@ -60,13 +73,6 @@ class VeraConfig(MethodConfig):
                 "save_projection=false is not supported: the shared projections must be in the file "
                 "(save the adapter with PEFT's VeraConfig(save_projection=True))"
             )
-        return v
-
-    @field_validator("bias")
-    @classmethod
-    def _bias_none(cls, v: str) -> str:
-        if v != "none":
-            raise refuse(f"bias={v!r} is not supported (trained biases); only 'none'")
         return v
 
 

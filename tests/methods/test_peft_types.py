@@ -81,6 +81,18 @@ def test_features_not_honoured_are_refused_by_name(raw, field):
     assert e.value.where == field, str(e.value)
 
 
+@pytest.mark.parametrize("peft_type", ["LORA", "IA3", "HIRA", "VERA", "HRA", "LOHA", "LOKR"])
+def test_auto_mapping_is_data_of_two_keys_for_every_peft_type(peft_type):
+    """PEFT records the base model class in ``auto_mapping``; it is never imported, and every type
+    refuses anything else riding along in it (one shared check, LoRA's)."""
+    ok = {"base_model_class": "LlamaForCausalLM", "parent_library": "transformers.models.llama"}
+    parse_config({"peft_type": peft_type, "target_modules": TARGETS, "auto_mapping": ok})
+    bad = {**ok, "evil": "os.system"}
+    with pytest.raises(ConfigError) as e:
+        parse_config({"peft_type": peft_type, "target_modules": TARGETS, "auto_mapping": bad})
+    assert e.value.where == "auto_mapping" and "evil" in str(e.value)
+
+
 def _served(method, cfg, params, x, weight, bias):
     """Two slots (the adapter and a second random one), rows alternating, as the engine groups them."""
     extra = {"bias": bias} if method.prepare_uses_bias else {}
