@@ -98,8 +98,7 @@ async def generate(body: GenerateRequest, request: Request, rt: ReadyRuntime):
     sub = await inference.submit(rt, ids, params, body.adapter, "body.adapter", key=caller_key(request))
     if body.stream:
         return inference.EventStream(_events(rt, sub, body.logprobs), sub.req.cancel)
-    result = await inference.collect(request, sub)
-    inference.check_finish(rt, result.finish, sub)
+    result = await inference.collect(rt, request, sub)
     return await _response(rt, sub, result, body.logprobs)
 
 

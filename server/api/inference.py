@@ -260,20 +260,25 @@ async def _read(sub: Submitted) -> Result:
     raise AssertionError("event stream ended without a FinishEvent")
 
 
-async def collect(request: Request, sub: Submitted) -> Result:
-    """Wait for the whole generation; a client that disconnects meanwhile cancels it."""
-    return (await collect_many(request, [sub]))[0]
+async def collect(rt: Runtime, request: Request, sub: Submitted) -> Result:
+    """Wait for the whole generation; a client that disconnects meanwhile cancels it. A failed
+    generation raises its request's error (``check_finish``)."""
+    return (await collect_many(rt, request, [sub]))[0]
 
 
-async def collect_many(request: Request, subs: list[Submitted]) -> list[Result]:
-    """``collect`` for the generations of one HTTP request (one disconnect watcher for all)."""
+async def collect_many(rt: Runtime, request: Request, subs: list[Submitted]) -> list[Result]:
+    """``collect`` for the generations of one HTTP request (one disconnect watcher for all); each
+    finish is checked once all have ended."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, *(s.req for s in subs)))
     try:
-        return list(await asyncio.gather(*(_read(s) for s in subs)))
+        results = list(await asyncio.gather(*(_read(s) for s in subs)))
     finally:
         watcher.cancel()
         for sub in subs:
             sub.req.cancel()  # no-op once finished; stops the work if this handler is cancelled
+    for sub, result in zip(subs, results, strict=True):
+        check_finish(rt, result.finish, sub)
+    return results
 
 
 def sse(data: dict | str, event: str | None = None) -> str:

@@ -155,9 +155,7 @@ async def completions(body: CompletionRequest, request: Request, rt: ReadyRuntim
 
         chunks = _stream_choices(subs, per_choice, head, len(samples), _include_usage(body))
         return inference.EventStream(chunks, lambda: [s.req.cancel() for s in subs])
-    results = await inference.collect_many(request, subs)
-    for sub, result in zip(subs, results, strict=True):
-        inference.check_finish(rt, result.finish, sub)
+    results = await inference.collect_many(rt, request, subs)
     choices = [
         await _completion_choice(rt, i, sub, result, body.echo, k is not None)
         for i, (sub, result) in enumerate(zip(subs, results, strict=True))
@@ -262,9 +260,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Re
 
         chunks = _stream_choices(subs, per_choice, head, len(samples), _include_usage(body))
         return inference.EventStream(chunks, lambda: [s.req.cancel() for s in subs])
-    results = await inference.collect_many(request, subs)
-    for sub, result in zip(subs, results, strict=True):
-        inference.check_finish(rt, result.finish, sub)
+    results = await inference.collect_many(rt, request, subs)
     choices = [
         {
             "index": index,
