@@ -1,9 +1,12 @@
 """Adapter families: the math, one module per family, behind a registry.
 
-Importing this package registers every family.
+Importing this package imports every module in it, and each family module registers its family
+(``register_method``): adding a family is adding its file, nothing else names it.
 """
 
-from . import dct, dora, ether, hira, hra, hut, ia3, loha, lokr, lora, surm, vera  # noqa: F401  (registration side effect)
+import importlib
+import pkgutil
+
 from .adapter import Adapter, check_finite_tables, check_tables, parse_config
 from .base import (
     AdapterError,
@@ -37,3 +40,9 @@ __all__ = [
     "parse_config",
     "stack_prepared",
 ]
+
+# Infrastructure modules hold no family; every other module here registers one at import.
+_INFRASTRUCTURE = {"adapter", "base", "batched", "converted", "registry"}
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _mod not in _INFRASTRUCTURE and not _mod.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod}")

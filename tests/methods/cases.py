@@ -26,6 +26,10 @@ class Case:
     family: str
     config: dict
     identity: bool = True  # False: asking for an identity init is an error (plain ETHER, HRA odd r or GS)
+    trains: bool = True  # False: uploaded only, no "train" init (VeRA)
+    # False: the files hold adapter-wide tensors (VeRA's projections), so per-module params alone
+    # do not make a folder; their round trip is tested with the type (tests/methods/test_peft_types.py)
+    own_files: bool = True
 
     def raw_config(self) -> dict:
         peft_type = self.family.upper()
@@ -60,6 +64,7 @@ CASES = [
     Case("hra-r1", "hra", {"r": 1}, identity=False),
     Case("hra-r4", "hra", {"r": 4}),
     Case("hra-r3-gs", "hra", {"r": 3, "apply_GS": True}, identity=False),
+    Case("vera-r4", "vera", {"r": 4}, trains=False, own_files=False),
 ]
 CASE_IDS = [c.id for c in CASES]
 
