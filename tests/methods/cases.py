@@ -83,3 +83,19 @@ def merge_into(linear: torch.nn.Linear, method, cfg, params: dict) -> None:
             linear.bias = torch.nn.Parameter(new_b.to(w.dtype), requires_grad=False)
         else:
             linear.bias.copy_(new_b.to(w.dtype))
+
+
+def _gather_case_files() -> None:
+    """Families added later list their cases in their own ``cases_<family>.py`` beside this file
+    (a module-level ``CASES`` list), so adding a family touches no shared test file."""
+    import importlib
+    import pkgutil
+    from pathlib import Path
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])):
+        if mod.startswith("cases_"):
+            CASES.extend(importlib.import_module(f"{__package__}.{mod}").CASES)
+    CASE_IDS[:] = [c.id for c in CASES]
+
+
+_gather_case_files()
