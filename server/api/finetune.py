@@ -46,6 +46,7 @@ from server.jobs.runner import (
     JobRunner,
     JobSpec,
 )
+from server.methods import available_methods
 
 from .deps import AdminScope, ReadyRuntime, app_singleton
 from .errors import ApiError
@@ -72,7 +73,7 @@ class FineTuneRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapter_id: str = Field(max_length=128, description="id the trained adapter is stored under")
-    method: str = Field(max_length=32, description="adapter family: lora, hut, ether, dct, surm")
+    method: str = Field(max_length=32, description="adapter family: one of " + ", ".join(available_methods()))
     method_config: dict[str, Any] = Field(
         default_factory=dict, description='family config, e.g. {"r": 8}; defaults per family'
     )

@@ -74,7 +74,7 @@ class ServeBinding(StepBinding):
             scope = path.rpartition(".")[0]  # q/k/v (and gate/up) share their input's spectra
             for g in groups:
                 for hook in g.hooks:
-                    f = fast_op(self.kernels, g.method.name, g.sig, hook, self._spectra, scope)
+                    f = fast_op(self.kernels, g.method, g.sig, hook, self._spectra, scope)
                     if f is not None:
                         g.fused[hook] = f
         return groups

@@ -39,13 +39,10 @@ from pydantic import ConfigDict, Field, FiniteFloat
 
 from server.engine.adapted_linear import TrainBinding, bind
 from server.engine.loader import BaseModel
-from server.methods import Adapter, AdapterMethod, ConfigError, MethodConfig, get_method
+from server.methods import Adapter, AdapterMethod, ConfigError, MethodConfig, available_methods, get_method
 
 from .data import IGNORE_INDEX, Example, Record, read_jsonl, tokenize_records
 from .state import StateError, TrainState
-
-# Starting points per family when no learning rate is given (rough; compare with bench/finetune.py).
-DEFAULT_LEARNING_RATES = {"lora": 1e-3, "hut": 1e-3, "ether": 1e-3, "dct": 1e-2, "surm": 1e-2}
 
 
 class TrainingError(RuntimeError):
@@ -58,7 +55,7 @@ class Hyperparameters(PydanticModel):
     epochs: int = Field(1, ge=1, le=1000, description="passes over the data (ignored with max_steps)")
     max_steps: int | None = Field(None, ge=1, le=1_000_000, description="optimizer steps; overrides epochs")
     learning_rate: FiniteFloat | None = Field(
-        None, gt=0, le=10, description="AdamW learning rate; default per family (DEFAULT_LEARNING_RATES)"
+        None, gt=0, le=10, description="AdamW learning rate; default: the family's default_learning_rate"
     )
     batch_size: int = Field(8, ge=1, le=1024, description="examples per micro-batch")
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
@@ -70,10 +67,10 @@ class Hyperparameters(PydanticModel):
     eval_every: int = Field(0, ge=0, description="validation every N steps (0 = before and after only)")
     checkpoint_every: int = Field(0, ge=0, description="on_checkpoint every N steps (0 = never)")
 
-    def lr_for(self, method_name: str) -> float:
+    def lr_for(self, method: AdapterMethod) -> float:
         if self.learning_rate is not None:
             return float(self.learning_rate)
-        return DEFAULT_LEARNING_RATES.get(method_name, 1e-3)
+        return method.default_learning_rate
 
 
 @dataclass
@@ -288,7 +285,7 @@ def train_adapter(
     if not train:
         raise ValueError("no training examples")
     pad_id = _pad_id(base.tokenizer)
-    lr = hp.lr_for(method.name)
+    lr = hp.lr_for(method)
 
     generator = torch.Generator().manual_seed(hp.seed)
     params = init_trainable(base, method, cfg, targets, generator)
@@ -435,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m server.jobs.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, type=Path, help="training JSONL")
     ap.add_argument("--val", type=Path, help="validation JSONL (held-out loss before/after)")
-    ap.add_argument("--method", required=True, help="adapter family: lora, hut, ether, dct, surm")
+    ap.add_argument("--method", required=True, help="adapter family: " + ", ".join(available_methods()))
     ap.add_argument("--config", default="{}", help="family config as JSON, e.g. '{\"r\": 8}'")
     ap.add_argument("--target-modules", nargs="+", help="default: every adaptable linear")
     ap.add_argument("--out", required=True, type=Path, help="adapter folder to write")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -50,6 +50,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 InitMode = Literal["identity", "train", "random"]
+# A fused kernel doing one hook of one group in place: ``(target, x, group)``, where ``target`` is
+# the tensor written (the pre-transformed input for ``pre``, the base output for ``post`` and
+# ``delta``) and ``x`` the step's original input rows (server/kernels/fast.py).
+FastOp = Callable[[torch.Tensor, torch.Tensor, Any], None]
 
 # Scalar bounds shared by the families (docs/adapter-format.md lists each field's range).
 # MAX_SCALE: |lora_alpha|, |SURM alpha|, |DCT scaling|. Published recipes stay below a few
@@ -192,6 +196,8 @@ class AdapterMethod(ABC):
     # True where the linear's bias enters the slot tables (IA3 scales the output and the bias):
     # ``prepare`` is then also given ``bias=`` (the engine passes the module's, None without one).
     prepare_uses_bias: ClassVar[bool] = False
+    # AdamW's starting point when a fine-tune job names none (rough; compare with bench/finetune.py).
+    default_learning_rate: ClassVar[float] = 1e-3
 
     @classmethod
     def claims_peft(cls, raw: dict) -> bool:
@@ -325,3 +331,10 @@ class AdapterMethod(ABC):
     def hooks(self, sig: Hashable) -> frozenset[str]:
         """Which of ``pre``, ``post``, ``delta`` this signature uses (lets the engine skip work)."""
         return frozenset({"pre", "post", "delta"})
+
+    def fast_op(self, kernels: Any, sig: Hashable, hook: str, shared: Any) -> FastOp | None:
+        """The fused CPU kernel doing ``hook`` in place for a group of this signature, or None: the
+        torch hook above then runs. ``kernels`` is the compiled module (``server/kernels``, never
+        None here); ``shared`` the step's ``server.kernels.fast.SharedInputs`` (input spectra that
+        sibling projections reuse). Families without kernels keep this default."""
+        return None

@@ -5,8 +5,8 @@ HiRA is HUT rank r+1. Such a type keeps PEFT's own files (its config fields, its
 an uploaded folder is stored and downloaded as written) and converts, per module, its tensors
 into the family's parameters (``family_params``, differentiable, so training runs through it).
 Every dense form and every serving hook is then the family's own, with the family's signature
-nested in this type's (its slot tables stay apart from the family's: the kernels are chosen by
-family name, and a converted table is served by the torch code of the family).
+nested in this type's (its slot tables stay apart from the family's; the family's fused kernels
+serve them, since the tables are the family's own).
 
 A type file subclasses ``ConvertedMethod``, declares ``family``, its config, its stored tensors
 and the conversion, and registers itself: nothing else names it.
@@ -20,7 +20,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from .base import AdapterMethod, MethodConfig
+from .base import AdapterMethod, FastOp, MethodConfig
 
 
 class ConvertedMethod(AdapterMethod):
@@ -72,3 +72,6 @@ class ConvertedMethod(AdapterMethod):
 
     def delta(self, sig, x, table, slots, weight):
         return self.family.delta(sig[1], x, table, slots, weight)
+
+    def fast_op(self, kernels, sig, hook, shared) -> FastOp | None:
+        return self.family.fast_op(kernels, sig[1], hook, shared)

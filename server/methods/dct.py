@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from functools import lru_cache
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from .adapter import KEY_PREFIX
 from .base import (
     AdapterMethod,
     ConfigError,
+    FastOp,
     InitMode,
     MethodConfig,
     ParamSpec,
@@ -88,6 +89,15 @@ class DCTConfig(MethodConfig):
 
 
 # ---- transforms (cached constants are pure functions of N, device, dtype) -----------------------
+
+
+class DctSig(NamedTuple):
+    """Slot-table key: the shape and the padded number of coefficients."""
+
+    family: str
+    out_f: int
+    in_f: int
+    n_pad: int
 
 
 class _Plan(NamedTuple):
@@ -253,6 +263,7 @@ def select_positions(
 class DCTMethod(AdapterMethod):
     name = "dct"
     peft_type = "DCT"
+    default_learning_rate: ClassVar[float] = 1e-2
     config_cls = DCTConfig
 
     def param_specs(self, cfg: DCTConfig, out_f: int, in_f: int) -> dict[str, ParamSpec]:
@@ -342,8 +353,8 @@ class DCTMethod(AdapterMethod):
         return (weight + delta_w).to(weight.dtype), bias
 
     # ---- serving -------------------------------------------------------------------------
-    def signature(self, cfg: DCTConfig, out_f: int, in_f: int) -> Hashable:
-        return ("dct", out_f, in_f, -(-cfg.n_frequency // PAD_MULTIPLE) * PAD_MULTIPLE)
+    def signature(self, cfg: DCTConfig, out_f: int, in_f: int) -> DctSig:
+        return DctSig("dct", out_f, in_f, -(-cfg.n_frequency // PAD_MULTIPLE) * PAD_MULTIPLE)
 
     def prepare(
         self, cfg: DCTConfig, params: dict[str, torch.Tensor], weight: torch.Tensor
@@ -352,7 +363,7 @@ class DCTMethod(AdapterMethod):
         one) and ``coef [n_pad]`` = alpha c_j times the fixed transform factors of v_j and u_j.
         Padding (c = 0, slots 0) is harmless."""
         out_f, in_f = weight.shape
-        dev, n_pad = weight.device, self.signature(cfg, out_f, in_f)[3]
+        dev, n_pad = weight.device, self.signature(cfg, out_f, in_f).n_pad
         coef = params["dct_coef"]
         ftype = torch.promote_types(coef.dtype, torch.float32)
         p_in, p_out = _plan(in_f, dev, ftype), _plan(out_f, dev, ftype)
@@ -377,6 +388,36 @@ class DCTMethod(AdapterMethod):
         out_spec = torch.zeros(rows, 2 * (out_f // 2 + 1), device=x.device, dtype=dtype)
         out_spec.scatter_add_(1, pos[:, 1], terms)  # z[u_j] += alpha c_j x_hat[v_j] (in spectrum slots)
         return _from_spectrum(out_spec, out_f).to(x.dtype)  # [R, out] = alpha z C_out
+
+    def fast_op(self, kernels, sig: DctSig, hook: str, shared) -> FastOp | None:
+        """The input's DCT spectrum is shared between sibling projections; the gather, scatter and
+        inverse transform are per row with the slot's positions."""
+        if hook != "delta":
+            return None
+        in_f, out_f = sig.in_f, sig.out_f
+
+        def dct(y, x, g):
+            perm, fwd, inv, unperm = kernel_plan(in_f, out_f, x.device)
+            spec = shared.spectrum(
+                ("dct", in_f), x, g.rows, lambda: kernels.dct_spectrum(x, g.rows, perm, fwd)
+            )
+            kernels.dct_apply_(y, spec, g.rows, g.slots, g.table["pos"], g.table["coef"], inv, unperm)
+
+        return dct
+
+
+@lru_cache(maxsize=64)
+def kernel_plan(in_f: int, out_f: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The fused kernel's transform tables (float32): input permutation and forward twiddles, output
+    inverse twiddles and un-permutation."""
+    p_in = _plan(in_f, device, torch.float32)
+    p_out = _plan(out_f, device, torch.float32)
+    return (
+        p_in.perm.contiguous(),
+        torch.view_as_real(p_in.fwd).contiguous(),
+        torch.view_as_real(p_out.inv).contiguous(),
+        p_out.unperm.contiguous(),
+    )
 
 
 register_method(DCTMethod())

@@ -46,17 +46,38 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 
 from .adapter import KEY_PREFIX
-from .base import AdapterMethod, ConfigError, InitMode, MethodConfig, ParamSpec, WeightsError, per_row
+from .base import (
+    AdapterMethod,
+    ConfigError,
+    FastOp,
+    InitMode,
+    MethodConfig,
+    ParamSpec,
+    WeightsError,
+    per_row,
+)
 from .registry import register_method
 
 Side = Literal["in", "out"]
+
+
+class EtherSig(NamedTuple):
+    """Slot-table key: variant, the sides transformed (resolved for the shape), blocks, shape."""
+
+    variant: str
+    sides: tuple[Side, ...]
+    n_blocks: int
+    out_f: int
+    in_f: int
+
+
 # Smallest accepted RMS entry of a raw u/v block, i.e. ||u|| >= MIN_RMS·√b. ``prepare`` computes
 # u/max(||u||, 1e-12) in float32: the norm must be far above that clamp, and the squares summed
 # into ||u||² must stay in float32's normal range (>= 1.2e-38) to keep their relative precision.
@@ -236,8 +257,8 @@ class EtherMethod(AdapterMethod):
         return w, bias
 
     # ---- batched on-the-fly path ---------------------------------------------------------
-    def signature(self, cfg: EtherConfig, out_f: int, in_f: int) -> Hashable:
-        return (cfg.variant, cfg.sides(out_f, in_f), cfg.n_blocks, out_f, in_f)
+    def signature(self, cfg: EtherConfig, out_f: int, in_f: int) -> EtherSig:
+        return EtherSig(cfg.variant, cfg.sides(out_f, in_f), cfg.n_blocks, out_f, in_f)
 
     def prepare(
         self, cfg: EtherConfig, params: dict[str, torch.Tensor], weight: torch.Tensor
@@ -253,9 +274,15 @@ class EtherMethod(AdapterMethod):
                 table[side] = u
         return table
 
-    def hooks(self, sig: Hashable) -> frozenset[str]:
-        sides = sig[1]
+    def hooks(self, sig: EtherSig) -> frozenset[str]:
+        sides = sig.sides
         return frozenset(({"pre"} if "in" in sides else set()) | ({"post"} if "out" in sides else set()))
+
+    def fast_op(self, kernels, sig: EtherSig, hook: str, shared) -> FastOp | None:
+        side = {"pre": "in", "post": "out"}.get(hook)
+        if side not in sig.sides:
+            return None
+        return lambda z, x, g: kernels.reflect_rows_(z, g.rows, g.slots, g.table[side])
 
     def pre(self, sig: Hashable, x: torch.Tensor, table: dict, slots: torch.Tensor | None):
         return _transform(x, per_row(table["in"], slots)) if "in" in table else None

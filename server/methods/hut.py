@@ -27,15 +27,21 @@ U(±1/√in) (small, LoRA-A-like); γ = 1, β = 0. The mask is then exactly all 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, StrictBool, StrictInt
 
-from .base import AdapterMethod, ConfigError, InitMode, MethodConfig, ParamSpec, per_row
+from .base import AdapterMethod, ConfigError, FastOp, InitMode, MethodConfig, ParamSpec, per_row
 from .registry import register_method
+
+
+class HutSig(NamedTuple):
+    """Slot-table key: adapters of one rank share a table (rank 1 is served on the fly)."""
+
+    family: str
+    rank: int
 
 
 class HutConfig(MethodConfig):
@@ -109,14 +115,23 @@ class HutMethod(AdapterMethod):
         return w * params["hut_gamma"][:, None], beta.clone() if bias is None else bias + beta
 
     # ---- serving -------------------------------------------------------------------------
-    def signature(self, cfg: HutConfig, out_f: int, in_f: int) -> Hashable:
-        return ("hut", cfg.r)
+    def signature(self, cfg: HutConfig, out_f: int, in_f: int) -> HutSig:
+        return HutSig("hut", cfg.r)
 
-    def serving_cost(self, sig: Hashable) -> Literal["cheap", "gemm"]:
-        return "cheap" if sig[1] == 1 else "gemm"
+    def serving_cost(self, sig: HutSig) -> Literal["cheap", "gemm"]:
+        return "cheap" if sig.rank == 1 else "gemm"
 
-    def hooks(self, sig: Hashable) -> frozenset[str]:
-        return frozenset({"pre", "post"} if sig[1] == 1 else {"pre", "post", "delta"})
+    def hooks(self, sig: HutSig) -> frozenset[str]:
+        return frozenset({"pre", "post"} if sig.rank == 1 else {"pre", "post", "delta"})
+
+    def fast_op(self, kernels, sig: HutSig, hook: str, shared) -> FastOp | None:
+        if sig.rank != 1:  # rank > 1 is served merged (its on-the-fly form is r base GEMMs)
+            return None
+        if hook == "pre":
+            return lambda z, x, g: kernels.scale_rows_(z, g.rows, g.slots, g.table["pre"])
+        if hook == "post":
+            return lambda y, x, g: kernels.scale_shift_rows_(y, g.rows, g.slots, g.table["post"])
+        return None
 
     def prepare(self, cfg: HutConfig, params, weight):
         m_a, m_b = params["hut_A"], params["hut_B"]

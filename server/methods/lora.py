@@ -39,6 +39,7 @@ from pydantic import Field, StrictBool, StrictInt, field_validator
 from .base import (
     MAX_RANK,
     AdapterMethod,
+    FastOp,
     InitMode,
     MethodConfig,
     ParamSpec,
@@ -279,6 +280,13 @@ class LoraMethod(AdapterMethod):
 
     def hooks(self, sig: Hashable) -> frozenset[str]:
         return frozenset({"delta"})
+
+    def fast_op(self, kernels, sig: Hashable, hook: str, shared) -> FastOp | None:
+        """``y += (x Aᵀ) Btᵀ`` per row, for every family whose tables are LoRA's ``A``/``Bt`` (DoRA
+        inherits it for its delta; its output scale stays the torch ``post``)."""
+        if hook != "delta":
+            return None
+        return lambda y, x, g: kernels.lora_add_(y, x, g.rows, g.slots, g.table["A"], g.table["Bt"])
 
     def delta(self, sig, x, table, slots, weight):
         a, bt = table["A"], table["Bt"]  # [S, r, in], [S, r, out]

@@ -27,15 +27,24 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from functools import cache
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import Field, StrictInt, ValidationInfo, field_validator
 
-from .base import AdapterMethod, ConfigError, InitMode, MethodConfig, ParamSpec, Scale, per_row
+from .base import AdapterMethod, ConfigError, FastOp, InitMode, MethodConfig, ParamSpec, Scale, per_row
 from .registry import register_method
 
 Variant = Literal["circulant", "toeplitz", "kronecker"]
+
+
+class SurmSig(NamedTuple):
+    """Slot-table key: the variant and shape (α is folded into the tables)."""
+
+    variant: Variant
+    out_f: int
+    in_f: int
+    kron_factor: int | None  # kronecker only
 
 
 class SurmConfig(MethodConfig):
@@ -91,6 +100,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class SurmMethod(AdapterMethod):
     name: ClassVar[str] = "surm"
     peft_type: ClassVar[str] = "SURM"
+    default_learning_rate: ClassVar[float] = 1e-2
     config_cls: ClassVar[type[MethodConfig]] = SurmConfig
 
     # ---- configuration -------------------------------------------------------------------
@@ -190,8 +200,8 @@ class SurmMethod(AdapterMethod):
         return weight + cfg.alpha * dw.to(weight.dtype), bias
 
     # ---- batched on-the-fly path ---------------------------------------------------------
-    def signature(self, cfg: SurmConfig, out_f: int, in_f: int) -> Hashable:
-        return (cfg.variant, out_f, in_f, cfg.kron_factor if cfg.variant == "kronecker" else None)
+    def signature(self, cfg: SurmConfig, out_f: int, in_f: int) -> SurmSig:
+        return SurmSig(cfg.variant, out_f, in_f, cfg.kron_factor if cfg.variant == "kronecker" else None)
 
     def prepare(
         self, cfg: SurmConfig, params: dict[str, torch.Tensor], weight: torch.Tensor
@@ -220,7 +230,7 @@ class SurmMethod(AdapterMethod):
         return frozenset({"delta"})
 
     def delta(
-        self, sig: Hashable, x: torch.Tensor, table: dict, slots: torch.Tensor | None, weight: torch.Tensor
+        self, sig: SurmSig, x: torch.Tensor, table: dict, slots: torch.Tensor | None, weight: torch.Tensor
     ) -> torch.Tensor:
         variant, out_f, in_f, f = sig
         n = max(out_f, in_f)
@@ -253,6 +263,32 @@ class SurmMethod(AdapterMethod):
 
     def serving_cost(self, sig: Hashable) -> Literal["cheap", "gemm"]:
         return "cheap"
+
+    def fast_op(self, kernels, sig: SurmSig, hook: str, shared) -> FastOp | None:
+        """Circulant and Toeplitz share the input's real FFT between sibling projections (q/k/v,
+        gate/up read the same activations); Kronecker is two small per-row products."""
+        if hook != "delta":
+            return None
+        n = max(sig.out_f, sig.in_f)
+        if sig.variant == "circulant":
+
+            def circulant(y, x, g):
+                spec = shared.spectrum(("rfft", n), x, g.rows, lambda: kernels.rfft_rows(x, g.rows, n))
+                kernels.circulant_apply_(y, spec, g.rows, g.slots, g.table["spec"], n)
+
+            return circulant
+        if sig.variant == "toeplitz":
+            length = _toeplitz_len(n)
+
+            def toeplitz(y, x, g):
+                spec = shared.spectrum(
+                    ("rfft", length), x, g.rows, lambda: kernels.rfft_rows(x, g.rows, length)
+                )
+                kernels.toeplitz_apply_(y, spec, g.rows, g.slots, g.table["spec"], n, length)
+
+            return toeplitz
+        f = sig.kron_factor
+        return lambda y, x, g: kernels.kronecker_add_(y, x, g.rows, g.slots, g.table["AB"], f)
 
 
 register_method(SurmMethod())

@@ -119,7 +119,8 @@ class VeraMethod(ConvertedMethod):
         params = {"vera_A": uniform(r, in_f, fan_in=in_f), "vera_B": uniform(out_f, r, fan_in=r)}
         if mode == "random":
             return params | {
-                "vera_lambda_b": torch.randn(out_f, generator=generator, device=dev),
+                # x3: the projections' product is small (entries ~1/sqrt(3 in r)); a visible update
+                "vera_lambda_b": 3.0 * torch.randn(out_f, generator=generator, device=dev),
                 "vera_lambda_d": 1.0 + 0.3 * torch.randn(r, generator=generator, device=dev),
             }
         return params | {

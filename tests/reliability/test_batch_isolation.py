@@ -133,7 +133,7 @@ def test_neighbour_slot_never_reaches_other_rows(request, case, shape, path):
     def run(neighbour_table):
         group = Group(method, sig, stack_prepared([tables[0], neighbour_table, tables[2]]), ROWS, SLOTS)
         if kern is not None:
-            group.fused = {h: f for h in group.hooks if (f := fast_op(kern, method.name, sig, h)) is not None}
+            group.fused = {h: f for h in group.hooks if (f := fast_op(kern, method, sig, h)) is not None}
         with torch.inference_mode():
             return batched_linear(xd, w, b, [group])
 
