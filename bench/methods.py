@@ -56,6 +56,8 @@ FAMILIES = {
     "hra r8 GS": ("hra", {"r": 8, "apply_GS": True}),
     "loha r8": ("loha", {"r": 8, "alpha": 8}),
     "lokr r8": ("lokr", {"r": 8, "alpha": 8}),
+    "c3a b64": ("c3a", {"block_size": 64}),  # 64 divides 192, 576 and 1536
+    "fourierft n1000": ("fourierft", {"n_frequency": 1000, "scaling": 300.0}),
 }
 
 
