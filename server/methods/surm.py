@@ -1,7 +1,7 @@
 """SURM: Structured Unrestricted-Rank Matrices (arXiv 2406.17740) as an additive update.
 
 PyTorch layout: ``W [out, in]``, ``y = x Wᵀ + b``. The adapted layer is ``W' = W + α·ΔW`` with
-``ΔW`` one of three structured matrices (``N = max(out, in)``; non-square layers use the
+``ΔW`` one of four structured matrices (``N = max(out, in)``; non-square layers use the
 top-left ``[out, in]`` block of the ``N × N`` matrix, docs/adapter-format.md):
 
 * ``circulant``: ``ΔW = circ(c)[:out, :in]``, ``circ(c)[i, j] = c[(i − j) mod N]`` (first
@@ -16,9 +16,17 @@ top-left ``[out, in]`` block of the ``N × N`` matrix, docs/adapter-format.md):
   ``B = surm_kron_B [out/f, f]``, ``f = kron_factor`` dividing in and out. On the fly, with
   ``X = x.view(f, in/f)``: ``(B ⊗ A) x = (B X Aᵀ).reshape(out)`` (row ``p·f + r`` of ΔW is
   ``B[p, :] ⊗ A[r, :]``).
+* ``ldr``: the paper's general low-displacement-rank family
+  ``ΔW = (Σ_{i<r} Z_1(g_i) Z_{−1}(h_i))[:out, :in]`` (circulant times skew-circulant, r =
+  ``ldr_rank``; ``surm_g``, ``surm_h`` [r, N]). On the fly by FFTs, ``2r + 2`` of length N per row
+  (server/methods/_surm_ldr.py, which holds its math).
 
 Init (identity = train, one factor zero): circulant r1 ~ N(0, 0.02), r2 = 0; toeplitz
-a ~ N(0, 0.02), b = 0; kronecker A Kaiming-uniform, B = 0. FFTs always run in float32 (bf16
+a ~ N(0, 0.02), b = 0; kronecker A Kaiming-uniform, B = 0; ldr g = 0, h ~ N(0, 0.02) (the
+paper's code). The circulant's 0.02 is a choice: the paper's code comments std 0.02 but draws
+``torch.randn`` (std 1). Under Adam r2 moves about lr per step whatever r1's scale, so
+``c = r1 ⊙ r2`` moves in proportion to r1: std 1 would be a 50x larger effective learning rate
+(docs/adapter-format.md). FFTs always run in float32 (bf16
 has no FFT); α is folded into the prepared slot tensors, so it is not part of the signature.
 """
 
@@ -32,10 +40,11 @@ from typing import ClassVar, Literal, NamedTuple
 import torch
 from pydantic import Field, StrictInt, ValidationInfo, field_validator
 
+from . import _surm_ldr as ldr
 from .base import AdapterMethod, ConfigError, FastOp, InitMode, MethodConfig, ParamSpec, Scale, per_row
 from .registry import register_method
 
-Variant = Literal["circulant", "toeplitz", "kronecker"]
+Variant = Literal["circulant", "toeplitz", "kronecker", "ldr"]
 
 
 class SurmSig(NamedTuple):
@@ -45,6 +54,7 @@ class SurmSig(NamedTuple):
     out_f: int
     in_f: int
     kron_factor: int | None  # kronecker only
+    ldr_rank: int | None = None  # ldr only (a default: signatures built before ldr still hold)
 
 
 class SurmConfig(MethodConfig):
@@ -53,6 +63,9 @@ class SurmConfig(MethodConfig):
     # f: required for (and only for) the kronecker variant. Validated even when absent, after
     # ``variant`` (fields validate in order), so errors point at ``kron_factor``.
     kron_factor: StrictInt | None = Field(default=None, validate_default=True)
+    # r, the displacement rank: required for (and only for) the ldr variant, 1 <= r <= 64 and
+    # r <= N of every target (r = N already spans every matrix).
+    ldr_rank: StrictInt | None = Field(default=None, validate_default=True)
 
     @field_validator("kron_factor")
     @classmethod
@@ -67,9 +80,24 @@ class SurmConfig(MethodConfig):
             raise ValueError(f"kron_factor is only used by variant='kronecker', not {variant!r}")
         return f
 
+    @field_validator("ldr_rank")
+    @classmethod
+    def _check_ldr_rank(cls, r: int | None, info: ValidationInfo) -> int | None:
+        variant = info.data.get("variant")
+        if variant == "ldr":
+            if r is None:
+                raise ValueError("ldr_rank is required for variant='ldr'")
+            if not 1 <= r <= ldr.MAX_LDR_RANK:
+                raise ValueError(f"ldr_rank must be in [1, {ldr.MAX_LDR_RANK}], got {r}")
+        elif r is not None:
+            raise ValueError(f"ldr_rank is only used by variant='ldr', not {variant!r}")
+        return r
+
     def check_shape(self, module: str, out_f: int, in_f: int) -> None:
         if self.variant == "kronecker":
             _kron_dims(self.kron_factor, out_f, in_f, module)
+        elif self.variant == "ldr":
+            _ldr_dims(self.ldr_rank, out_f, in_f, module)
 
 
 def _kron_dims(f: int, out_f: int, in_f: int, module: str = "the linear") -> tuple[int, int]:
@@ -77,6 +105,13 @@ def _kron_dims(f: int, out_f: int, in_f: int, module: str = "the linear") -> tup
         if dim % f:
             raise ConfigError("kron_factor", f"kron_factor={f} does not divide {name}={dim} of {module}")
     return out_f // f, in_f // f
+
+
+def _ldr_dims(r: int, out_f: int, in_f: int, module: str = "the linear") -> tuple[int, int]:
+    n = max(out_f, in_f)
+    if r > n:
+        raise ConfigError("ldr_rank", f"ldr_rank={r} exceeds N = max(out, in) = {n} of {module}")
+    return r, n
 
 
 @cache
@@ -110,6 +145,9 @@ class SurmMethod(AdapterMethod):
             return {"surm_r1": ParamSpec((n,)), "surm_r2": ParamSpec((n,))}
         if cfg.variant == "toeplitz":
             return {"surm_a": ParamSpec((n,)), "surm_b": ParamSpec((n,))}
+        if cfg.variant == "ldr":
+            r, n = _ldr_dims(cfg.ldr_rank, out_f, in_f, f"a [{out_f}, {in_f}] linear")
+            return {"surm_g": ParamSpec((r, n)), "surm_h": ParamSpec((r, n))}
         f = cfg.kron_factor
         out_b, in_a = _kron_dims(f, out_f, in_f, f"a [{out_f}, {in_f}] linear")
         return {"surm_kron_A": ParamSpec((f, in_a)), "surm_kron_B": ParamSpec((out_b, f))}
@@ -121,6 +159,10 @@ class SurmMethod(AdapterMethod):
         out_f, in_f = weight.shape
         specs = self.param_specs(cfg, out_f, in_f)
         dev = weight.device
+        if mode not in ("identity", "train", "random"):
+            raise ConfigError("init", f"unknown init mode {mode!r}")
+        if cfg.variant == "ldr":
+            return ldr.init(mode, cfg.ldr_rank, max(out_f, in_f), weight, generator)
 
         def randn(shape: tuple[int, ...], std: float) -> torch.Tensor:
             return (torch.randn(shape, generator=generator, dtype=torch.float32) * std).to(dev)
@@ -136,8 +178,6 @@ class SurmMethod(AdapterMethod):
             else:
                 first = randn(s1.shape, 0.02)
             return {n1: first, n2: torch.zeros(s2.shape, dtype=torch.float32, device=dev)}
-        if mode != "random":
-            raise ConfigError("init", f"unknown init mode {mode!r}")
         # Random, non-zero; ΔW entries ~0.3x the scale of W (toeplitz entries sum N products).
         w_std = float(weight.detach().float().std()) if weight.numel() > 1 else 1.0
         target = 0.3 * (w_std if math.isfinite(w_std) and w_std > 0 else 1.0)
@@ -155,9 +195,14 @@ class SurmMethod(AdapterMethod):
         bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Explicit dense matrices: column j of circ(c) is c rolled down by j; column j of T(a)
-        is ``[a_j, .., a_1, a_0, a_1, .., a_{N−1−j}]``; Kronecker by ``torch.kron``."""
+        is ``[a_j, .., a_1, a_0, a_1, .., a_{N−1−j}]``; Kronecker by ``torch.kron``; LDR as the sum of
+        products of dense ``Z_1(g_i)``, ``Z_{−1}(h_i)``, in the weight's precision (float64 stays so)."""
         out_f, in_f = weight.shape
         n = max(out_f, in_f)
+        if cfg.variant == "ldr":
+            dt = torch.promote_types(weight.dtype, torch.float32)
+            dw = ldr.reference_delta(params["surm_g"].to(dt), params["surm_h"].to(dt), out_f, in_f)
+            return weight + cfg.alpha * dw.to(weight.dtype), bias
         p = {k: v.float() for k, v in params.items()}
         if cfg.variant == "circulant":
             c = p["surm_r1"] * p["surm_r2"]
@@ -184,6 +229,9 @@ class SurmMethod(AdapterMethod):
         n = max(out_f, in_f)
         dev = weight.device
         p = {k: v.float() for k, v in params.items()}
+        if cfg.variant == "ldr":
+            dw = ldr.merged_delta(p["surm_g"], p["surm_h"], cfg.alpha, out_f, in_f)
+            return weight + dw.to(weight.dtype), bias
         if cfg.variant == "kronecker":
             a, b = p["surm_kron_A"], p["surm_kron_B"]  # [f, in/f], [out/f, f]
             # (p, r, q, s) -> ΔW[p·f + r, q·(in/f) + s] = B[p, q] · A[r, s]
@@ -201,7 +249,7 @@ class SurmMethod(AdapterMethod):
 
     # ---- batched on-the-fly path ---------------------------------------------------------
     def signature(self, cfg: SurmConfig, out_f: int, in_f: int) -> SurmSig:
-        return SurmSig(cfg.variant, out_f, in_f, cfg.kron_factor if cfg.variant == "kronecker" else None)
+        return SurmSig(cfg.variant, out_f, in_f, cfg.kron_factor, cfg.ldr_rank)  # None off their variant
 
     def prepare(
         self, cfg: SurmConfig, params: dict[str, torch.Tensor], weight: torch.Tensor
@@ -209,6 +257,8 @@ class SurmMethod(AdapterMethod):
         out_f, in_f = weight.shape
         n = max(out_f, in_f)
         p = {k: v.float() for k, v in params.items()}
+        if cfg.variant == "ldr":
+            return ldr.spectra(p["surm_g"], p["surm_h"], cfg.alpha)  # ldr_h [r, N, 2], ldr_g [r, N//2+1, 2]
         if cfg.variant == "circulant":
             c = cfg.alpha * (p["surm_r1"] * p["surm_r2"])
             return {"spec": torch.view_as_real(torch.fft.rfft(c, n=n))}  # [N//2 + 1, 2]
@@ -232,10 +282,12 @@ class SurmMethod(AdapterMethod):
     def delta(
         self, sig: SurmSig, x: torch.Tensor, table: dict, slots: torch.Tensor | None, weight: torch.Tensor
     ) -> torch.Tensor:
-        variant, out_f, in_f, f = sig
+        variant, out_f, in_f, f = sig.variant, sig.out_f, sig.in_f, sig.kron_factor
         n = max(out_f, in_f)
         xf = x.to(_compute_dtype(x))  # [R, in]
-        if variant == "circulant":
+        if variant == "ldr":
+            dy = ldr.apply(xf, per_row(table["ldr_h"], slots), per_row(table["ldr_g"], slots), n, out_f)
+        elif variant == "circulant":
             spec = torch.view_as_complex(per_row(table["spec"], slots).float())  # [R|1, N//2+1]
             dy = torch.fft.irfft(torch.fft.rfft(xf, n=n) * spec, n=n)[..., :out_f]
         elif variant == "toeplitz":
@@ -266,8 +318,9 @@ class SurmMethod(AdapterMethod):
 
     def fast_op(self, kernels, sig: SurmSig, hook: str, shared) -> FastOp | None:
         """Circulant and Toeplitz share the input's real FFT between sibling projections (q/k/v,
-        gate/up read the same activations); Kronecker is two small per-row products."""
-        if hook != "delta":
+        gate/up read the same activations); Kronecker is two small per-row products. LDR has no
+        kernel: its torch code (``_surm_ldr.apply``) serves it."""
+        if hook != "delta" or sig.variant == "ldr":
             return None
         n = max(sig.out_f, sig.in_f)
         if sig.variant == "circulant":
