@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Hashable
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import Field, StrictInt, field_validator
@@ -55,6 +54,15 @@ _OFF = {
 MAX_BLOCK = 1 << 16  # above any hidden size; every b must also divide the linear's sides
 _INITS = (True, False, "gaussian", "kaiming_uniform", "xavier_uniform")
 BlockSize = Annotated[StrictInt, Field(ge=1, le=MAX_BLOCK)]
+
+
+class C3ASig(NamedTuple):
+    """Slot-table key: the shape and the block size."""
+
+    family: str
+    out_f: int
+    in_f: int
+    block_size: int
 
 
 def peft_pattern_key(pattern: dict, module: str) -> str | None:
@@ -126,6 +134,8 @@ class C3AMethod(AdapterMethod):
     name: ClassVar[str] = "c3a"
     peft_type: ClassVar[str] = "C3A"
     config_cls: ClassVar[type[MethodConfig]] = C3AConfig
+    # Rough (not tuned here): ΔW is kernel / in, so a step moves ΔW about lr / in per entry.
+    default_learning_rate: ClassVar[float] = 1e-1
 
     def param_specs(self, cfg: C3AConfig, out_f: int, in_f: int) -> dict[str, ParamSpec]:
         b = cfg.block_size
@@ -178,10 +188,10 @@ class C3AMethod(AdapterMethod):
         return (weight + delta).to(weight.dtype), bias
 
     # ---- serving -------------------------------------------------------------------------
-    def signature(self, cfg: C3AConfig, out_f: int, in_f: int) -> Hashable:
-        return ("c3a", out_f, in_f, cfg.block_size)
+    def signature(self, cfg: C3AConfig, out_f: int, in_f: int) -> C3ASig:
+        return C3ASig("c3a", out_f, in_f, cfg.block_size)
 
-    def hooks(self, sig: Hashable) -> frozenset[str]:
+    def hooks(self, sig: C3ASig) -> frozenset[str]:
         return frozenset({"delta"})
 
     def prepare(self, cfg: C3AConfig, params, weight):
@@ -191,8 +201,8 @@ class C3AMethod(AdapterMethod):
         spec = torch.fft.rfft(w, dim=-1).conj().resolve_conj() / weight.shape[1]  # [m, n, K]
         return {"spec": torch.view_as_real(spec.permute(2, 1, 0).contiguous())}
 
-    def delta(self, sig, x, table, slots, weight):
-        _, out_f, in_f, b = sig
+    def delta(self, sig: C3ASig, x, table, slots, weight):
+        out_f, in_f, b = sig.out_f, sig.in_f, sig.block_size
         dtype = _compute_dtype(x)
         xs = torch.fft.rfft(x.to(dtype).reshape(-1, in_f // b, b), dim=-1).transpose(1, 2)  # [R, K, n]
         spec = torch.view_as_complex(table["spec"].to(dtype))  # [S, K, n, m]

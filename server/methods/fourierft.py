@@ -29,9 +29,8 @@ the identity; False N(0, 1)).
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
 from functools import lru_cache
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +62,15 @@ PAD_MULTIPLE = 64  # serving pads n to a multiple of this, so adapters of nearby
 NFrequency = Annotated[StrictInt, Field(ge=1)]
 # Every value torch.Generator.manual_seed accepts (PEFT passes the seed there unchanged).
 Seed = Annotated[StrictInt, Field(ge=-(2**63), lt=2**64)]
+
+
+class FourierFTSig(NamedTuple):
+    """Slot-table key: the shape and the padded number of coefficients."""
+
+    family: str
+    out_f: int
+    in_f: int
+    n_pad: int
 
 
 class FourierFTConfig(MethodConfig):
@@ -124,6 +132,7 @@ class FourierFTMethod(AdapterMethod):
     name: ClassVar[str] = "fourierft"
     peft_type: ClassVar[str] = "FOURIERFT"
     config_cls: ClassVar[type[MethodConfig]] = FourierFTConfig
+    default_learning_rate: ClassVar[float] = 5e-2  # the FourierFT paper's order with scaling 150-300
 
     def param_specs(self, cfg: FourierFTConfig, out_f: int, in_f: int) -> dict[str, ParamSpec]:
         cfg.check_shape(f"a [{out_f}, {in_f}] linear", out_f, in_f)
@@ -173,14 +182,13 @@ class FourierFTMethod(AdapterMethod):
         return (weight + cfg.scaling * torch.fft.ifft2(dense).real).to(weight.dtype), bias
 
     # ---- serving -------------------------------------------------------------------------
-    def signature(self, cfg: FourierFTConfig, out_f: int, in_f: int) -> Hashable:
-        return ("fourierft", out_f, in_f, -(-cfg.n_frequency // PAD_MULTIPLE) * PAD_MULTIPLE)
+    def signature(self, cfg: FourierFTConfig, out_f: int, in_f: int) -> FourierFTSig:
+        return FourierFTSig("fourierft", out_f, in_f, -(-cfg.n_frequency // PAD_MULTIPLE) * PAD_MULTIPLE)
 
-    def serving_cost(self, sig: Hashable) -> Literal["cheap", "gemm"]:
-        _, out_f, in_f, n_pad = sig
-        return "gemm" if 4 * n_pad >= out_f * in_f else "cheap"
+    def serving_cost(self, sig: FourierFTSig) -> Literal["cheap", "gemm"]:
+        return "gemm" if 4 * sig.n_pad >= sig.out_f * sig.in_f else "cheap"
 
-    def hooks(self, sig: Hashable) -> frozenset[str]:
+    def hooks(self, sig: FourierFTSig) -> frozenset[str]:
         return frozenset({"delta"})
 
     def prepare(self, cfg: FourierFTConfig, params, weight):
@@ -188,7 +196,7 @@ class FourierFTMethod(AdapterMethod):
         of ``rfft(x)``) and the one written in the output's; ``coef [2·n_pad]``: its factor. Terms
         0..n-1 carry real parts, n_pad.. the imaginary ones; padding (coef 0, index 0) adds 0."""
         out_f, in_f = weight.shape
-        n_pad = self.signature(cfg, out_f, in_f)[3]
+        n_pad = self.signature(cfg, out_f, in_f).n_pad
         dev = weight.device
         u, v = (t.to(dev) for t in peft_positions(cfg, out_f, in_f))
         c = params["fourierft_spectrum"]
@@ -213,8 +221,8 @@ class FourierFTMethod(AdapterMethod):
         coef = torch.cat([F.pad(coef_re, (0, pad)), F.pad(coef_im, (0, pad))])
         return {"pos": torch.stack([read, write]), "coef": coef}  # [2, 2·n_pad], [2·n_pad]
 
-    def delta(self, sig, x, table, slots, weight):
-        _, out_f, _, n_pad = sig
+    def delta(self, sig: FourierFTSig, x, table, slots, weight):
+        out_f, n_pad = sig.out_f, sig.n_pad
         rows, dtype = x.shape[0], _compute_dtype(x)
         spec = torch.view_as_real(torch.fft.rfft(x.to(dtype), dim=-1)).flatten(-2)  # [R, 2(in//2+1)]
         pos = per_row(table["pos"], slots).expand(rows, 2, 2 * n_pad)
