@@ -1,5 +1,7 @@
-"""The SQLite index of the store: one row per adapter (its current version), and a per-id version
-counter that survives deletes, so ``(adapter_id, version)`` never names two different uploads.
+"""The SQLite index of the store (the embedded default ``Index``, see ``backends.py``): one row per
+adapter (its current version), a per-id version counter that survives deletes, so
+``(adapter_id, version)`` never names two different uploads, and a tombstone per deleted version
+(the garbage collector removes its blobs).
 
 One connection per call (threads never share one), WAL journal, ``synchronous=FULL`` so that a
 returned commit survives a power loss. Writes run in ``BEGIN IMMEDIATE`` transactions.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -35,6 +38,12 @@ CREATE TABLE IF NOT EXISTS adapters (
 CREATE TABLE IF NOT EXISTS versions (
     adapter_id   TEXT PRIMARY KEY,
     last_version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tombstones (
+    adapter_id TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    deleted_at REAL NOT NULL,
+    PRIMARY KEY (adapter_id, version)
 );
 """
 _COLUMNS = (
@@ -111,7 +120,7 @@ def is_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.Error) and code is not None and (code & 0xFF) == sqlite3.SQLITE_FULL
 
 
-class Index:
+class SqliteIndex:
     def __init__(self, path: Path):
         self.path = path
         # Held open (never queried) so that closing a per-call connection is not the last close,
@@ -235,13 +244,26 @@ class Index:
         return None if old is None else old[0]
 
     def delete(self, adapter_id: str) -> Row | None:
+        """Remove the row and leave a tombstone for its version (one transaction)."""
         with self._write() as conn:
             r = conn.execute(
                 f"SELECT {_COLUMNS} FROM adapters WHERE adapter_id = ?", (adapter_id,)
             ).fetchone()
             if r is not None:
                 conn.execute("DELETE FROM adapters WHERE adapter_id = ?", (adapter_id,))
+                conn.execute(
+                    "INSERT OR IGNORE INTO tombstones (adapter_id, version, deleted_at) VALUES (?, ?, ?)",
+                    (adapter_id, r[1], time.time()),
+                )
         return None if r is None else _row(r)
+
+    def tombstones(self) -> dict[str, int]:
+        with self._connect() as conn:
+            rows = conn.execute("SELECT adapter_id, MAX(version) FROM tombstones GROUP BY adapter_id")
+            return {aid: int(v) for aid, v in rows}
+
+    def is_full(self, exc: BaseException) -> bool:
+        return is_full(exc)
 
     def quarantine(self, adapter_id: str, version: int, sha256: str, reason: str) -> bool:
         """Quarantine exactly this stored version; False if the row changed meanwhile."""
@@ -252,6 +274,9 @@ class Index:
                 (QUARANTINED, reason, adapter_id, version, sha256),
             )
             return cur.rowcount == 1
+
+
+Index = SqliteIndex  # the name older callers import
 
 
 def quarantined(row: Row, reason: str) -> Row:

@@ -1,15 +1,17 @@
 """What the store does when it opens, so that after a crash at any point each adapter is either
-whole (index row + files whose sha256 matches) or absent:
+whole (index row + blobs whose sha256 matches) or absent:
 
-1. open the SQLite index; if it is damaged (not a database, failed ``quick_check``, unreadable
-   rows) move it aside as ``index.sqlite3.corrupt-<time>`` and rebuild it from the files on disk:
-   the newest version folder of each id is re-validated and becomes a ``ready`` row, or a
-   ``quarantined`` one with the reason;
-2. remove everything under ``staging/`` (uploads that never got renamed into place);
-3. under ``adapters/`` remove every entry that no index row points to: ids without a row, version
-   folders other than the row's, stray files and symlinks (never followed);
-4. quarantine rows whose files are missing or whose weights file has the wrong size (the full
-   sha256 check happens on every load).
+1. open the index. A damaged SQLite index (not a database, failed ``quick_check``, unreadable
+   rows) is moved aside as ``index.sqlite3.corrupt-<time>`` and rebuilt from the blobs: the
+   newest version of each id is re-validated and becomes a ``ready`` row, or a ``quarantined``
+   one with the reason (tombstones are lost with the old file). Other indexes are opened as is;
+2. remove what staging left behind (local blobs: uploads that never got renamed into place);
+3. collect garbage (``gc.py``): every blob that no row needs (superseded, tombstoned, orphans of
+   a crashed put older than the grace period, strays; links are never followed);
+4. quarantine rows whose blobs are missing or whose weights have the wrong size (the full sha256
+   check happens on every load). The rows are read *before* the blobs are listed: a row always
+   commits after its blobs, so a row seen here has its blobs in the listing unless a newer
+   version replaced it meanwhile (and then the quarantine, which names the version, does nothing).
 """
 
 from __future__ import annotations
@@ -20,18 +22,20 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends import ADAPTERS_PREFIX, BlobError, BlobInfo, BlobStore, blob_key
 from .errors import StoreError
-from .fsutil import remove_tree
-from .ids import CONFIG_NAME, WEIGHTS_NAME, is_valid_id, parse_version_dir, version_dir_name
-from .index import QUARANTINED, READY, AdapterRecord, Index, Row, is_damage
+from .gc import collect_garbage, unit_of
+from .ids import CONFIG_NAME, WEIGHTS_NAME
+from .index import QUARANTINED, READY, AdapterRecord, Row, SqliteIndex, is_damage
 
 log = logging.getLogger("facet.store")
 
-# (adapter_id, version folder) -> a ready Row, or raises StoreError
-Revalidate = Callable[[str, int, Path], Row]
+# (adapter_id, version, {file name: BlobInfo}) -> a ready Row, or raises StoreError
+Revalidate = Callable[[str, int, dict[str, BlobInfo]], Row]
 
 
 @dataclass
@@ -41,6 +45,7 @@ class OpenReport:
     index_rebuilt: bool = False
     staging_removed: int = 0
     orphans_removed: int = 0
+    orphans_young: int = 0  # orphans kept for a later GC (younger than the grace period)
     quarantined: list[str] = field(default_factory=list)  # ids quarantined at this open
 
     @property
@@ -48,9 +53,11 @@ class OpenReport:
         return self.index_rebuilt or bool(self.quarantined)
 
 
-def open_index(root: Path, revalidate: Revalidate, base_model: str, report: OpenReport) -> Index:
+def open_sqlite_index(
+    root: Path, blobs: BlobStore, revalidate: Revalidate, base_model: str, report: OpenReport
+) -> SqliteIndex:
     path = root / "index.sqlite3"
-    index = Index(path)
+    index = SqliteIndex(path)
     try:
         index.open()
         return index
@@ -63,100 +70,90 @@ def open_index(root: Path, revalidate: Revalidate, base_model: str, report: Open
         src = root / f"index.sqlite3{suffix}"
         if src.exists():
             os.replace(src, root / f"index.sqlite3.corrupt-{stamp}{suffix}")
-    index = Index(path)
+    index = SqliteIndex(path)
     index.open()
-    rebuild(root / "adapters", index, revalidate, base_model)
+    rebuild(blobs, index, revalidate, base_model)
     report.index_rebuilt = True
     return index
 
 
-def _newest_version(id_dir: Path) -> tuple[int, Path] | None:
-    best: tuple[int, Path] | None = None
-    with os.scandir(id_dir) as it:
-        for entry in it:
-            v = parse_version_dir(entry.name)
-            if v is not None and entry.is_dir(follow_symlinks=False) and (best is None or v > best[0]):
-                best = (v, Path(entry.path))
-    return best
+def _newest_versions(blobs: BlobStore) -> dict[str, tuple[int, dict[str, BlobInfo]]]:
+    """Each id's newest version that holds at least one object -> its objects by file name."""
+    newest: dict[str, tuple[int, dict[str, BlobInfo]]] = {}
+    for info in blobs.list(ADAPTERS_PREFIX):
+        prefix, aid, version = unit_of(info.key)
+        name = info.key[len(prefix) :]
+        if aid is None or not name or "/" in name:
+            continue
+        best = newest.get(aid)
+        if best is None or version > best[0]:
+            newest[aid] = (version, {})
+        if newest[aid][0] == version:
+            newest[aid][1][name] = info
+    return newest
 
 
-def _broken_row(adapter_id: str, version: int, folder: Path, base_model: str, reason: str) -> Row:
-    weights = folder / WEIGHTS_NAME
+def _broken_row(
+    blobs: BlobStore, adapter_id: str, version: int, infos: dict[str, BlobInfo], base: str, reason: str
+) -> Row:
     size, digest = 0, hashlib.sha256(b"").hexdigest()
-    try:
-        if weights.is_file() and not weights.is_symlink():
-            with open(weights, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-                size = f.tell()
-    except OSError:
-        pass
-    rec = AdapterRecord(adapter_id, version, "", {}, 0, size, digest, time.time(), QUARANTINED, reason)
-    return Row(rec, "", base_model)
-
-
-def rebuild(adapters_root: Path, index: Index, revalidate: Revalidate, base_model: str) -> None:
-    if not adapters_root.is_dir():
-        return
-    with os.scandir(adapters_root) as it:
-        entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
-    for name, is_dir in entries:
-        if not is_dir or not is_valid_id(name):
-            continue
-        newest = _newest_version(adapters_root / name)
-        if newest is None:
-            continue
-        version, folder = newest
+    weights = infos.get(WEIGHTS_NAME)
+    if weights is not None and weights.regular:
         try:
-            row = revalidate(name, version, folder)
+            data = blobs.get(weights.key, weights.size)
+            size, digest = len(data), hashlib.sha256(data).hexdigest()
+        except (OSError, BlobError):
+            pass
+    rec = AdapterRecord(adapter_id, version, "", {}, 0, size, digest, time.time(), QUARANTINED, reason)
+    return Row(rec, "", base)
+
+
+def rebuild(blobs: BlobStore, index: SqliteIndex, revalidate: Revalidate, base_model: str) -> None:
+    for name, (version, infos) in sorted(_newest_versions(blobs).items()):
+        try:
+            row = revalidate(name, version, infos)
         except StoreError as e:
-            row = _broken_row(name, version, folder, base_model, f"index rebuilt; stored files invalid ({e})")
-        except OSError as e:
-            row = _broken_row(name, version, folder, base_model, f"index rebuilt; unreadable ({e.strerror})")
+            row = _broken_row(
+                blobs, name, version, infos, base_model, f"index rebuilt; stored files invalid ({e})"
+            )
+        except (OSError, BlobError) as e:
+            reason = getattr(e, "strerror", None) or "missing"
+            row = _broken_row(
+                blobs, name, version, infos, base_model, f"index rebuilt; unreadable ({reason})"
+            )
         index.allocate_version(name)  # counter row; commit() raises it to ``version``
         index.commit(row)
         log.warning("adapter index: rebuilt entry for %r (v%d, %s)", name, version, row.record.status)
 
 
-def sweep(root: Path, index: Index, report: OpenReport) -> None:
-    staging = root / "staging"
-    with os.scandir(staging) as it:
-        leftovers = [Path(e.path) for e in it]
-    for p in leftovers:
-        remove_tree(p)
-    report.staging_removed = len(leftovers)
-
-    rows = {r.adapter_id: r for r in index.all_rows()}
-    adapters_root = root / "adapters"
-    with os.scandir(adapters_root) as it:
-        entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-    for name, is_dir in entries:
-        path = adapters_root / name
-        row = rows.get(name) if is_dir and is_valid_id(name) else None
-        if row is None:
-            remove_tree(path)
-            report.orphans_removed += 1
-            continue
-        keep = version_dir_name(row.version)
-        with os.scandir(path) as it:
-            stale = [e.name for e in it if e.name != keep or not e.is_dir(follow_symlinks=False)]
-        for entry in stale:
-            remove_tree(path / entry)
-            report.orphans_removed += 1
-
-    for aid, row in rows.items():
+def sweep(
+    blobs: BlobStore,
+    index,
+    report: OpenReport,
+    grace_s: float,
+    lock_for: Callable[[str], AbstractContextManager] | None = None,
+) -> None:
+    """Steps 2 to 4 above."""
+    report.staging_removed = blobs.sweep_staging()
+    rows = index.all_rows()
+    gc = collect_garbage(blobs, index, grace_s, lock_for)
+    report.orphans_removed += gc.removed
+    report.orphans_young = gc.young
+    for row in rows:
         if row.record.status != READY:
             continue
-        reason = _files_problem(adapters_root / aid / version_dir_name(row.version), row)
+        reason = _blobs_problem(gc.listing, row)
+        aid = row.adapter_id
         if reason is not None and index.quarantine(aid, row.version, row.record.sha256, reason):
             report.quarantined.append(aid)
             log.error("adapter %r quarantined at open: %s", aid, reason)
 
 
-def _files_problem(folder: Path, row: Row) -> str | None:
+def _blobs_problem(listing: dict[str, BlobInfo], row: Row) -> str | None:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
-        p = folder / name
-        if p.is_symlink() or not p.is_file():
+        info = listing.get(blob_key(row.adapter_id, row.version, name))
+        if info is None or not info.regular:
             return f"{name} is missing"
-    if (folder / WEIGHTS_NAME).stat().st_size != row.record.nbytes:
+    if listing[blob_key(row.adapter_id, row.version, WEIGHTS_NAME)].size != row.record.nbytes:
         return f"{WEIGHTS_NAME} has the wrong size"
     return None

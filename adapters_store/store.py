@@ -1,26 +1,36 @@
-"""The durable adapter store: validated uploads, versioned files, a SQLite index, quarantine.
+"""The durable adapter store: validated uploads, immutable versioned blobs, an index, quarantine.
 
-Layout under ``root`` (a trusted zone: only this class writes there)::
+Two halves (``backends.py``): a **blob store** holds each version's two files under immutable keys
+``adapters/<adapter_id>/v<version>/{adapter_config.json,adapter_model.safetensors}`` (local files
+by default, or S3), and an **index** holds one row per adapter, its current version with both
+files' sha256 (SQLite by default, or PostgreSQL). With the defaults the layout under ``root`` is::
 
     index.sqlite3                                    one row per adapter (current version)
     staging/<uuid>/                                  uploads being written (swept at open)
     adapters/<adapter_id>/v<version>/adapter_config.json
     adapters/<adapter_id>/v<version>/adapter_model.safetensors
+    cache/                                           read-through cache (remote blob stores only)
 
-``put``: validate everything in memory (``validate.py``) -> write both files into a fresh
-staging folder, fsync each file and the folder -> reserve a version number in SQLite -> rename
-the folder to ``adapters/<id>/v<version>`` and fsync the parent -> commit the row in one SQLite
-transaction -> remove the previous version's folder (the engine keeps in-flight copies in
-memory). A crash before the commit leaves a folder no row points to, which the next open removes;
-a crash after it leaves a stale old version folder, also removed at open.
+``put``: validate everything in memory (``validate.py``) -> stage both files (local: a fresh
+staging folder, each file and the folder fsynced) -> reserve a version number in the index ->
+publish the files under the version's keys with a conditional create (local: rename the folder
+into place; S3: ``If-None-Match: *``) -> commit the row -> remove the previous version's blobs
+(the engine keeps in-flight copies in memory). The row commits only after its blobs, so a crash
+leaves at worst blobs that no row points to, which the garbage collector (``gc.py``, run at open
+and by ``gc()``) removes; never a row without its blobs.
+
+``delete`` removes the row and leaves a tombstone in the index (one transaction), then removes the
+version's blobs; a crash in between leaves blobs the GC removes.
 
 ``load``: re-hash both files and re-validate them against the base model; any mismatch marks
 the adapter ``quarantined`` (with the reason) and raises ``Corrupt`` (409) until it is
-re-uploaded or deleted. Other adapters are unaffected.
+re-uploaded or deleted. Other adapters are unaffected. With a remote blob store, reads go through
+a bounded local cache (``cache.py``) that checks every copy against the row's sha256.
 
-Thread-safe: SQLite connections are per call; writers of one id (put/delete) serialise on a
-per-id lock, so concurrent re-uploads get versions 1..N with exactly one current. One process
-owns a store root at a time.
+Thread-safe: writers of one id (put/delete, and the GC for that id) serialise on a per-id lock,
+so concurrent re-uploads get versions 1..N with exactly one current. With local blobs and the
+SQLite index one process owns a store root; with S3 and PostgreSQL any number of replicas share
+one store (the index serialises writers of one id across them).
 """
 
 from __future__ import annotations
@@ -29,41 +39,78 @@ import hashlib
 import os
 import threading
 import time
-import uuid
 import zlib
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 
 from server.methods import Adapter
 
+from .backends import BlobError, BlobExists, BlobInfo, BlobMissing, BlobStore, Index, blob_key, version_prefix
+from .blobs_local import LocalBlobStore
+from .cache import BlobCache, ChecksumMismatch
 from .errors import Conflict, Corrupt, NotFound, StoreError, TooLarge, ValidationError
-from .fsutil import disk_full_error, fsync_dir, is_disk_full, read_bounded, remove_tree, write_durable
-from .ids import CONFIG_NAME, FILE_NAMES, WEIGHTS_NAME, adapter_dir, check_id, version_dir
-from .index import QUARANTINED, READY, AdapterRecord, Index, Row, is_full
+from .fsutil import disk_full_error, fsync_dir, is_disk_full, write_durable
+from .gc import SHARED_GRACE_S, GcReport, collect_garbage
+from .ids import CONFIG_NAME, FILE_NAMES, WEIGHTS_NAME, check_id
+from .index import QUARANTINED, READY, AdapterRecord, Row, is_full
 from .limits import StoreLimits
-from .recovery import OpenReport, open_index, sweep
+from .recovery import OpenReport, open_sqlite_index, sweep
 from .validate import canonical_config_bytes, validate_config, validate_upload, validate_weights
 
 MAX_PAGE = 1000
 _LOCK_STRIPES = 64
+DEFAULT_CACHE_BYTES = 1 << 30
 
 
 def _fault_point(stage: str) -> None:
-    """No-op hook between the durable steps of ``put`` (tests make it raise to simulate a crash).
+    """No-op hook between the durable steps of ``put`` (tests make it raise, or exit the process,
+    to simulate a crash). Stages, in order: ``staged``, ``allocated``, ``renamed`` (the blobs are
+    published under their keys; a rename on local files), ``committed`` (the index row)."""
 
-    Stages, in order: ``staged``, ``allocated``, ``renamed``, ``committed``.
-    """
+
+@dataclass
+class _Doomed:
+    """Blobs that no committed row needs: a stage never published, and/or a version's prefix."""
+
+    blobs: BlobStore
+    staged: Any = None
+    prefix: str | None = None
+
+    def remove(self) -> None:
+        if self.staged is not None:
+            self.blobs.discard(self.staged)
+        if self.prefix is not None:
+            self.blobs.delete_prefix(self.prefix)
 
 
-def _discard_uncommitted(path: Path) -> None:
-    """Best-effort removal of an upload that did not commit (the next open sweeps it otherwise)."""
+def _discard_uncommitted(doomed: _Doomed) -> None:
+    """Best-effort removal of blobs no row needs (the garbage collector removes them otherwise)."""
     try:
-        remove_tree(path)
-    except OSError:
+        doomed.remove()
+    except (OSError, BlobError, StoreError):  # StoreError: a planted link; the GC removes it
         pass
+
+
+# The local blob store's file primitives, looked up in this module at call time: crash tests
+# fault one exact step here (``write_durable`` of one file, ``os.rename``, one ``fsync_dir``).
+_MODULE_FS = SimpleNamespace(
+    write_durable=lambda path, data: write_durable(path, data),
+    fsync_dir=lambda path: fsync_dir(path),
+    rename=lambda src, dst: os.rename(src, dst),
+)
+
+
+@dataclass(frozen=True)
+class _Version:
+    """One version's key prefix and the sha256 its row records for each file (``_read``'s folder)."""
+
+    prefix: str
+    digests: dict[str, str]
 
 
 class _Damaged(Exception):
@@ -81,16 +128,27 @@ class AdapterStore:
         base_model_name: str,
         limits: StoreLimits | None = None,
         table_dtype: torch.dtype = torch.float32,
+        *,
+        blobs: BlobStore | None = None,
+        index: Index | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        orphan_grace_s: float | None = None,
     ):
         """``table_dtype``: the engine's serving dtype; every adapter's prepared slot tables must be
-        finite in it (at upload and at every load)."""
+        finite in it (at upload and at every load).
+
+        ``blobs``/``index``: the backends (``backends.open_backends``); None means local files and
+        SQLite under ``root``. ``root`` also holds the read-through cache of a remote blob store
+        (``cache_bytes`` at most). ``orphan_grace_s``: how old a blob no row points to must be
+        before the GC removes it; default 0 for local blobs (one process owns them), 15 minutes
+        for shared ones (another replica may be between its blobs and its row)."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
         self.adapters_root = self.root / "adapters"
         self.staging_root = self.root / "staging"
-        self.adapters_root.mkdir(exist_ok=True)
-        self.staging_root.mkdir(exist_ok=True)
+        self._blobs: BlobStore = blobs if blobs is not None else LocalBlobStore(self.root, fs=_MODULE_FS)
+        self._cache = BlobCache(self.root / "cache", cache_bytes) if self._blobs.remote else None
         self.module_shapes = {k: (int(v[0]), int(v[1])) for k, v in module_shapes.items()}
         self.base_model_name = base_model_name
         self.table_dtype = table_dtype
@@ -98,19 +156,42 @@ class AdapterStore:
         # Stored configs are canonical JSON, which can be longer than the upload (defaults added).
         self._stored_limits = replace(self.limits, max_config_bytes=self.limits.max_config_bytes * 8)
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        if orphan_grace_s is None:
+            orphan_grace_s = 0.0 if self._blobs.single_owner else SHARED_GRACE_S
+        self.orphan_grace_s = float(orphan_grace_s)
         self.open_report = OpenReport()
-        self._index: Index = open_index(self.root, self._revalidate, base_model_name, self.open_report)
-        sweep(self.root, self._index, self.open_report)
+        if index is None:
+            index = open_sqlite_index(
+                self.root, self._blobs, self._revalidate, base_model_name, self.open_report
+            )
+        else:
+            index.open()
+        self._index: Index = index
+        sweep(self._blobs, self._index, self.open_report, self.orphan_grace_s, self._lock)
 
     def close(self) -> None:
-        """Release the index file (the store holds no other resources). Optional."""
+        """Release the index and the blob store's connections. Optional."""
         self._index.close()
+        self._blobs.close()
 
     def __enter__(self) -> AdapterStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def blobs(self) -> BlobStore:
+        return self._blobs
+
+    @property
+    def index(self) -> Index:
+        return self._index
+
+    @property
+    def cache(self) -> BlobCache | None:
+        """The read-through cache (remote blob stores only)."""
+        return self._cache
 
     # ---- writes ------------------------------------------------------------------------------
     def put(self, adapter_id: str, config_bytes: bytes, weights_file: Path | bytes) -> AdapterRecord:
@@ -124,25 +205,15 @@ class AdapterStore:
         if len(up.config_bytes) > self._stored_limits.max_config_bytes:
             raise TooLarge("max_config_bytes", "adapter_config.json is too large once defaults are filled in")
         with self._lock(adapter_id):
-            staging = self.staging_root / uuid.uuid4().hex
-            final: Path | None = None
+            doomed = _Doomed(self._blobs)
             committed = False
             try:
-                os.mkdir(staging)
-                write_durable(staging / CONFIG_NAME, up.config_bytes)
-                write_durable(staging / WEIGHTS_NAME, up.weights)
-                fsync_dir(staging)
+                doomed.staged = self._blobs.new_stage()
+                self._blobs.stage(doomed.staged, {CONFIG_NAME: up.config_bytes, WEIGHTS_NAME: up.weights})
                 _fault_point("staged")
                 version = self._index.allocate_version(adapter_id)
                 _fault_point("allocated")
-                id_dir = adapter_dir(self.adapters_root, adapter_id)
-                if not id_dir.is_dir():
-                    id_dir.mkdir()
-                    fsync_dir(self.adapters_root)
-                final = version_dir(self.adapters_root, adapter_id, version)
-                os.rename(staging, final)
-                fsync_dir(id_dir)
-                fsync_dir(self.staging_root)
+                self._publish(doomed, version_prefix(adapter_id, version))
                 _fault_point("renamed")
                 rec = AdapterRecord(
                     adapter_id=adapter_id,
@@ -165,28 +236,39 @@ class AdapterStore:
                 _fault_point("committed")
             except BaseException as e:
                 if not committed:
-                    _discard_uncommitted(staging)
-                    if final is not None:
-                        _discard_uncommitted(final)
-                if is_disk_full(e) or is_full(e):
+                    _discard_uncommitted(doomed)
+                if is_disk_full(e) or is_full(e) or self._index.is_full(e):
                     raise disk_full_error() from None
                 raise
-            if previous is not None:  # committed: the old version's files are garbage now
-                try:
-                    _discard_uncommitted(version_dir(self.adapters_root, adapter_id, previous))
-                except StoreError:
-                    pass  # a planted link; the next open's sweep removes it
+            if previous is not None:  # committed: the old version's blobs are garbage now
+                _discard_uncommitted(_Doomed(self._blobs, prefix=version_prefix(adapter_id, previous)))
         return rec
 
+    def _publish(self, doomed: _Doomed, prefix: str) -> None:
+        doomed.prefix = prefix  # from here on a failure may leave our blobs there: remove them
+        try:
+            self._blobs.publish(doomed.staged, prefix)
+        except BlobExists:
+            doomed.prefix = None  # not ours: never remove what another writer put
+            raise Conflict(
+                "adapter_id", "the blob store already holds this version; the index is behind it"
+            ) from None
+
     def delete(self, adapter_id: str) -> AdapterRecord:
-        """Remove the adapter (row first, then files); NotFound if absent. Returns the removed record."""
+        """Remove the adapter (row -> tombstone first, then blobs); NotFound if absent. Returns the
+        removed record."""
         check_id(adapter_id)
         with self._lock(adapter_id):
             row = self._index.delete(adapter_id)
             if row is None:
                 raise NotFound()
-            _discard_uncommitted(adapter_dir(self.adapters_root, adapter_id))
+            _discard_uncommitted(_Doomed(self._blobs, prefix=version_prefix(adapter_id, row.version)))
         return row.record
+
+    def gc(self, grace_s: float | None = None) -> GcReport:
+        """Remove blobs that no row needs (``gc.py``); also run at every open."""
+        grace = self.orphan_grace_s if grace_s is None else grace_s
+        return collect_garbage(self._blobs, self._index, grace, self._lock)
 
     # ---- reads -------------------------------------------------------------------------------
     def get(self, adapter_id: str) -> AdapterRecord:
@@ -209,11 +291,28 @@ class AdapterStore:
         return None if row is None else row.version
 
     def file_path(self, adapter_id: str, name: str) -> Path:
-        """Path of ``adapter_config.json`` or ``adapter_model.safetensors`` of the current version."""
+        """Path of ``adapter_config.json`` or ``adapter_model.safetensors`` of the current version.
+
+        With a remote blob store: a cached copy checked against the row's sha256 just now (open
+        it at once: the cache may evict it later); Corrupt (and quarantined) if the blob is not."""
         if name not in FILE_NAMES:
             raise ValidationError("name", f"file name must be one of {list(FILE_NAMES)}")
         row = self._row(adapter_id)
-        return version_dir(self.adapters_root, adapter_id, row.version) / name
+        key = blob_key(adapter_id, row.version, name)
+        if self._cache is None:
+            return self._blobs.local_path(key)
+        limit = self._stored_limits.max_config_bytes if name == CONFIG_NAME else row.record.nbytes
+        try:
+            data = self._read(self._version(row), name, limit)
+            if len(data) > limit:
+                raise _Damaged(name, f"{name} has the wrong size")
+        except _Damaged as d:
+            self._index.quarantine(adapter_id, row.version, row.record.sha256, d.reason)
+            raise Corrupt(d.where, d.reason) from None
+        path = self._cache.path(key)
+        if path is None:
+            raise Conflict("store_cache_bytes", "the file is larger than the local cache; raise its size")
+        return path
 
     def total_bytes(self) -> int:
         """Sum of ``nbytes`` (weights file sizes) over all stored adapters."""
@@ -254,20 +353,31 @@ class AdapterStore:
             raise NotFound()
         return row
 
-    def _read(self, folder: Path, name: str, max_bytes: int) -> bytes:
+    @staticmethod
+    def _version(row: Row) -> _Version:
+        digests = {CONFIG_NAME: row.config_sha256, WEIGHTS_NAME: row.record.sha256}
+        return _Version(version_prefix(row.adapter_id, row.version), digests)
+
+    def _read(self, folder: _Version, name: str, max_bytes: int) -> bytes:
+        """One file of a version, at most ``max_bytes + 1`` bytes; through the cache when remote."""
+        key = folder.prefix + name
         try:
-            return read_bounded(folder / name, max_bytes)
-        except FileNotFoundError:
+            if self._cache is None:
+                return self._blobs.get(key, max_bytes)
+            fetch = lambda: self._blobs.get(key, max_bytes)
+            return self._cache.read(key, folder.digests[name], max_bytes, fetch)
+        except BlobMissing:
             raise _Damaged(name, f"{name} is missing") from None
+        except ChecksumMismatch:
+            raise _Damaged(name, f"{name} does not match its recorded sha256") from None
+        except Corrupt as e:
+            raise _Damaged("adapter_id", e.message) from None
         except OSError as e:
             raise _Damaged(name, f"{name} is unreadable ({e.strerror or 'I/O error'})") from None
 
     def _verify(self, row: Row) -> Adapter:
         rec = row.record
-        try:
-            folder = version_dir(self.adapters_root, rec.adapter_id, rec.version)
-        except Corrupt as e:
-            raise _Damaged("adapter_id", e.message) from None
+        folder = self._version(row)
         config = self._read(folder, CONFIG_NAME, self._stored_limits.max_config_bytes)
         if hashlib.sha256(config).hexdigest() != row.config_sha256:
             raise _Damaged(CONFIG_NAME, f"{CONFIG_NAME} does not match its recorded sha256")
@@ -285,10 +395,11 @@ class AdapterStore:
             raise _Damaged(e.where, f"stored files no longer validate ({e.where}: {e.message})") from None
         return adapter
 
-    def _revalidate(self, adapter_id: str, version: int, folder: Path) -> Row:
-        """Rebuild an index row from a version folder (used when the index was damaged)."""
-        config = read_bounded(folder / CONFIG_NAME, self._stored_limits.max_config_bytes)
-        weights = read_bounded(folder / WEIGHTS_NAME, self.limits.max_weights_bytes)
+    def _revalidate(self, adapter_id: str, version: int, infos: dict[str, BlobInfo]) -> Row:
+        """Rebuild an index row from a version's blobs (used when the index was damaged)."""
+        prefix = version_prefix(adapter_id, version)
+        config = self._blobs.get(prefix + CONFIG_NAME, self._stored_limits.max_config_bytes)
+        weights = self._blobs.get(prefix + WEIGHTS_NAME, self.limits.max_weights_bytes)
         up = validate_upload(config, weights, self.module_shapes, self._stored_limits, self.table_dtype)
         cfg_dict, _ = canonical_config_bytes(up.adapter.config)
         rec = AdapterRecord(
@@ -299,7 +410,7 @@ class AdapterStore:
             trainable_params=up.trainable_params,
             nbytes=len(weights),
             sha256=up.sha256,
-            created_at=(folder / WEIGHTS_NAME).stat().st_mtime,
+            created_at=infos[WEIGHTS_NAME].mtime,
             status=READY,
             error=None,
         )
