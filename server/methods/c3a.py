@@ -134,7 +134,8 @@ class C3AMethod(AdapterMethod):
     name: ClassVar[str] = "c3a"
     peft_type: ClassVar[str] = "C3A"
     config_cls: ClassVar[type[MethodConfig]] = C3AConfig
-    # Rough (not tuned here): ΔW is kernel / in, so a step moves ΔW about lr / in per entry.
+    # ΔW is kernel / in, so a step moves ΔW about lr / in per entry (tiny Llama, 40 steps: loss ratio
+    # .61 at 1e-2, .08 at 1e-1; tests/jobs/test_train_c3a_fourierft.py).
     default_learning_rate: ClassVar[float] = 1e-1
 
     def param_specs(self, cfg: C3AConfig, out_f: int, in_f: int) -> dict[str, ParamSpec]:

@@ -132,7 +132,8 @@ class FourierFTMethod(AdapterMethod):
     name: ClassVar[str] = "fourierft"
     peft_type: ClassVar[str] = "FOURIERFT"
     config_cls: ClassVar[type[MethodConfig]] = FourierFTConfig
-    default_learning_rate: ClassVar[float] = 5e-2  # the FourierFT paper's order with scaling 150-300
+    # The FourierFT recipes' order with scaling 150-300 (tiny Llama, 40 steps: loss ratio .22 at 5e-2).
+    default_learning_rate: ClassVar[float] = 5e-2
 
     def param_specs(self, cfg: FourierFTConfig, out_f: int, in_f: int) -> dict[str, ParamSpec]:
         cfg.check_shape(f"a [{out_f}, {in_f}] linear", out_f, in_f)
