@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from adapters_store.backends import open_backends
 from adapters_store.limits import StoreLimits
 from adapters_store.store import AdapterStore
 from server.engine.engine import Engine
@@ -57,13 +58,27 @@ def store_limits(settings: Settings) -> StoreLimits:
 
 
 def open_store(settings: Settings, base) -> AdapterStore:
-    """The adapter store for ``base``: validated against its shapes, tables checked in its dtype."""
+    """The adapter store for ``base``: validated against its shapes, tables checked in its dtype.
+    Its blob store and index are the ones ``settings.store_*`` name (local files + SQLite by
+    default; boto3/psycopg are imported only when S3/PostgreSQL are chosen)."""
+    root = settings.data_dir / "adapters"
+    blobs, index = open_backends(
+        root,
+        settings.store_blob_url,
+        settings.store_index_url,
+        s3_endpoint=settings.store_s3_endpoint,
+        s3_region=settings.store_s3_region,
+    )
     return AdapterStore(
-        settings.data_dir / "adapters",
+        root,
         base.module_shapes,
         base.name,
         store_limits(settings),
         table_dtype=base.dtype,
+        blobs=blobs,
+        index=index,
+        cache_bytes=settings.store_cache_bytes,
+        orphan_grace_s=settings.store_orphan_grace_s,
     )
 
 

@@ -129,6 +129,29 @@ class Settings(BaseSettings):
         20, ge=0, description="adapters (top N by requests) with their own /metrics series; the rest: 'other'"
     )
 
+    # ---- adapter store backends (docs/scale-out.md, "Shared store") ----
+    store_blob_url: str = Field(
+        "file",
+        pattern=r"^(file|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?)$",
+        description="adapter files: 'file' (under <data_dir>/adapters) or s3://<bucket>[/<prefix>]",
+    )
+    store_s3_endpoint: str | None = Field(
+        None, pattern=r"^https?://", description="S3 endpoint URL (MinIO, SeaweedFS, ...); default: AWS"
+    )
+    store_s3_region: str | None = Field(None, description="S3 region; default us-east-1")
+    store_index_url: str = Field(
+        "sqlite",
+        pattern=r"^(sqlite|postgres(ql)?://.+)$",
+        description="adapter index: 'sqlite' (<data_dir>/adapters/index.sqlite3) or a postgresql:// DSN "
+        "(keep the password in PGPASSWORD or ~/.pgpass)",
+    )
+    store_cache_bytes: int = Field(
+        1 << 30, ge=0, description="byte bound of the local read-through cache of S3 blobs"
+    )
+    store_orphan_grace_s: float | None = Field(
+        None, ge=0, description="age before the GC removes a blob no row points to; default 0 local, 900 S3"
+    )
+
     @property
     def model_cache_dir(self) -> Path:
         return self.models_dir if self.models_dir is not None else self.data_dir / "models"

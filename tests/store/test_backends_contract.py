@@ -363,3 +363,59 @@ def test_commit_refuses_an_older_version(open_store):
     stale = Row(replace(row.record, version=1), row.config_sha256, row.base_model)
     assert store.index.commit(stale) == -1
     assert store.index.get("race") == row
+
+
+# ---- settings --------------------------------------------------------------------------------------
+def test_the_embedded_default_imports_neither_boto3_nor_psycopg(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path.cwd())!r})
+        from types import SimpleNamespace
+        from server.app import open_store
+        from server.settings import Settings
+        from tests.store.helpers import BASE, MODULE_SHAPES
+        import torch
+        base = SimpleNamespace(module_shapes=MODULE_SHAPES, name=BASE, dtype=torch.float32)
+        store = open_store(Settings(data_dir={str(tmp_path)!r}), base)
+        assert type(store.blobs).__name__ == "LocalBlobStore" and type(store.index).__name__ == "SqliteIndex"
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore", "psycopg"))
+        assert not leaked, leaked
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+def test_settings_select_the_backends(tmp_path, s3_endpoint, pg_server):
+    from types import SimpleNamespace
+
+    import torch
+
+    from adapters_store.blobs_s3 import S3BlobStore
+    from adapters_store.index_pg import PostgresIndex
+    from server.app import open_store
+    from server.settings import Settings
+
+    from .helpers import BASE, MODULE_SHAPES
+
+    bucket = servers.new_bucket(s3_endpoint)
+    settings = Settings(
+        data_dir=tmp_path,
+        store_blob_url=f"s3://{bucket}/facet",
+        store_s3_endpoint=s3_endpoint,
+        store_index_url=servers.new_database(pg_server),
+        store_cache_bytes=1 << 20,
+    )
+    base = SimpleNamespace(module_shapes=MODULE_SHAPES, name=BASE, dtype=torch.float32)
+    with open_store(settings, base) as store:
+        assert isinstance(store.blobs, S3BlobStore) and isinstance(store.index, PostgresIndex)
+        assert (store.blobs.prefix, store.cache.max_bytes, store.orphan_grace_s) == ("facet/", 1 << 20, 900)
+        store.put("via-settings", *upload("hut"))
+        keys = {o["Key"] for o in store.blobs._s3.list_objects_v2(Bucket=bucket)["Contents"]}
+        assert keys == {
+            f"facet/{blob_key('via-settings', 1, n)}" for n in ("adapter_config.json", WEIGHTS_NAME)
+        }
+    for bad in ({"store_blob_url": "ftp://x"}, {"store_index_url": "mysql://x"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Settings(**bad)
