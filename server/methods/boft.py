@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import Field, StrictBool, StrictInt, field_validator
@@ -56,6 +56,16 @@ _OFF = {
     "fan_in_fan_out": "transposed (Conv1D) weights",
 }
 MAX_FACTORS = 16  # 2^15 blocks: beyond any linear
+
+
+class BoftSig(NamedTuple):
+    """Slot-table key: the butterfly's shape (its permutations follow from it)."""
+
+    family: str
+    in_features: int
+    blocks: int
+    block_size: int
+    factors: int
 
 
 class BoftConfig(MethodConfig):
@@ -222,7 +232,7 @@ class BoftMethod(AdapterMethod):
 
     # ---- serving -------------------------------------------------------------------------
     def signature(self, cfg: BoftConfig, out_f: int, in_f: int) -> Hashable:
-        return ("boft", in_f, *cfg.blocks(in_f), cfg.boft_n_butterfly_factor)
+        return BoftSig("boft", in_f, *cfg.blocks(in_f), cfg.boft_n_butterfly_factor)
 
     def hooks(self, sig: Hashable) -> frozenset[str]:
         return frozenset({"pre", "post"})
@@ -232,8 +242,8 @@ class BoftMethod(AdapterMethod):
         return {"B": blocks.to(weight.dtype), "s": params["boft_s"][:, 0].to(weight.dtype)}
 
     def pre(self, sig, x, table, slots):
-        _, in_f, _, bs, m = sig
-        return butterfly_rows(x, per_row(table["B"], slots), _gathers(in_f, bs, m, x.device))
+        gathers = _gathers(sig.in_features, sig.block_size, sig.factors, x.device)
+        return butterfly_rows(x, per_row(table["B"], slots), gathers)
 
     def post(self, sig, y, table, slots):
         return y * per_row(table["s"], slots)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Hashable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import Field, StrictBool, StrictInt, field_validator
@@ -65,6 +65,15 @@ def peft_minor(version: str) -> tuple[int, int] | None:
     """``(major, minor)`` of a PEFT version string ("0.21.2", "0.18.0.dev0", "0.19.0@abc123")."""
     m = re.match(r"(\d+)\.(\d+)", version)
     return (int(m[1]), int(m[2])) if m else None
+
+
+class OftSig(NamedTuple):
+    """Slot-table key: adapters with the same blocks share a table (shared or not, Cayley or the
+    series: every table is the k blocks ``[k, bs, bs]``)."""
+
+    family: str
+    blocks: int
+    block_size: int
 
 
 class OftConfig(MethodConfig):
@@ -263,7 +272,7 @@ class OftMethod(AdapterMethod):
 
     # ---- serving -------------------------------------------------------------------------
     def signature(self, cfg: OftConfig, out_f: int, in_f: int) -> Hashable:
-        return ("oft", *cfg.blocks(in_f))  # shared or not, Cayley or series: the same [k, bs, bs] table
+        return OftSig("oft", *cfg.blocks(in_f))
 
     def hooks(self, sig: Hashable) -> frozenset[str]:
         return frozenset({"pre"})

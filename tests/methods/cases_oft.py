@@ -13,7 +13,7 @@ CASES = [
     Case(
         "oft-b6-share-coft",
         "oft",
-        {"oft_block_size": 6, "r": 0, "block_share": True, "coft": True, "eps": 0.05, **NEW},
+        {"oft_block_size": 6, "r": 0, "block_share": True, "coft": True, "eps": 0.5, **NEW},
     ),
     Case("boft-b4", "boft", {"boft_block_size": 4}),
     Case("boft-b4-f2", "boft", {"boft_block_size": 4, "boft_n_butterfly_factor": 2}),
