@@ -58,6 +58,8 @@ FAMILIES = {
     "lokr r8": ("lokr", {"r": 8, "alpha": 8}),
     "c3a b64": ("c3a", {"block_size": 64}),  # 64 divides 192, 576 and 1536
     "fourierft n1000": ("fourierft", {"n_frequency": 1000, "scaling": 300.0}),
+    "oft b32": ("oft", {"oft_block_size": 32, "r": 0, "peft_version": "0.21.2"}),  # 32 divides 576, 1536
+    "boft b8 f2": ("boft", {"boft_block_size": 8, "boft_n_butterfly_factor": 2}),
 }
 
 
