@@ -211,7 +211,8 @@ class BoftMethod(AdapterMethod):
         in_f = weight.shape[1]
         r = params["boft_R"]
         m, k, bs, _ = r.shape
-        eye_b, eye = torch.eye(bs, dtype=r.dtype), torch.eye(in_f, dtype=r.dtype)
+        eye_b = torch.eye(bs, dtype=r.dtype, device=r.device)
+        eye = torch.eye(in_f, dtype=r.dtype, device=r.device)
         total = eye
         for i, perm in enumerate(butterfly_perms(in_f, bs, m)):
             p = eye if perm is None else eye[list(perm)]  # P[j, perm[j]] = 1

@@ -57,14 +57,19 @@ _OFF = {
     "fan_in_fan_out": "transposed (Conv1D) weights",
 }
 MAX_NEUMANN_TERMS = 64  # PEFT's default is 5; each term is a block matmul when preparing
-NEUMANN_SINCE = (0, 18)  # PEFT 0.18 changed the Cayley–Neumann series (its last term)
-LAYOUT_SINCE = (0, 16)  # oft_R.weight, the packed upper triangles
+NEUMANN_SINCE = (0, 18, 0)  # PEFT 0.18 changed the Cayley–Neumann series (its last term)
+LAYOUT_SINCE = (0, 16, 0)  # oft_R.weight, the packed upper triangles
 
 
-def peft_minor(version: str) -> tuple[int, int] | None:
-    """``(major, minor)`` of a PEFT version string ("0.21.2", "0.18.0.dev0", "0.19.0@abc123")."""
-    m = re.match(r"(\d+)\.(\d+)", version)
-    return (int(m[1]), int(m[2])) if m else None
+def peft_before(version: str, release: tuple[int, int, int]) -> bool | None:
+    """Whether a PEFT version string ("0.21.2", "0.18.0.dev0", "0.19.0@abc123") is older than
+    ``release``, a pre-release of it counting as older (as PEFT's own check compares); None when
+    ``version`` is not a version number."""
+    m = re.fullmatch(r"(\d+)\.(\d+)(?:\.(\d+))?([^@]*)(@.*)?", version)
+    if m is None:
+        return None
+    found = (int(m[1]), int(m[2]), int(m[3] or 0))
+    return found < release or (found == release and m[4] != "")
 
 
 class OftSig(NamedTuple):
@@ -117,14 +122,14 @@ class OftConfig(MethodConfig):
     @field_validator("peft_version")
     @classmethod
     def _version_has_this_layout(cls, v: str | None, info) -> str | None:
-        minor = None if v is None else peft_minor(v)
-        if v is not None and minor is None:
+        old_layout = None if v is None else peft_before(v, LAYOUT_SINCE)
+        if v is not None and old_layout is None:
             raise refuse(f"peft_version={v!r} is not a version number")
-        if minor is not None and minor < LAYOUT_SINCE:
+        if old_layout:
             raise refuse(
                 f"peft_version={v!r}: OFT is served for PEFT >= 0.16 (oft_R.weight); older layouts differ"
             )
-        if info.data.get("use_cayley_neumann") and (minor is None or minor < NEUMANN_SINCE):
+        if info.data.get("use_cayley_neumann") and (v is None or peft_before(v, NEUMANN_SINCE)):
             raise refuse(
                 f"peft_version={v!r}: use_cayley_neumann adapters are served for peft_version >= 0.18.0 "
                 "(PEFT 0.18 changed the series; older ones are not told apart); exact Cayley from 0.16"

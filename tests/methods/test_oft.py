@@ -172,6 +172,7 @@ OFT_OK = {"peft_type": "OFT", "oft_block_size": 8, "r": 0, "peft_version": "0.21
         ({"peft_type": "OFT", "r": 0, "oft_block_size": 0}, "oft_block_size"),  # neither
         ({"peft_type": "OFT", "oft_block_size": 8, "r": 0}, "peft_version"),  # Neumann, version unknown
         ({"peft_type": "OFT", "oft_block_size": 8, "r": 0, "peft_version": "0.17.1"}, "peft_version"),
+        ({"peft_type": "OFT", "oft_block_size": 8, "r": 0, "peft_version": "0.18.0.dev0"}, "peft_version"),
         (
             {
                 "peft_type": "OFT",
@@ -218,6 +219,8 @@ def test_versions_served():
         {"use_cayley_neumann": False},
         {"use_cayley_neumann": False, "peft_version": "0.16.0"},
         {"peft_version": "0.18.0"},
+        {"peft_version": "0.18.1.dev0"},
+        {"use_cayley_neumann": False, "peft_version": "0.17.0rc1"},
         {
             "peft_version": "0.19.0@abc123",
             "module_dropout": 0.1,
