@@ -4,39 +4,22 @@ computes: the same greedy tokens, log-probabilities within float32 tolerance, al
 in one batch; the stored files download byte for byte.
 
 BOFT's butterfly factors need PEFT's CUDA extension (without it PEFT silently keeps one factor):
-``butterfly_peft`` stands in for it with the block diagonal it computes, in torch."""
+``tests.peft_butterfly.butterfly_peft`` stands in for it with the block diagonal it computes."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 import torch
+
+from tests.peft_butterfly import butterfly_peft
 
 from .conftest import upload
 from .test_peft_types import _assert_matches, _peft_greedy, _served, _upload_folder
 from .tiny_server import TARGETS
 
 pytestmark = pytest.mark.asyncio
-
-
-@contextlib.contextmanager
-def butterfly_peft():
-    """PEFT's BOFT as it runs with its CUDA extension (``fbd_cuda``, a batched block diagonal)."""
-    import peft.tuners.boft.layer as boft_layer
-
-    class TorchBlockDiag:
-        @staticmethod
-        def apply(blocks: torch.Tensor) -> torch.Tensor:  # [m, k, bs, bs] -> [m, k·bs, k·bs]
-            return torch.stack([torch.block_diag(*factor) for factor in blocks])
-
-    saved = boft_layer._FBD_CUDA, boft_layer.FastBlockDiag
-    boft_layer._FBD_CUDA, boft_layer.FastBlockDiag = True, TorchBlockDiag
-    try:
-        yield
-    finally:
-        boft_layer._FBD_CUDA, boft_layer.FastBlockDiag = saved
 
 
 def _peft_config(kind: str):

@@ -18,26 +18,16 @@ from server.methods import (
     parse_config,
     stack_prepared,
 )
+from tests.peft_butterfly import butterfly_peft
 
 IN, OUT = 24, 12
 EPS = torch.finfo(torch.float32).eps
 
 
-class TorchBlockDiag:
-    """What PEFT's CUDA ``fbd_cuda`` extension computes, ``[m, k, bs, bs] -> [m, k·bs, k·bs]``
-    block diagonals, in torch: without it PEFT silently builds one butterfly factor only."""
-
-    @staticmethod
-    def apply(blocks: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.block_diag(*factor) for factor in blocks])
-
-
 @pytest.fixture
-def butterflies(monkeypatch):
-    import peft.tuners.boft.layer as boft_layer
-
-    monkeypatch.setattr(boft_layer, "_FBD_CUDA", True)  # "the extension is loaded": no build attempt
-    monkeypatch.setattr(boft_layer, "FastBlockDiag", TorchBlockDiag)
+def butterflies():
+    with butterfly_peft():
+        yield
 
 
 def _close(actual, expected, n_terms: int):
