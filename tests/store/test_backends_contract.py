@@ -1,9 +1,10 @@
 """One contract, every backend pair: blob stores {local files, a real S3-compatible server (moto,
 started here on loopback)} x indexes {SQLite, a real PostgreSQL started here with initdb/pg_ctl}.
 
-The servers start once per session; each test gets a fresh bucket and database. Without
-``initdb`` or ``moto_server`` the PostgreSQL/S3 cases fail, saying what to install (they are not
-skipped). The crash tests kill a subprocess with ``os._exit(9)`` at each ``_fault_point`` of put.
+The servers start once per session (``conftest.py``: ``s3_endpoint``, ``pg_server``); each test
+gets a fresh bucket and database. Without ``initdb`` or ``moto_server`` the PostgreSQL/S3 cases
+fail, saying what to install (they are not skipped). The crash tests kill a subprocess with
+``os._exit(9)`` at each ``_fault_point`` of put.
 """
 
 from __future__ import annotations
@@ -28,24 +29,6 @@ from .helpers import FAMILIES, upload
 BLOBS = ["local", "s3"]
 INDEXES = ["sqlite", "postgres"]
 PAIRS = [(b, i) for b in BLOBS for i in INDEXES]
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    env = pytest.MonkeyPatch()
-    for k, v in servers.S3_ENV.items():
-        env.setenv(k, v)
-    try:
-        with servers.moto_server() as endpoint:
-            yield endpoint
-    finally:
-        env.undo()
-
-
-@pytest.fixture(scope="session")
-def pg_server():
-    with servers.postgres_server() as dsn:
-        yield dsn
 
 
 @pytest.fixture(params=PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")
@@ -114,6 +97,19 @@ def test_blob_put_is_a_conditional_create(open_store):
     assert not blobs.exists(key)
     blobs.delete_prefix("adapters/raw/v2/")
     assert list(blobs.list("adapters/")) == []
+
+
+@pytest.mark.parametrize("mode", ["native", "emulate"])
+def test_s3_conditional_modes_refuse_a_second_put(s3_endpoint, mode):
+    from adapters_store.blobs_s3 import S3BlobStore
+
+    blobs = S3BlobStore(servers.new_bucket(s3_endpoint), "p", endpoint_url=s3_endpoint, conditional=mode)
+    assert blobs.conditional_put == ("native" if mode == "native" else "emulated")
+    blobs.put("adapters/x/v1/adapter_config.json", b"one")
+    with pytest.raises(BlobExists):
+        blobs.put("adapters/x/v1/adapter_config.json", b"two")
+    assert blobs.get("adapters/x/v1/adapter_config.json", 10) == b"one"
+    assert [i.key for i in blobs.list("")] == ["adapters/x/v1/adapter_config.json"]  # probe removed
 
 
 # ---- the store on each pair ----------------------------------------------------------------------
