@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from server.engine.requests import PromptEvent, TokenEvent
+from server.engine.requests import FinishEvent, PromptEvent, TokenEvent
 
 from . import inference
 from .deps import InferScope, ReadyRuntime
@@ -23,7 +24,8 @@ router = APIRouter(tags=["generate"], dependencies=[InferScope], route_class=JSO
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503)}
 _SSE_DOC = {
     "description": "With `stream: true`: Server-Sent Events. `event: token` per generated token "
-    '(`{"token_id", "text", "logprob"?, "top_logprobs"?}`), after `event: prompt` '
+    '(`{"token_id", "text", "index"?, "logprob"?, "top_logprobs"?}`; `index`: the sample, with '
+    "`n > 1`), after `event: prompt` "
     '(`{"prompt_logprobs"}`) when asked; then `event: done` with the JSON response above, or '
     '`event: error` with `{"error": {...}}`.',
     "content": {"text/event-stream": {}},
@@ -51,21 +53,42 @@ async def _prompt_entries(rt: Runtime, event: PromptEvent | None) -> list[dict] 
     return await _entries(rt, event.token_ids, event.logprobs, tops)
 
 
-async def _response(rt: Runtime, sub: inference.Submitted, result: inference.Result, logprobs: bool) -> dict:
+def _usage(results: list[inference.Result]) -> dict:
+    """The prompt once, every sample's generated tokens."""
+    completion = sum(r.finish.completion_tokens for r in results)
+    return {"prompt_tokens": results[0].finish.prompt_tokens, "completion_tokens": completion}
+
+
+async def _choice(rt: Runtime, index: int, result: inference.Result, logprobs: bool) -> dict:
     finish, tokens = result.finish, result.tokens
-    body = {
-        "text": finish.text,
-        "adapter": sub.adapter,
-        "adapter_version": sub.adapter_version,
-        "finish_reason": finish.finish_reason,
-        "usage": {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens},
-        "logprobs": None,
-        "prompt_logprobs": await _prompt_entries(rt, result.prompt),
-    }
+    entries = None
     if logprobs:
         ids, lps = [t.token_id for t in tokens], [t.logprob for t in tokens]
-        body["logprobs"] = await _entries(rt, ids, lps, [t.top_logprobs for t in tokens])
-    return body
+        entries = await _entries(rt, ids, lps, [t.top_logprobs for t in tokens])
+    return {
+        "index": index,
+        "text": finish.text,
+        "finish_reason": finish.finish_reason,
+        "completion_tokens": finish.completion_tokens,
+        "logprobs": entries,
+    }
+
+
+async def _response(
+    rt: Runtime, sub: inference.Submitted, results: list[inference.Result], logprobs: bool
+) -> dict:
+    """Sample 0 at the top level (the shape of a single generation), every sample in ``choices``."""
+    choices = [await _choice(rt, j, r, logprobs) for j, r in enumerate(results)]
+    return {
+        "text": choices[0]["text"],
+        "adapter": sub.adapter,
+        "adapter_version": sub.adapter_version,
+        "finish_reason": choices[0]["finish_reason"],
+        "usage": _usage(results),
+        "logprobs": choices[0]["logprobs"],
+        "prompt_logprobs": await _prompt_entries(rt, results[0].prompt),
+        "choices": choices,
+    }
 
 
 @router.post(
@@ -95,35 +118,62 @@ async def generate(body: GenerateRequest, request: Request, rt: ReadyRuntime):
     )
     if body.top_logprobs and not body.logprobs:
         raise ApiError(422, "top_logprobs needs logprobs: true", "body.top_logprobs")
-    sub = await inference.submit(rt, ids, params, body.adapter, "body.adapter", key=caller_key(request))
+    rows = [(ids, p) for p in inference.samples(params, body.n, prompt_scores_once=True)]
+    subs = await inference.submit_many(rt, rows, body.adapter, "body.adapter", key=caller_key(request))
     if body.stream:
-        return inference.EventStream(_events(rt, sub, body.logprobs), sub.req.cancel)
-    result = await inference.collect(rt, request, sub)
-    return await _response(rt, sub, result, body.logprobs)
+        return inference.EventStream(_events(rt, subs, body.logprobs), lambda: [s.req.cancel() for s in subs])
+    results = await inference.collect_many(rt, request, subs)
+    return await _response(rt, subs[0], results, body.logprobs)
 
 
-async def _events(rt: Runtime, sub: inference.Submitted, logprobs: bool) -> AsyncIterator[str]:
-    tokens: list[TokenEvent] = []
-    prompt = None
+async def _token_data(rt: Runtime, event: TokenEvent, logprobs: bool, index: int, n: int) -> dict:
+    data = {"token_id": event.token_id, "text": event.text_delta}
+    if n > 1:
+        data["index"] = index
+    if logprobs:
+        data["logprob"] = event.logprob
+        if event.top_logprobs is not None:
+            top = await _entries(rt, [event.token_id], [event.logprob], [event.top_logprobs])
+            data["top_logprobs"] = top[0]["top_logprobs"]
+    return data
+
+
+async def _tagged(index: int, sub: inference.Submitted, out: asyncio.Queue) -> None:
     async for event in sub.stream:
-        if isinstance(event, PromptEvent):
-            prompt = event
-            yield inference.sse({"prompt_logprobs": await _prompt_entries(rt, event)}, "prompt")
-            continue
-        if isinstance(event, TokenEvent):
-            tokens.append(event)
-            data = {"token_id": event.token_id, "text": event.text_delta}
-            if logprobs:
-                data["logprob"] = event.logprob
-                if event.top_logprobs is not None:
-                    top = await _entries(rt, [event.token_id], [event.logprob], [event.top_logprobs])
-                    data["top_logprobs"] = top[0]["top_logprobs"]
-            yield inference.sse(data, "token")
-            continue
-        try:
-            inference.check_finish(rt, event, sub)
-        except ApiError as exc:
-            yield inference.sse(error_body(exc.type, exc.message, exc.where), "error")
-            return
-        done = await _response(rt, sub, inference.Result(event, tokens, prompt), logprobs)
-        yield inference.sse(done, "done")
+        await out.put((index, event))
+
+
+async def _events(rt: Runtime, subs: list[inference.Submitted], logprobs: bool) -> AsyncIterator[str]:
+    """Every sample's events as they come (``index`` names the sample when ``n > 1``), then one
+    ``done`` with the whole response; a sample that fails ends the stream with its error and
+    cancels the others."""
+    queue: asyncio.Queue = asyncio.Queue()
+    readers = [asyncio.ensure_future(_tagged(j, sub, queue)) for j, sub in enumerate(subs)]
+    tokens: list[list[TokenEvent]] = [[] for _ in subs]
+    finishes: dict[int, FinishEvent] = {}
+    prompt = None
+    try:
+        while len(finishes) < len(subs):
+            index, event = await queue.get()
+            if isinstance(event, PromptEvent):
+                prompt = event
+                yield inference.sse({"prompt_logprobs": await _prompt_entries(rt, event)}, "prompt")
+            elif isinstance(event, TokenEvent):
+                tokens[index].append(event)
+                yield inference.sse(await _token_data(rt, event, logprobs, index, len(subs)), "token")
+            else:
+                try:
+                    inference.check_finish(rt, event, subs[index])
+                except ApiError as exc:
+                    yield inference.sse(error_body(exc.type, exc.message, exc.where), "error")
+                    return
+                finishes[index] = event
+        results = [
+            inference.Result(finishes[j], tokens[j], prompt if j == 0 else None) for j in range(len(subs))
+        ]
+        yield inference.sse(await _response(rt, subs[0], results, logprobs), "done")
+    finally:
+        for sub in subs:
+            sub.req.cancel()  # a no-op for finished samples
+        for reader in readers:
+            reader.cancel()

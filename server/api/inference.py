@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jinja2
 from starlette.requests import ClientDisconnect, Request
@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.engine.engine import UnknownAdapter
 from server.engine.requests import (
+    MAX_INT64,
     AsyncStream,
     FinishEvent,
     GenerationRequest,
@@ -129,6 +130,19 @@ def sampling_params(
         raise ApiError(422, str(exc), "body") from None
 
 
+def samples(params: SamplingParams, n: int, prompt_scores_once: bool = False) -> list[SamplingParams]:
+    """The settings of ``n`` independent samples: sample ``j`` uses ``seed + j``. With
+    ``prompt_scores_once`` only sample 0 returns the prompt's scores (the same for every sample)."""
+    if params.seed is not None and params.seed + n - 1 > MAX_INT64:
+        raise ApiError(422, "seed + n - 1 must be <= 2**63 - 1 (sample j uses seed + j)", "body.seed")
+    scores = None if prompt_scores_once else params.prompt_logprobs
+    rest = [
+        replace(params, seed=None if params.seed is None else params.seed + j, prompt_logprobs=scores)
+        for j in range(1, n)
+    ]
+    return [params, *rest]
+
+
 # ------------------------------------------------------------------------------------- submit
 
 
@@ -147,11 +161,14 @@ class Submitted:
         return None if self.req.adapter_key is None else self.req.adapter_key[1]
 
 
-def _cancel_orphan(slot: Slot | None, task: asyncio.Future) -> None:
+def _cancel_orphans(slots: list[Slot | None], task: asyncio.Future) -> None:
     if not task.cancelled() and task.exception() is None:
-        task.result().cancel()  # its FinishEvent releases the slot
-    elif slot is not None:
-        slot.release()
+        for req in task.result():
+            req.cancel()  # its FinishEvent releases its slot
+        return
+    for slot in slots:
+        if slot is not None:
+            slot.release()
 
 
 async def submit(
@@ -165,36 +182,70 @@ async def submit(
 ) -> Submitted:
     """Admission checks (429: the caller's API ``key`` quota, then the queue), then
     ``engine.submit`` in a thread (it may load the adapter)."""
-    slot = rt.quotas.acquire(key) if key is not None and rt.quotas is not None else None
+    return (await submit_many(rt, [(ids, params)], adapter_id, where_adapter, key=key))[0]
+
+
+def _admit_rows(rt: Runtime, n: int, key: str | None) -> list[Slot | None]:
+    """A quota slot (when the caller has a key) and a queue place for each of ``n`` rows, or none
+    at all: a 429 gives back what was taken."""
+    slots: list[Slot | None] = []
+    places = 0
     try:
-        rt.admit()
+        for _ in range(n):
+            slots.append(rt.quotas.acquire(key) if key is not None and rt.quotas is not None else None)
+            rt.admit()
+            places += 1
     except ApiError:
-        if slot is not None:
-            slot.release()
+        for slot in slots:
+            if slot is not None:
+                slot.release()
+        for _ in range(places):
+            rt.engine.generator.unreserve()
         raise
-    stream = AsyncStream()
-    sink = stream if rt.metrics is None else rt.metrics.sink(stream)
-    if slot is not None:  # released when the generation's FinishEvent passes
-        slot.inner, sink = sink, slot
-    submit = functools.partial(rt.engine.submit, ids, params, adapter_id, sink, reserved=True)
+    return slots
+
+
+async def submit_many(
+    rt: Runtime,
+    rows: list[tuple[list[int], SamplingParams]],
+    adapter_id: str | None,
+    where_adapter: str,
+    *,
+    key: str | None = None,
+) -> list[Submitted]:
+    """``submit`` for several (prompt, settings) rows on one adapter: all are admitted or none (a
+    429 names the limit), and they are queued together, so they run batched and rows with the same
+    prompt are prefilled once (``n`` samples)."""
+    slots = _admit_rows(rt, len(rows), key)
+    streams, engine_rows = [], []
+    for (ids, params), slot in zip(rows, slots, strict=True):
+        stream = AsyncStream()
+        sink = stream if rt.metrics is None else rt.metrics.sink(stream)
+        if slot is not None:  # released when the generation's FinishEvent passes
+            slot.inner, sink = sink, slot
+        streams.append(stream)
+        engine_rows.append((ids, params, sink))
+    submit = functools.partial(rt.engine.submit_many, engine_rows, adapter_id, reserved=True)
     task = asyncio.ensure_future(asyncio.to_thread(submit))
     try:
-        req = await asyncio.shield(task)
+        reqs = await asyncio.shield(task)
     except asyncio.CancelledError:
-        # The handler went away: never leave the generation running (nor the slot held).
-        task.add_done_callback(functools.partial(_cancel_orphan, slot))
+        # The handler went away: never leave the generations running (nor the slots held).
+        task.add_done_callback(functools.partial(_cancel_orphans, slots))
         raise
     except BaseException as exc:
-        if slot is not None:  # nothing was queued: no FinishEvent will come
-            slot.release()
+        for slot in slots:  # nothing was queued: no FinishEvent will come
+            if slot is not None:
+                slot.release()
         if isinstance(exc, UnknownAdapter):
             raise ApiError(404, "no adapter with this id", where_adapter) from None
         raise
-    if slot is not None:
-        slot.request = req
-    if rt.metrics is not None:
-        rt.metrics.submitted(adapter_id)
-    return Submitted(req, stream, where_adapter)
+    for slot, req in zip(slots, reqs, strict=True):
+        if slot is not None:
+            slot.request = req
+        if rt.metrics is not None:
+            rt.metrics.submitted(adapter_id)
+    return [Submitted(req, stream, where_adapter) for req, stream in zip(reqs, streams, strict=True)]
 
 
 # ------------------------------------------------------------------------------------ results

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
 
 from adapters_store.ids import is_valid_id
-from server.engine.requests import MAX_INT64, PromptEvent, TokenEvent
+from server.engine.requests import PromptEvent, TokenEvent
 
 from . import inference
 from .deps import InferScope, ReadyRuntime, StoreDep, granted_scope
@@ -61,8 +60,6 @@ def _params(rt: Runtime, body, max_tokens: int, where_max: str, logprobs: bool, 
     n = body.n or 1
     if getattr(body, "best_of", None) not in (None, n):
         raise ApiError(422, "best_of must equal n (extra samples are not ranked)", "body.best_of")
-    if body.seed is not None and body.seed + n - 1 > MAX_INT64:
-        raise ApiError(422, "seed + n - 1 must be <= 2**63 - 1 (choice j uses seed + j)", "body.seed")
     first = inference.sampling_params(
         rt,
         max_new_tokens=max_tokens,
@@ -76,9 +73,7 @@ def _params(rt: Runtime, body, max_tokens: int, where_max: str, logprobs: bool, 
         logit_bias=_logit_bias(rt, body.logit_bias),
         **more,
     )
-    return [first] + [
-        replace(first, seed=body.seed + j if body.seed is not None else None) for j in range(1, n)
-    ]
+    return inference.samples(first, n)
 
 
 def _logit_bias(rt: Runtime, bias: dict[str, float] | None) -> dict[int, float]:
@@ -165,17 +160,9 @@ async def completions(body: CompletionRequest, request: Request, rt: ReadyRuntim
 
 
 async def _submit_all(rt: Runtime, rows, adapter, key) -> list[inference.Submitted]:
-    """One engine request per (prompt, settings) row, queued together (so batched together); if one
-    is refused, the ones already queued are cancelled."""
-    subs: list[inference.Submitted] = []
-    try:
-        for ids, params in rows:
-            subs.append(await inference.submit(rt, ids, params, adapter, "body.model", key=key))
-    except BaseException:
-        for sub in subs:
-            sub.req.cancel()
-        raise
-    return subs
+    """One engine request per (prompt, settings) row, all admitted or none, queued together (so
+    batched together; the samples of one prompt are prefilled once)."""
+    return await inference.submit_many(rt, rows, adapter, "body.model", key=key)
 
 
 async def _completion_choice(rt: Runtime, index: int, sub, result, echo: bool, logprobs: bool) -> dict:

@@ -125,6 +125,13 @@ class GenerateRequest(BaseModel):
         strict=True,
         description="the prompt tokens' log-probabilities, with this many alternatives per position",
     )
+    n: int = Field(
+        1,
+        ge=1,
+        le=MAX_N,
+        strict=True,
+        description="independent samples of the prompt (sample j uses seed + j); listed in `choices`",
+    )
     stream: bool = Field(False, strict=True, description="answer with Server-Sent Events")
 
 
@@ -155,7 +162,20 @@ class PromptTokenLogprob(BaseModel):
     top_logprobs: list[TopTokenLogprob] | None = None
 
 
+class GenerateChoice(BaseModel):
+    """One of the ``n`` samples."""
+
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length", "eos", "cancelled"]
+    completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+
 class GenerateResponse(BaseModel):
+    """The top-level ``text``, ``finish_reason`` and ``logprobs`` are sample 0's; ``choices`` lists
+    every sample (one with ``n = 1``). ``usage`` counts the prompt once and every sample's tokens."""
+
     text: str
     adapter: str | None
     adapter_version: int | None
@@ -163,6 +183,7 @@ class GenerateResponse(BaseModel):
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[PromptTokenLogprob] | None = None
+    choices: list[GenerateChoice]
 
 
 # ------------------------------------------------------------------------------------ adapters

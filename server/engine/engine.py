@@ -124,26 +124,46 @@ class Engine:
     ) -> GenerationRequest:
         """Resolve and load the adapter, then queue the request. ``reserved``: the caller holds a
         queue place (``generator.reserve``); it is used by the submit, and given back on failure."""
-        key = None
+        return self.submit_many([(prompt_token_ids, params, sink)], adapter_id, reserved)[0]
+
+    def submit_many(
+        self,
+        rows: list[tuple[list[int], SamplingParams | None, EventSink | None]],
+        adapter_id: str | None = None,
+        reserved: bool = False,
+    ) -> list[GenerationRequest]:
+        """``submit`` for several requests on one adapter version, queued together: they are
+        admitted in one step (room permitting), where rows with the same prompt are prefilled once
+        (``n`` samples of a prompt). ``reserved``: one queue place per row."""
+        key, held = None, 0
         try:
-            key = None if adapter_id is None else self._hold(adapter_id)
-            kwargs = {} if sink is None else {"sink": sink}
-            req = GenerationRequest(
-                prompt_token_ids=list(prompt_token_ids),
-                params=params or SamplingParams(),
-                adapter_key=key,
-                **kwargs,
-            )
+            if adapter_id is not None:
+                key = self._hold(adapter_id)  # resolves and loads once: one version for all rows
+                held = 1
+                for _ in rows[1:]:
+                    self.residency.acquire(key)  # each request releases its own reference
+                    held += 1
+            reqs = [
+                GenerationRequest(
+                    prompt_token_ids=list(ids),
+                    params=params or SamplingParams(),
+                    adapter_key=key,
+                    **({} if sink is None else {"sink": sink}),
+                )
+                for ids, params, sink in rows
+            ]
         except BaseException:
-            if key is not None:
+            for _ in range(held):
                 self.residency.release(key)
             if reserved:
-                self.generator.unreserve()
+                for _ in rows:
+                    self.generator.unreserve()
             raise
         if key is not None:
-            req.on_finish.append(lambda: self.residency.release(key))
-        self.generator.submit(req, reserved=reserved)
-        return req
+            for req in reqs:
+                req.on_finish.append(lambda: self.residency.release(key))
+        self.generator.submit_many(reqs, reserved=reserved)
+        return reqs
 
     def _hold(self, adapter_id: str, tries: int = 3) -> AdapterKey:
         """Resolve ``adapter_id``, take a reference on that version and load its host copy.

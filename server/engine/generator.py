@@ -227,19 +227,28 @@ class Generator:
     def submit(self, request: GenerationRequest, reserved: bool = False) -> None:
         """Queue ``request`` (thread-safe). Impossible requests finish at once with ``"error"``.
         ``reserved``: it holds a place taken with ``reserve``, which it now uses (or gives back)."""
-        n = len(request.prompt_token_ids)
-        # Scoring alone (no new token) may fill the whole context.
-        room = 0 if request.params.max_new_tokens == 0 else 1
-        if self.max_seq_len is not None and n + room > self.max_seq_len:
-            if reserved:
-                self.unreserve()
-            msg = f"prompt has {n} tokens; the maximum sequence length is {self.max_seq_len}"
-            self._reject(request, "invalid", msg)
+        self.submit_many([request], reserved)
+
+    def submit_many(self, requests: list[GenerationRequest], reserved: bool = False) -> None:
+        """``submit`` for several requests, queued next to each other in one critical section, so
+        that one admission takes them together (room permitting) and prefills a shared prompt once."""
+        fit = []
+        for request in requests:
+            n = len(request.prompt_token_ids)
+            room = 0 if request.params.max_new_tokens == 0 else 1  # scoring alone may fill the context
+            if self.max_seq_len is not None and n + room > self.max_seq_len:
+                if reserved:
+                    self.unreserve()
+                msg = f"prompt has {n} tokens; the maximum sequence length is {self.max_seq_len}"
+                self._reject(request, "invalid", msg)
+            else:
+                fit.append(request)
+        if not fit:
             return
         with self._cond:
             if reserved:
-                self._reserved -= 1
-            self._waiting.append(request)
+                self._reserved -= len(fit)
+            self._waiting.extend(fit)
             self._cond.notify()
 
     def wake(self) -> None:

@@ -14,6 +14,9 @@ Invariants of a non-empty ``RunningBatch`` with ``B`` rows and cache length ``L`
 
 Padding never changes results: padded key columns are masked out for every query, and explicit
 ``position_ids`` (``cumsum(mask) - 1``) give every real token the position it would have alone.
+
+Rows of one prefill with the same prompt and adapter key (``n`` samples of a prompt, or a repeated
+prompt) run through the model once; their cache rows and logits are copies of that one row.
 """
 
 from __future__ import annotations
@@ -167,22 +170,29 @@ class RunningBatch(Generic[S]):
             raise RuntimeError("prefill needs an empty batch; prefill a new one and concat it")
         if not seqs:
             raise ValueError("nothing to prefill")
-        lengths = [len(s.prompt_token_ids) for s in seqs]
+        unique, copies = _distinct_prompts(seqs)
+        lengths = [len(s.prompt_token_ids) for s in unique]
         t = max(lengths)
-        input_ids = torch.full((len(seqs), t), self.pad_token_id, dtype=torch.long)  # [B, T]
-        mask = torch.zeros(len(seqs), t, dtype=torch.long)  # [B, T]
-        for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
+        input_ids = torch.full((len(unique), t), self.pad_token_id, dtype=torch.long)  # [U, T]
+        mask = torch.zeros(len(unique), t, dtype=torch.long)  # [U, T]
+        for i, (s, n) in enumerate(zip(unique, lengths, strict=True)):
             input_ids[i, t - n :] = torch.tensor(s.prompt_token_ids, dtype=torch.long)
             mask[i, t - n :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]; padding gets 0 (masked anyway)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, T]; padding gets 0 (masked anyway)
         cache = self.cache_factory()
-        keys = [s.adapter_key for s in seqs]
+        keys = [s.adapter_key for s in unique]
         extra = {"all_positions": True} if all_positions else {}
-        logits = self.forward(input_ids, mask, position_ids, cache, keys, **extra)  # [B, T', V]
-        _check_cache(cache, batch=len(seqs), length=t)
+        logits = self.forward(input_ids, mask, position_ids, cache, keys, **extra)  # [U, T', V]
+        _check_cache(cache, batch=len(unique), length=t)
         if all_positions and logits.shape[1] != t:
             raise RuntimeError(f"the forward returned {logits.shape[1]} positions of {t} (all_positions)")
+        if copies is not None:  # rows of one prompt: copies of its one computed row
+            idx = copies.to(self.device)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+            mask, logits = mask.index_select(0, idx), logits.index_select(0, idx)
+            _check_cache(cache, batch=len(seqs), length=t)
         self.seqs, self.cache, self.attention_mask, self.next_tokens = list(seqs), cache, mask, None
         return logits
 
@@ -265,6 +275,24 @@ class RunningBatch(Generic[S]):
     def _clear(self) -> None:
         self.seqs, self.cache, self.next_tokens = [], None, None
         self.attention_mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+
+
+def _distinct_prompts(seqs: Sequence[S]) -> tuple[list[S], torch.Tensor | None]:
+    """The first row of each distinct (prompt, adapter key), and for every row the index of its
+    distinct row (None when all rows differ). The key includes the adapter version, so rows share
+    a prefill only when their KV is the same function of the same tokens."""
+    first: dict[tuple, int] = {}
+    unique: list[S] = []
+    index = []
+    for s in seqs:
+        key = (s.adapter_key, tuple(s.prompt_token_ids))
+        if key not in first:
+            first[key] = len(unique)
+            unique.append(s)
+        index.append(first[key])
+    if len(unique) == len(seqs):
+        return unique, None
+    return unique, torch.tensor(index, dtype=torch.long)
 
 
 def _check_cache(cache: object, batch: int, length: int) -> None:

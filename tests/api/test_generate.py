@@ -248,7 +248,7 @@ async def test_unexpected_errors_are_a_generic_500(client):
     def broken(*args, **kwargs):
         raise RuntimeError("/home/someone/secret.txt token=abc123")
 
-    engine.submit = broken
+    engine.submit_many = broken
     response = await client.post("/generate", json={"prompt": "t1"})
     assert response.status_code == 500
     assert response.json() == {"error": {"type": "internal_error", "message": "internal server error"}}

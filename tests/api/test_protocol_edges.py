@@ -399,7 +399,7 @@ async def test_an_unexpected_error_is_a_generic_500(client, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("LlamaTokenizerFast at 0x7f00 exploded")
 
-    monkeypatch.setattr(client.app.state.runtime.engine, "submit", explode)
+    monkeypatch.setattr(client.app.state.runtime.engine, "submit_many", explode)
     response = await client.post("/generate", json={"prompt": "t1", "max_new_tokens": 1})
     assert response.status_code == 500
     assert response.json() == {"error": {"type": "internal_error", "message": "internal server error"}}

@@ -68,13 +68,13 @@ def slow_server(make_app):
     with server_thread(app) as url:
         engine = app.state.runtime.engine
         submitted = []
-        submit, step = engine.submit, engine.generator.step
+        submit_many, step = engine.submit_many, engine.generator.step
 
         def recording_submit(*args, **kwargs):
-            submitted.append(submit(*args, **kwargs))
-            return submitted[-1]
+            submitted.extend(reqs := submit_many(*args, **kwargs))
+            return reqs
 
-        engine.submit = recording_submit
+        engine.submit_many = recording_submit
         engine.generator.step = lambda: (time.sleep(0.02), step())[1]
         yield url, engine, submitted
 
