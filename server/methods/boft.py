@@ -15,6 +15,7 @@ of ``bs/2`` inputs are reordered evens first, then odds. ``in = k·bs`` from ``b
 Served on the fly: before the shared GEMM each row goes through M_(m−1) first, M_0 last (per
 factor a gather, a block-diagonal matmul and a gather: ``m·in·bs`` multiply-adds per token), and
 after it the output is scaled by s (``out``). ``prepare`` stores the ``[m, k, bs, bs]`` blocks and s.
+Where that is no cheaper than a dense update (``out·in``), ``serving_cost`` says "gemm": served merged.
 
 PEFT builds butterfly factors only where its CUDA extension compiles; elsewhere it silently uses
 one factor, and its ``boft_R`` then has a leading 1 whatever the config says. Such a file does not
@@ -27,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from functools import lru_cache
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import Field, StrictBool, StrictInt, field_validator
@@ -62,6 +63,7 @@ class BoftSig(NamedTuple):
     """Slot-table key: the butterfly's shape (its permutations follow from it)."""
 
     family: str
+    out_features: int
     in_features: int
     blocks: int
     block_size: int
@@ -233,7 +235,12 @@ class BoftMethod(AdapterMethod):
 
     # ---- serving -------------------------------------------------------------------------
     def signature(self, cfg: BoftConfig, out_f: int, in_f: int) -> Hashable:
-        return BoftSig("boft", in_f, *cfg.blocks(in_f), cfg.boft_n_butterfly_factor)
+        return BoftSig("boft", out_f, in_f, *cfg.blocks(in_f), cfg.boft_n_butterfly_factor)
+
+    def serving_cost(self, sig: BoftSig) -> Literal["cheap", "gemm"]:
+        """On the fly costs ``m·in·bs + out`` per token: merged from a dense update's ``out·in`` on."""
+        on_the_fly = sig.factors * sig.in_features * sig.block_size + sig.out_features
+        return "gemm" if on_the_fly >= sig.out_features * sig.in_features else "cheap"
 
     def hooks(self, sig: Hashable) -> frozenset[str]:
         return frozenset({"pre", "post"})

@@ -16,7 +16,8 @@ its parameter in place on every forward; the projection is idempotent, so clippi
 values once computes the same). ``module_dropout`` acts in training only.
 
 Served on the fly: a block-diagonal ``x R`` per row before the shared GEMM, ``in·bs``
-multiply-adds per token; ``prepare`` stores the k blocks ``R_b`` as ``[k, bs, bs]``.
+multiply-adds per token; ``prepare`` stores the k blocks ``R_b`` as ``[k, bs, bs]``. Where that is
+no cheaper than a dense update (``bs >= out``), ``serving_cost`` says "gemm": served merged.
 
 Versions: PEFT < 0.14 had no ``oft_block_size`` (refused, as PEFT refuses it); 0.14–0.15 stored
 ``oft_r``/``oft_s`` (full blocks and a scale: not this layout, refused by its tensor names);
@@ -29,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Hashable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import Field, StrictBool, StrictInt, field_validator
@@ -77,6 +78,7 @@ class OftSig(NamedTuple):
     series: every table is the k blocks ``[k, bs, bs]``)."""
 
     family: str
+    out_features: int
     blocks: int
     block_size: int
 
@@ -277,7 +279,12 @@ class OftMethod(AdapterMethod):
 
     # ---- serving -------------------------------------------------------------------------
     def signature(self, cfg: OftConfig, out_f: int, in_f: int) -> Hashable:
-        return OftSig("oft", *cfg.blocks(in_f))
+        return OftSig("oft", out_f, *cfg.blocks(in_f))
+
+    def serving_cost(self, sig: OftSig) -> Literal["cheap", "gemm"]:
+        """On the fly costs ``in·bs`` per token; from ``bs >= out`` that is a dense update's ``out·in``
+        or more (a few wide blocks on a narrow linear): the engine then serves it merged."""
+        return "gemm" if sig.block_size >= sig.out_features else "cheap"
 
     def hooks(self, sig: Hashable) -> frozenset[str]:
         return frozenset({"pre"})

@@ -33,9 +33,11 @@ def _peft_config(kind: str):
         )
     if kind == "oft-coft":  # constrained: blocks clipped to norm eps / √4 (q..up) and eps / √8 (down)
         return peft.OFTConfig(oft_block_size=8, r=0, coft=True, eps=3.0, target_modules=TARGETS)
+    if kind == "oft-wide":  # blocks as wide as k/v's output: served merged (serving_cost "gemm")
+        return peft.OFTConfig(oft_block_size=16, r=0, use_cayley_neumann=False, target_modules=TARGETS)
     if kind == "boft":  # two butterfly factors of 4 x 4 blocks
         return peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=TARGETS)
-    if kind == "boft-num":  # four blocks per factor, three factors
+    if kind == "boft-num":  # four blocks per factor, three factors (k/v: "gemm", so served merged)
         return peft.BOFTConfig(
             boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=3, target_modules=TARGETS
         )
@@ -60,7 +62,7 @@ def _randomise(model, kind: str, seed: int) -> None:
     assert touched == 2 * len(TARGETS) * per_module  # every projection of both layers
 
 
-KINDS = ["oft", "oft-cayley", "oft-coft", "boft", "boft-num"]
+KINDS = ["oft", "oft-cayley", "oft-coft", "oft-wide", "boft", "boft-num"]
 
 
 def _build(kind: str, folder, seed: int = 0):

@@ -284,3 +284,22 @@ def test_boft_file_with_one_factor_for_a_butterfly_config_is_refused_by_its_shap
     with pytest.raises(WeightsError) as e:
         Adapter.from_state_dict(method, cfg, tensors, {"q_proj": (OUT, IN)})
     assert e.value.where == f"{key}.boft_R"
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw", "shape", "cost"),
+    [
+        ("oft", {"oft_block_size": 4, "r": 0}, (8, 24), "cheap"),  # in·bs = 96 < out·in = 192
+        ("oft", {"oft_block_size": 8, "r": 0}, (8, 24), "gemm"),  # in·bs = out·in: merged
+        ("oft", {"oft_block_size": 0, "r": 1}, (48, 24), "cheap"),  # one block of 24 < out 48
+        ("boft", {"boft_block_size": 4}, (8, 24), "cheap"),  # 96 + 8 < 192
+        ("boft", {"boft_block_size": 4, "boft_n_butterfly_factor": 2}, (8, 24), "gemm"),  # 200 >= 192
+        ("boft", {"boft_block_size": 4, "boft_n_butterfly_factor": 2}, (24, 24), "cheap"),
+    ],
+)
+def test_served_merged_where_on_the_fly_is_no_cheaper_than_a_dense_update(kind, raw, shape, cost):
+    method = get_method(kind)
+    cfg = method.parse_config(
+        {"peft_type": kind.upper(), "target_modules": ["0"], "peft_version": "0.21.2", **raw}
+    )
+    assert method.serving_cost(method.signature(cfg, *shape)) == cost
