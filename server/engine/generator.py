@@ -25,7 +25,6 @@ events. ``run_forever`` sleeps on a condition variable while there is nothing to
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import threading
 import time
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache
 
-from server.engine.kv_batch import ForwardFn, RunningBatch
+from server.engine.kv_batch import ForwardFn, RunningBatch, hf_forward  # noqa: F401  (hf_forward: re-export)
 from server.engine.requests import (
     ERROR_KINDS,
     ErrorKind,
@@ -53,36 +52,6 @@ from server.engine.sampling import make_generator, row_top_logprobs, sample_rows
 from server.engine.scoring import NonFinitePrompt, score_prompt
 
 log = logging.getLogger(__name__)
-
-
-def hf_forward(model: torch.nn.Module) -> ForwardFn:
-    """The plain forward for a Hugging Face causal LM (adapter keys ignored).
-
-    Asks the model for the last position's logits only (``logits_to_keep=1``) when it supports
-    that: the generator never reads the others, and ``[B, T, V]`` logits of a long prefill are big.
-    Only a prefill with a row that wants its prompt's log-probabilities passes ``all_positions``.
-    """
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-    def forward(
-        input_ids: torch.Tensor,  # [B, T]
-        attention_mask: torch.Tensor,  # [B, L_past + T]
-        position_ids: torch.Tensor,  # [B, T]
-        past_key_values: DynamicCache,
-        adapter_keys: list[Hashable],
-        all_positions: bool = False,
-    ) -> torch.Tensor:  # [B, T, V]
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=True,
-            **({} if all_positions else extra),
-        )
-        return out.logits
-
-    return forward
 
 
 @dataclass

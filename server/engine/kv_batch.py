@@ -21,6 +21,7 @@ prompt) run through the model once; their cache rows and logits are copies of th
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, Protocol, TypeVar
 
@@ -33,6 +34,36 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 # ``past_key_values`` in place. Only the last position is read, so T' may be 1 (logits_to_keep=1);
 # ``prefill_all`` calls it with the keyword ``all_positions=True`` and needs every position (T' = T).
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache, list[Hashable]], torch.Tensor]
+
+
+def hf_forward(model: torch.nn.Module) -> ForwardFn:
+    """The plain forward for a Hugging Face causal LM (adapter keys ignored).
+
+    Asks the model for the last position's logits only (``logits_to_keep=1``) when it supports
+    that: the generator never reads the others, and ``[B, T, V]`` logits of a long prefill are big.
+    Only a prefill with a row that wants its prompt's log-probabilities passes ``all_positions``.
+    """
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+    def forward(
+        input_ids: torch.Tensor,  # [B, T]
+        attention_mask: torch.Tensor,  # [B, L_past + T]
+        position_ids: torch.Tensor,  # [B, T]
+        past_key_values: DynamicCache,
+        adapter_keys: list[Hashable],
+        all_positions: bool = False,
+    ) -> torch.Tensor:  # [B, T, V]
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=True,
+            **({} if all_positions else extra),
+        )
+        return out.logits
+
+    return forward
 
 
 class GrowingLayer(DynamicLayer):
