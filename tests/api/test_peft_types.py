@@ -56,6 +56,16 @@ def _peft_config(kind: str):
         return peft.HRAConfig(r=3, apply_GS=True, target_modules=TARGETS)
     if kind == "vera":
         return peft.VeraConfig(r=4, target_modules=TARGETS, save_projection=True, projection_prng_key=7)
+    if kind == "c3a":
+        return peft.C3AConfig(block_size=8, target_modules=TARGETS)
+    if kind == "fourierft":
+        return peft.FourierFTConfig(
+            n_frequency=40, scaling=150.0, random_loc_seed=123, target_modules=TARGETS
+        )
+    if kind == "oft":  # PEFT's defaults: Cayley-Neumann, 5 terms
+        return peft.OFTConfig(oft_block_size=8, r=0, target_modules=TARGETS)
+    if kind == "boft":
+        return peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=TARGETS)
     raise AssertionError(kind)
 
 
@@ -75,6 +85,10 @@ def _randomise(model, kind: str, seed: int) -> None:
         "loha": ("hada_",),
         "lokr": ("lokr_",),
         "lokr-both": ("lokr_",),
+        "c3a": ("c3a_kernel",),
+        "fourierft": ("fourierft_spectrum",),
+        "oft": ("oft_R",),
+        "boft": ("boft_R", "boft_s"),
     }
     touched = 0
     for name, p in model.named_parameters():
@@ -91,6 +105,12 @@ def _randomise(model, kind: str, seed: int) -> None:
             p.copy_(1.0 + 0.3 * noise)
         elif "lambda_b" in name:  # PEFT's init is 0; the projections are Kaiming-uniform
             p.copy_(3.0 * noise)
+        elif kind == "c3a":  # dW = kernel / in (32 or 64): std 1 puts dW at the weights' scale
+            p.copy_(noise)
+        elif kind == "fourierft":  # dW RMS ~ scaling * sqrt(n/2) * std(c) / (out * in)
+            p.copy_(0.05 * noise)
+        elif "boft_s" in name:  # output scales around 1
+            p.copy_(1.0 + 0.3 * noise)
         else:
             p.copy_(0.3 * noise)
         touched += 1
@@ -183,14 +203,22 @@ async def test_peft_folder_uploads_unchanged_and_serves_as_peft(client, tmp_path
     assert weights.content == (tmp_path / kind / "adapter_model.safetensors").read_bytes()
 
 
+# Types with their own HTTP tests (tests/api/test_peft_oft.py, test_peft_c3a_fourierft.py), in the
+# one-batch test here with all the others.
+MIXED_KINDS = [*KINDS, "c3a", "fourierft", "oft", "boft"]
+
+
 async def test_every_peft_type_in_one_batch(client, tmp_path):
     """Rows of every type share the forward passes and each still gets PEFT's answer."""
+    from tests.peft_butterfly import butterfly_peft
+
     expected = {}
-    for i, kind in enumerate(KINDS):
-        model = _build(kind, tmp_path / kind, seed=10 + i)
-        expected[kind] = _peft_greedy(model)
-        await _upload_folder(client, f"mix-{kind}", tmp_path / kind)
-    ids = [f"mix-{k}" for k in KINDS] * 2
+    with butterfly_peft():  # BOFT as PEFT builds it with its CUDA extension (tests/peft_butterfly.py)
+        for i, kind in enumerate(MIXED_KINDS):
+            model = _build(kind, tmp_path / kind, seed=10 + i)
+            expected[kind] = _peft_greedy(model)
+            await _upload_folder(client, f"mix-{kind}", tmp_path / kind)
+    ids = [f"mix-{k}" for k in MIXED_KINDS] * 2
     served = await asyncio.gather(*(_served(client, a) for a in ids))
     for adapter_id, got in zip(ids, served, strict=True):
         _assert_matches(got, expected[adapter_id.removeprefix("mix-")], adapter_id)
