@@ -200,6 +200,14 @@ class AdapterStore:
         Raises ValidationError (422) / TooLarge (413) before anything is written, StorageFull (507)
         if the disk fills up (nothing is left behind).
         """
+        return self.put_replacing(adapter_id, config_bytes, weights_file)[0]
+
+    def put_replacing(
+        self, adapter_id: str, config_bytes: bytes, weights_file: Path | bytes
+    ) -> tuple[AdapterRecord, int | None]:
+        """``put``, also returning the version this one replaced (None for a new id), as the
+        index's commit saw it: reading ``current_version`` first could name a version another
+        writer had already replaced, so a cache keyed by version would miss one and drop one twice."""
         check_id(adapter_id)
         up = validate_upload(config_bytes, weights_file, self.module_shapes, self.limits, self.table_dtype)
         if len(up.config_bytes) > self._stored_limits.max_config_bytes:
@@ -242,7 +250,7 @@ class AdapterStore:
                 raise
             if previous is not None:  # committed: the old version's blobs are garbage now
                 _discard_uncommitted(_Doomed(self._blobs, prefix=version_prefix(adapter_id, previous)))
-        return rec
+        return rec, previous
 
     def _publish(self, doomed: _Doomed, prefix: str) -> None:
         doomed.prefix = prefix  # from here on a failure may leave our blobs there: remove them
