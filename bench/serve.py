@@ -12,6 +12,9 @@ Scenarios (32 concurrent requests, 64 new tokens each, EOS ignored so lengths ar
   mixed_per_family  32 requests on 32 distinct adapters, the 5 families in their default configs
              (LoRA r8, HUT r1, ETHER+, DCT, SURM circulant), on the fly: the issue's "mixed" target
   mixed      the same with 10 configs: every variant, incl. SURM Toeplitz and ETHER+ two-sided
+  mixed_all_types  32 requests on 32 adapters of every registered type (PEFT's too: DoRA, IA3,
+             VeRA, HiRA, HRA, LoHa, LoKr, C3A, FourierFT, OFT, BOFT, and SURM LDR); each is served
+             as the policy serves it (on the fly, or merged where its on-the-fly form costs GEMMs)
   merged     32 requests on one adapter, served from merged weights
   sequential the same requests one after another (batching gain; measured on a subset)
   hf         transformers' own batched generate on the same prompts (plain model)
@@ -41,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.loader import load_base_model  # noqa: E402
 from server.engine.requests import SamplingParams, TokenEvent  # noqa: E402
-from server.methods import Adapter, get_method  # noqa: E402
+from server.methods import Adapter, available_methods, get_method  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -63,17 +66,37 @@ MIX = [
 
 # One default config per family (5 slot pools per layer): LoRA r8, HUT r1, ETHER+ auto, DCT, SURM circulant.
 MIX_PER_FAMILY = [MIX[0], MIX[1], MIX[4], MIX[6], MIX[7]]
+# One config of every registered type, SmolLM2 sizes (hidden 576, k/v 192, MLP 1536).
+ALL_TYPES = [
+    ("lora", {"r": 8, "lora_alpha": 16}),
+    ("dora", {"use_dora": True, "r": 8, "lora_alpha": 16}),
+    ("hut", {"r": 1}),
+    ("ia3", {"feedforward_modules": ["down_proj"]}),
+    ("hira", {"r": 8}),  # HUT rank 9: merged by policy
+    ("ether", {"variant": "etherplus", "side": "auto", "n_blocks": 4}),
+    ("hra", {"r": 8}),
+    ("dct", {"n_frequency": 700}),
+    ("surm", {"variant": "circulant"}),
+    ("surm", {"variant": "ldr", "ldr_rank": 4}),
+    ("vera", {"r": 64}),
+    ("loha", {"r": 4, "alpha": 8}),
+    ("lokr", {"r": 8, "alpha": 8}),
+    ("c3a", {"block_size": 64}),  # 64 divides 192, 576 and 1536
+    ("fourierft", {"n_frequency": 1000, "scaling": 300.0}),
+    ("oft", {"oft_block_size": 32, "r": 0, "peft_version": "0.21.2"}),
+    ("boft", {"boft_block_size": 8, "boft_n_butterfly_factor": 2}),
+]
 
 
 def make_adapter(engine: Engine, family: str, raw: dict, seed: int, scale: float = 0.02) -> Adapter:
     """Random non-zero adapter; parameters shrunk toward identity so the model stays sensible."""
     method = get_method(family)
-    cfg = method.parse_config({"peft_type": family.upper(), "target_modules": TARGETS, **raw})
+    cfg = method.parse_config({"peft_type": method.peft_type, "target_modules": TARGETS, **raw})
     g = torch.Generator().manual_seed(seed)
     modules = {}
     for path, mod in engine.base.modules.items():
         w = mod.base.weight.detach().float().cpu()
-        modules[path] = method.init_params(cfg, w, "random", g)
+        modules[path] = method.init_module_params(cfg, path, w, "random", g)
     return Adapter(method, cfg, modules, dict(engine.base.module_shapes))
 
 
@@ -173,6 +196,14 @@ def main() -> None:
         family, raw = MIX_PER_FAMILY[i % len(MIX_PER_FAMILY)]
         engine.add_adapter(f"fam{i}", make_adapter(engine, family, raw, seed=300 + i))
         ids5.append(f"fam{i}")
+    missing = set(available_methods()) - {family for family, _ in ALL_TYPES}
+    if missing:
+        raise SystemExit(f"ALL_TYPES lacks a config for {sorted(missing)}")
+    ids_all = []
+    for i in range(args.requests):
+        family, raw = ALL_TYPES[i % len(ALL_TYPES)]
+        engine.add_adapter(f"all{i}", make_adapter(engine, family, raw, seed=600 + i))
+        ids_all.append(f"all{i}")
     engine.add_adapter("hot", make_adapter(engine, "lora", {"r": 8, "lora_alpha": 16}, seed=999))
     engine.add_adapter("hut4", make_adapter(engine, "hut", {"r": 4}, seed=998))
     # As `python -m server` does once ready: keep start-up objects out of the GC's full scans.
@@ -183,6 +214,7 @@ def main() -> None:
     run_batch(engine, prompts, [None] * args.requests, warm)
     run_batch(engine, prompts, ids, warm)
     run_batch(engine, prompts, ids5, warm)
+    run_batch(engine, prompts, ids_all, warm)
     run_batch(engine, prompts, ["hot"] * args.requests, warm)
     run_batch(engine, prompts, ["hut4"] * args.requests, warm)
 
@@ -202,6 +234,7 @@ def main() -> None:
     scenarios = {
         "mixed": ids,
         "mixed_per_family": ids5,
+        "mixed_all_types": ids_all,
         "merged": ["hot"] * args.requests,
         "hut_r4_merged": ["hut4"] * args.requests,
     }
@@ -315,6 +348,7 @@ def main() -> None:
     targets = {
         "mixed_per_family_vs_base": ">= 0.80 (goal 0.90)",
         "mixed_vs_base": "(info: every config variant)",
+        "mixed_all_types_vs_base": "(info: every registered type)",
         "merged_vs_base": ">= 0.95",
         "batching_gain": ">= 2.5",
         "base_vs_hf_generate": ">= 0.90",
