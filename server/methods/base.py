@@ -175,6 +175,40 @@ def auto_mapping_shape():
     return field_validator("auto_mapping")(classmethod(check))
 
 
+# PEFT features that most types do not honour, and why (shown in the 422 that names the field).
+PEFT_FEATURES = {
+    "modules_to_save": "fully fine-tuned extra modules",
+    "exclude_modules": "module exclusion",
+    "fan_in_fan_out": "transposed (Conv1D) weights",
+    "layers_to_transform": "layer selection beyond target_modules",
+    "layers_pattern": "layer selection beyond target_modules",
+    "rank_pattern": "per-module ranks",
+    "alpha_pattern": "per-module alphas",
+}
+
+
+class PeftConfig(MethodConfig):
+    """What PEFT-format configs of every type share (the types of ``server/methods`` that upload
+    PEFT's folders): ``auto_mapping`` as data, ``bias`` only ``"none"``, and PEFT's features of
+    ``PEFT_FEATURES``, each refused with a 422 naming it when switched on. A type that honours one
+    redeclares the field and its own ``_features`` validator over the others; PEFT's bookkeeping
+    ``peft_version`` stays with each type (OFT's layouts depend on it)."""
+
+    auto_mapping: dict[str, str] | None = None  # PEFT's base-class hint; never imported here
+    bias: str = "none"
+    modules_to_save: Any = None
+    exclude_modules: Any = None
+    fan_in_fan_out: Any = False
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
+    rank_pattern: Any = None
+    alpha_pattern: Any = None
+
+    _features = must_be_off(PEFT_FEATURES)
+    _auto_mapping = auto_mapping_shape()
+    _bias = bias_none()
+
+
 def per_row(t: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
     """Per-row view of a stacked slot tensor ``t [S, ...]``.
 

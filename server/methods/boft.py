@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from functools import lru_cache
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import Field, StrictBool, StrictInt, field_validator
@@ -39,23 +39,14 @@ from .base import (
     InitMode,
     MethodConfig,
     ParamSpec,
+    PeftConfig,
     StrictNumber,
-    auto_mapping_shape,
-    bias_none,
-    must_be_off,
     per_row,
     refuse,
 )
 from .oft import cayley, rotate_rows
 from .registry import register_method
 
-_OFF = {
-    "modules_to_save": "fully fine-tuned extra modules",
-    "exclude_modules": "module exclusion",
-    "layers_to_transform": "layer selection beyond target_modules",
-    "layers_pattern": "layer selection beyond target_modules",
-    "fan_in_fan_out": "transposed (Conv1D) weights",
-}
 MAX_FACTORS = 16  # 2^15 blocks: beyond any linear
 
 
@@ -70,24 +61,13 @@ class BoftSig(NamedTuple):
     factors: int
 
 
-class BoftConfig(MethodConfig):
+class BoftConfig(PeftConfig):
     boft_block_size: StrictInt = Field(4, ge=0)
     boft_block_num: StrictInt = Field(0, ge=0)
     boft_n_butterfly_factor: StrictInt = Field(1, ge=1, le=MAX_FACTORS)
     boft_dropout: StrictNumber = Field(0.0, ge=0.0, lt=1.0)  # training only
     init_weights: StrictBool = True  # init only
-    bias: str = "none"
     peft_version: str | None = None  # BOFT's layout and math are the same in every PEFT release
-    auto_mapping: dict[str, str] | None = None  # PEFT's base-class hint; never imported here
-    modules_to_save: Any = None
-    exclude_modules: Any = None
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
-    fan_in_fan_out: Any = False
-
-    _off = must_be_off(_OFF)
-    _auto_mapping = auto_mapping_shape()
-    _bias = bias_none()
 
     @field_validator("boft_block_num")
     @classmethod

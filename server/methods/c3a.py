@@ -37,20 +37,12 @@ from .base import (
     InitMode,
     MethodConfig,
     ParamSpec,
-    auto_mapping_shape,
-    bias_none,
-    must_be_off,
+    PeftConfig,
     per_row,
     refuse,
 )
 from .registry import register_method
 
-_OFF = {
-    "modules_to_save": "fully fine-tuned extra modules",
-    "exclude_modules": "module exclusion",
-    "layers_to_transform": "layer selection beyond target_modules",
-    "layers_pattern": "layer selection beyond target_modules",
-}
 MAX_BLOCK = 1 << 16  # above any hidden size; every b must also divide the linear's sides
 _INITS = (True, False, "gaussian", "kaiming_uniform", "xavier_uniform")
 BlockSize = Annotated[StrictInt, Field(ge=1, le=MAX_BLOCK)]
@@ -85,21 +77,12 @@ def check_pattern_keys(pattern: dict | None) -> dict | None:
     return pattern
 
 
-class C3AConfig(MethodConfig):
+class C3AConfig(PeftConfig):
     block_size: BlockSize = 256
     block_size_pattern: dict[str, BlockSize] | None = Field(default_factory=dict)  # honoured
     init_weights: Any = "xavier_uniform"  # init only: one of _INITS
-    bias: str = "none"
     peft_version: str | None = None
-    auto_mapping: dict[str, str] | None = None  # PEFT's base-class hint; never imported here
-    modules_to_save: Any = None
-    exclude_modules: Any = None
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
 
-    _off = must_be_off(_OFF)
-    _auto_mapping = auto_mapping_shape()
-    _bias = bias_none()
     _pattern = field_validator("block_size_pattern")(classmethod(lambda cls, v: check_pattern_keys(v)))
 
     @field_validator("init_weights")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+from typing import Annotated, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,22 +42,13 @@ from .base import (
     InitMode,
     MethodConfig,
     ParamSpec,
+    PeftConfig,
     Scale,
-    auto_mapping_shape,
-    bias_none,
-    must_be_off,
     per_row,
 )
 from .c3a import check_pattern_keys, peft_pattern_key
 from .registry import register_method
 
-_OFF = {
-    "modules_to_save": "fully fine-tuned extra modules",
-    "fan_in_fan_out": "transposed (Conv1D) weights",
-    "exclude_modules": "module exclusion",
-    "layers_to_transform": "layer selection beyond target_modules",
-    "layers_pattern": "layer selection beyond target_modules",
-}
 PAD_MULTIPLE = 64  # serving pads n to a multiple of this, so adapters of nearby n share a slot table
 NFrequency = Annotated[StrictInt, Field(ge=1)]
 # Every value torch.Generator.manual_seed accepts (PEFT passes the seed there unchanged).
@@ -73,24 +64,14 @@ class FourierFTSig(NamedTuple):
     n_pad: int
 
 
-class FourierFTConfig(MethodConfig):
+class FourierFTConfig(PeftConfig):
     n_frequency: NFrequency = 1000
     scaling: Scale = 150.0
     random_loc_seed: Seed = 777
     n_frequency_pattern: dict[str, NFrequency] | None = Field(default_factory=dict)  # honoured
     init_weights: StrictBool = False  # init only
-    bias: str = "none"
     peft_version: str | None = None
-    auto_mapping: dict[str, str] | None = None  # PEFT's base-class hint; never imported here
-    modules_to_save: Any = None
-    fan_in_fan_out: Any = False
-    exclude_modules: Any = None
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
 
-    _off = must_be_off(_OFF)
-    _auto_mapping = auto_mapping_shape()
-    _bias = bias_none()
     _pattern = field_validator("n_frequency_pattern")(classmethod(lambda cls, v: check_pattern_keys(v)))
 
     def for_module(self, module: str) -> FourierFTConfig:

@@ -23,39 +23,20 @@ from .base import (
     InitMode,
     MethodConfig,
     ParamSpec,
+    PeftConfig,
     StrictNumber,
-    auto_mapping_shape,
-    must_be_off,
 )
 from .converted import ConvertedMethod
 from .hut import HutConfig, HutMethod
 from .registry import register_method
 
-_OFF = {
-    "modules_to_save": "fully fine-tuned extra modules",
-    "exclude_modules": "module exclusion",
-    "fan_in_fan_out": "transposed (Conv1D) weights",
-    "layers_to_transform": "layer selection beyond target_modules",
-    "layers_pattern": "layer selection beyond target_modules",
-    "rank_pattern": "per-module ranks",
-}
 
-
-class HiraConfig(MethodConfig):
+class HiraConfig(PeftConfig):
     r: StrictInt = Field(32, ge=1, le=MAX_RANK)
     hira_dropout: StrictNumber = Field(0.0, ge=0.0, lt=1.0)  # training only
     init_weights: StrictBool | str | None = True  # init only
     peft_version: str | None = None
-    auto_mapping: dict[str, str] | None = None  # PEFT's base-class hint; never imported here
-    modules_to_save: Any = None
-    exclude_modules: Any = None
-    fan_in_fan_out: Any = False
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
     rank_pattern: Any = Field(default_factory=dict)
-
-    _off = must_be_off(_OFF)
-    _auto_mapping = auto_mapping_shape()
 
     def check_shape(self, module: str, out_f: int, in_f: int) -> None:
         if self.r + 1 > min(out_f, in_f):

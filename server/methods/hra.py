@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import Field, StrictBool, StrictInt
@@ -32,38 +32,20 @@ from .base import (
     InitMode,
     MethodConfig,
     ParamSpec,
+    PeftConfig,
     WeightsError,
-    auto_mapping_shape,
-    bias_none,
-    must_be_off,
     per_row,
 )
 from .registry import register_method
 
-_OFF = {
-    "modules_to_save": "fully fine-tuned extra modules",
-    "exclude_modules": "module exclusion",
-    "layers_to_transform": "layer selection beyond target_modules",
-    "layers_pattern": "layer selection beyond target_modules",
-}
 MIN_RMS = 1e-6  # a column whose RMS entry is below this has no direction worth normalising
 
 
-class HraConfig(MethodConfig):
+class HraConfig(PeftConfig):
     r: StrictInt = Field(8, ge=1, le=MAX_RANK)
     apply_GS: StrictBool = False  # noqa: N815  (PEFT's name)
     init_weights: StrictBool = True  # init only
-    bias: str = "none"
     peft_version: str | None = None
-    auto_mapping: dict[str, str] | None = None  # PEFT's base-class hint; never imported here
-    modules_to_save: Any = None
-    exclude_modules: Any = None
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
-
-    _off = must_be_off(_OFF)
-    _auto_mapping = auto_mapping_shape()
-    _bias = bias_none()
 
     def check_shape(self, module: str, out_f: int, in_f: int) -> None:
         if self.r > in_f:

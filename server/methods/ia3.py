@@ -18,34 +18,21 @@ scale before the shared GEMM, one scale-and-shift after).
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import StrictBool
 
-from .base import ConfigError, InitMode, MethodConfig, ParamSpec, auto_mapping_shape, must_be_off
+from .base import ConfigError, InitMode, MethodConfig, ParamSpec, PeftConfig
 from .converted import ConvertedMethod
 from .hut import HutConfig, HutMethod
 from .registry import register_method
 
-_OFF = {
-    "modules_to_save": "fully fine-tuned extra modules",
-    "exclude_modules": "module exclusion",
-    "fan_in_fan_out": "transposed (Conv1D) weights",
-}
 
-
-class Ia3Config(MethodConfig):
+class Ia3Config(PeftConfig):
     feedforward_modules: list[str] | str | None = None
     init_ia3_weights: StrictBool = True  # init only
     peft_version: str | None = None
-    auto_mapping: dict[str, str] | None = None  # PEFT's base-class hint; never imported here
-    modules_to_save: Any = None
-    exclude_modules: Any = None
-    fan_in_fan_out: Any = False
-
-    _off = must_be_off(_OFF)
-    _auto_mapping = auto_mapping_shape()
 
     def is_feedforward(self, module: str) -> bool:
         ff = self.feedforward_modules

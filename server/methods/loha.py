@@ -18,23 +18,22 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, StrictBool, StrictInt
 
-from .base import InitMode, MethodConfig, ParamSpec, Scale, StrictNumber, auto_mapping_shape, must_be_off
+from .base import (
+    InitMode,
+    MethodConfig,
+    ParamSpec,
+    PeftConfig,
+    Scale,
+    StrictNumber,
+)
 from .converted import ConvertedMethod
 from .lora import LoraConfig, LoraMethod
 from .registry import register_method
 
-_OFF = {
-    "modules_to_save": "fully fine-tuned extra modules",
-    "exclude_modules": "module exclusion",
-    "layers_to_transform": "layer selection beyond target_modules",
-    "layers_pattern": "layer selection beyond target_modules",
-    "rank_pattern": "per-module ranks",
-    "alpha_pattern": "per-module alphas",
-}
 MAX_LOHA_RANK = 64  # r² = 4096, LoRA's largest rank
 
 
-class LohaConfig(MethodConfig):
+class LohaConfig(PeftConfig):
     r: StrictInt = Field(8, ge=1, le=MAX_LOHA_RANK)
     alpha: Scale = 8.0
     rank_dropout: StrictNumber = Field(0.0, ge=0.0, lt=1.0)  # training only
@@ -42,16 +41,8 @@ class LohaConfig(MethodConfig):
     use_effective_conv2d: StrictBool = False  # convolutions only: no effect on a linear
     init_weights: StrictBool = True  # init only
     peft_version: str | None = None
-    auto_mapping: dict[str, str] | None = None  # PEFT's base-class hint; never imported here
-    modules_to_save: Any = None
-    exclude_modules: Any = None
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
     rank_pattern: Any = Field(default_factory=dict)
     alpha_pattern: Any = Field(default_factory=dict)
-
-    _off = must_be_off(_OFF)
-    _auto_mapping = auto_mapping_shape()
 
 
 class LohaMethod(ConvertedMethod):

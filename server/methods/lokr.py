@@ -26,22 +26,12 @@ from .base import (
     InitMode,
     MethodConfig,
     ParamSpec,
+    PeftConfig,
     Scale,
     StrictNumber,
-    auto_mapping_shape,
-    must_be_off,
     per_row,
 )
 from .registry import register_method
-
-_OFF = {
-    "modules_to_save": "fully fine-tuned extra modules",
-    "exclude_modules": "module exclusion",
-    "layers_to_transform": "layer selection beyond target_modules",
-    "layers_pattern": "layer selection beyond target_modules",
-    "rank_pattern": "per-module ranks",
-    "alpha_pattern": "per-module alphas",
-}
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -63,7 +53,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (n, m) if m > n else (m, n)
 
 
-class LokrConfig(MethodConfig):
+class LokrConfig(PeftConfig):
     r: StrictInt = Field(8, ge=1, le=MAX_RANK)
     alpha: Scale = 8.0
     decompose_both: StrictBool = False
@@ -74,16 +64,8 @@ class LokrConfig(MethodConfig):
     use_effective_conv2d: StrictBool = False  # convolutions only: no effect on a linear
     init_weights: StrictBool | Literal["lycoris"] = True  # init only
     peft_version: str | None = None
-    auto_mapping: dict[str, str] | None = None  # PEFT's base-class hint; never imported here
-    modules_to_save: Any = None
-    exclude_modules: Any = None
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
     rank_pattern: Any = Field(default_factory=dict)
     alpha_pattern: Any = Field(default_factory=dict)
-
-    _off = must_be_off(_OFF)
-    _auto_mapping = auto_mapping_shape()
 
     def factors(self, out_f: int, in_f: int) -> tuple[int, int, int, int]:
         """(l, k, m, n): out = l·k, in = m·n, as PEFT splits them."""

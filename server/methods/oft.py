@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Hashable
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import Field, StrictBool, StrictInt, field_validator
@@ -41,22 +41,13 @@ from .base import (
     InitMode,
     MethodConfig,
     ParamSpec,
+    PeftConfig,
     StrictNumber,
-    auto_mapping_shape,
-    bias_none,
-    must_be_off,
     per_row,
     refuse,
 )
 from .registry import register_method
 
-_OFF = {
-    "modules_to_save": "fully fine-tuned extra modules",
-    "exclude_modules": "module exclusion",
-    "layers_to_transform": "layer selection beyond target_modules",
-    "layers_pattern": "layer selection beyond target_modules",
-    "fan_in_fan_out": "transposed (Conv1D) weights",
-}
 MAX_NEUMANN_TERMS = 64  # PEFT's default is 5; each term is a block matmul when preparing
 NEUMANN_SINCE = (0, 18, 0)  # PEFT 0.18 changed the Cayley–Neumann series (its last term)
 LAYOUT_SINCE = (0, 16, 0)  # oft_R.weight, the packed upper triangles
@@ -83,7 +74,7 @@ class OftSig(NamedTuple):
     block_size: int
 
 
-class OftConfig(MethodConfig):
+class OftConfig(PeftConfig):
     r: StrictInt = Field(0, ge=0)
     # None: the field is absent, i.e. PEFT < 0.14's layout (validated, to say so by name)
     oft_block_size: StrictInt | None = Field(None, ge=0, validate_default=True)
@@ -94,19 +85,8 @@ class OftConfig(MethodConfig):
     use_cayley_neumann: StrictBool = True
     num_cayley_neumann_terms: StrictInt = Field(5, ge=0, le=MAX_NEUMANN_TERMS)
     init_weights: StrictBool = True  # init only
-    bias: str = "none"
     # validated after use_cayley_neumann (declared after it): the series depends on the version
     peft_version: str | None = Field(None, validate_default=True)
-    auto_mapping: dict[str, str] | None = None  # PEFT's base-class hint; never imported here
-    modules_to_save: Any = None
-    exclude_modules: Any = None
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
-    fan_in_fan_out: Any = False
-
-    _off = must_be_off(_OFF)
-    _auto_mapping = auto_mapping_shape()
-    _bias = bias_none()
 
     @field_validator("oft_block_size")
     @classmethod

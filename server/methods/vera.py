@@ -16,7 +16,7 @@ on the fly at LoRA's cost (rank r); VeRA adapters are uploaded, not trained here
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import Field, StrictBool, StrictInt, field_validator
@@ -27,43 +27,25 @@ from .base import (
     InitMode,
     MethodConfig,
     ParamSpec,
+    PeftConfig,
     StrictNumber,
-    auto_mapping_shape,
-    bias_none,
-    must_be_off,
     refuse,
 )
 from .converted import ConvertedMethod
 from .lora import LoraConfig, LoraMethod
 from .registry import register_method
 
-_OFF = {
-    "modules_to_save": "fully fine-tuned extra modules",
-    "fan_in_fan_out": "transposed (Conv1D) weights",
-    "layers_to_transform": "layer selection beyond target_modules",
-    "layers_pattern": "layer selection beyond target_modules",
-}
 SHARED_A, SHARED_B = "base_model.vera_A", "base_model.vera_B"
 
 
-class VeraConfig(MethodConfig):
+class VeraConfig(PeftConfig):
     r: StrictInt = Field(256, ge=1, le=MAX_RANK)
     save_projection: StrictBool = True
     projection_prng_key: StrictInt = 0  # only regenerates the projections, which must be saved
     vera_dropout: StrictNumber = Field(0.0, ge=0.0, lt=1.0)  # training only
     d_initial: StrictNumber = 0.1  # init only
     init_weights: StrictBool = True  # init only
-    bias: str = "none"
     peft_version: str | None = None
-    auto_mapping: dict[str, str] | None = None  # PEFT's base-class hint; never imported here
-    modules_to_save: Any = None
-    fan_in_fan_out: Any = False
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
-
-    _off = must_be_off(_OFF)
-    _auto_mapping = auto_mapping_shape()
-    _bias = bias_none()
 
     @field_validator("save_projection")
     @classmethod
