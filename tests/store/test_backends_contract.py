@@ -14,11 +14,13 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+import adapters_store.store as store_mod
 from adapters_store import WEIGHTS_NAME, Conflict, Corrupt, NotFound
 from adapters_store.backends import BlobExists, BlobMissing, blob_key, version_prefix
 from adapters_store.index import Row
@@ -209,6 +211,40 @@ def test_gc_never_removes_a_row_committed_meanwhile(open_store):
         store.gc(grace_s=0)
     finally:
         del store.blobs.list
+    assert store.load("late").family == "surm"
+    assert_whole(store)
+
+
+def test_gc_waits_for_a_put_between_its_blobs_and_its_row(open_store, monkeypatch):
+    """A put of this process that published its blobs before the collector listed them, and
+    commits its row after: the collector reads the row under the id lock, so it keeps them."""
+    store = open_store()
+    published, listed = threading.Event(), threading.Event()
+
+    def hold_after_publishing(stage):
+        if stage == "renamed" and threading.current_thread().name == "putter":
+            published.set()
+            assert listed.wait(60)
+
+    monkeypatch.setattr(store_mod, "_fault_point", hold_after_publishing)
+    real_list = store.blobs.list
+
+    def list_and_tell(prefix):
+        listing = list(real_list(prefix))
+        listed.set()  # the put may commit from here on
+        return iter(listing)
+
+    store.blobs.list = list_and_tell
+    putter = threading.Thread(target=store.put, args=("late", *upload("surm")), name="putter")
+    putter.start()
+    try:
+        assert published.wait(60)
+        report = store.gc(grace_s=0)
+    finally:
+        listed.set()
+        putter.join(60)
+        del store.blobs.list
+    assert report.removed == 0
     assert store.load("late").family == "surm"
     assert_whole(store)
 
