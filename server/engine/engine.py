@@ -216,7 +216,7 @@ class Engine:
 
     def pin(self, adapter_id: str) -> None:
         """Keep every version of ``adapter_id`` resident once loaded (never evicted) until unpinned."""
-        self.residency.pinned_ids.add(adapter_id)
+        self.residency.pin(adapter_id)
 
     def unpin(self, adapter_id: str) -> None:
-        self.residency.pinned_ids.discard(adapter_id)
+        self.residency.unpin(adapter_id)

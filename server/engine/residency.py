@@ -44,6 +44,14 @@ class MergedEntry:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class ResidencySnapshot:
+    """Where one adapter version is resident and whether its id is pinned, read together."""
+
+    tiers: tuple[str, ...]  # of "host", "device", "merged", in that order
+    pinned: bool
+
+
 @dataclass
 class ResidencyStats:
     loads: int = 0  # disk -> host
@@ -125,6 +133,16 @@ class Residency:
 
     def is_pinned(self, key: AdapterKey) -> bool:
         return isinstance(key, tuple) and bool(key) and key[0] in self.pinned_ids
+
+    def pin(self, adapter_id: str) -> None:
+        """Keep every version of ``adapter_id`` once loaded. Under the host lock, so a host
+        eviction or a ``snapshot`` sees the pin either wholly before or wholly after."""
+        with self._host_lock:
+            self.pinned_ids.add(adapter_id)
+
+    def unpin(self, adapter_id: str) -> None:
+        with self._host_lock:
+            self.pinned_ids.discard(adapter_id)
 
     def _evict_host(self) -> None:
         total = sum(a.nbytes() for a in self._host.values())
@@ -310,6 +328,14 @@ class Residency:
         if key in self._merged:
             tiers.append("merged")
         return tiers
+
+    def snapshot(self, key: AdapterKey) -> ResidencySnapshot:
+        """Tiers and pin of ``key`` read under the host lock, which host loads, host evictions,
+        ``forget`` and pins take: no answer mixes a state from before one of them with one from
+        after. Device and merged copies change only on the engine thread; each membership test
+        is a single dict lookup there."""
+        with self._host_lock:
+            return ResidencySnapshot(tuple(self.tier_of(key)), self.is_pinned(key))
 
     def resident_counts(self) -> dict[tuple[str, str], int]:
         """(tier, family) -> number of adapters."""
