@@ -88,7 +88,7 @@ def instrument(engine: Engine, timers: Timers) -> None:
     IncrementalDetokenizer.flush = timers.wrap("detok", IncrementalDetokenizer.flush)
     StopStringBuffer.add = timers.wrap("stop", StopStringBuffer.add)
     GenerationRequest.emit = timers.wrap("events", GenerationRequest.emit)
-    metrics = Metrics(runtime=None, top_adapters=0)  # the step observer: histograms, no scrape
+    metrics = Metrics(top_adapters=0)  # the step observer: histograms, no scrape
     engine.generator.observers.append(timers.wrap("metrics", metrics.on_step))
 
 

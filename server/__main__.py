@@ -21,9 +21,9 @@ from types import FrameType
 import uvicorn
 
 from server import log_limit
-from server.api.runtime import Runtime
 from server.app import create_app, on_startup_failure
 from server.connections import uvicorn_config
+from server.runtime import Runtime
 from server.settings import settings_from_cli
 
 log = logging.getLogger("facet.server")

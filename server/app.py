@@ -3,10 +3,13 @@
     app = create_app(settings)                         # builds model, store and engine itself
     app = create_app(settings, engine=e, store=s)      # tests: injected (tiny model, tmp store)
 
-The lifespan answers at once (``/health`` 200, ``/ready`` 503) and does the slow start-up in a
-background task: load the base model, open the store (``<data_dir>/adapters``), build and start
-the engine, run one tiny generation, then ``/ready`` turns 200. On shutdown ``/ready`` turns 503
-first, then the engine stops (requests still running finish with an error).
+Everything stateful is built by the composition root, ``server.runtime``; this module adds the
+HTTP side (routers, middleware) and the lifespan. The lifespan answers at once (``/health`` 200,
+``/ready`` 503) and does the slow start-up in a background task: load the base model, open the
+store (``<data_dir>/adapters``), build the engine and what needs it (``open_serving``), start the
+engine, run one tiny generation, start the fine-tune runner, then ``/ready`` turns 200. On
+shutdown ``/ready`` turns 503 first, then the runner and the engine stop (requests still running
+finish with an error).
 """
 
 from __future__ import annotations
@@ -20,21 +23,26 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from adapters_store.backends import open_backends
-from adapters_store.limits import StoreLimits
 from adapters_store.store import AdapterStore
 from server.engine.engine import Engine
-from server.engine.loader import dtype_name, load_base_model
+from server.engine.loader import dtype_name
 from server.engine.requests import FinishEvent, SamplingParams
-from server.metrics import Metrics, MetricsMiddleware, route_templates
+from server.metrics import MetricsMiddleware, route_templates
+from server.runtime import (  # noqa: F401 - open_store, store_limits: used by tests and tools
+    Runtime,
+    build_runtime,
+    open_serving,
+    open_store,
+    start_jobs,
+    stop_runtime,
+    store_limits,
+)
 from server.settings import Settings
 
 from .api import ROUTERS
 from .api.body_timeout import BodyTimeoutMiddleware
 from .api.errors import install_error_handlers
 from .api.middleware import AuthMiddleware, BodyLimitMiddleware, load_api_keys
-from .api.quotas import KeyQuotas
-from .api.runtime import Runtime
 
 log = logging.getLogger("facet.app")
 
@@ -51,53 +59,6 @@ One resident base model, many tiny adapters (LoRA, HUT, ETHER, DCT, SURM) chosen
 Errors always look like `{"error": {"type", "message", "where"?}}`. With API keys configured, send
 `Authorization: Bearer <key>` (scope `infer` for generation and models, `admin` for everything).
 """
-
-
-def store_limits(settings: Settings) -> StoreLimits:
-    return StoreLimits(max_weights_bytes=settings.max_upload_bytes)
-
-
-def open_store(settings: Settings, base) -> AdapterStore:
-    """The adapter store for ``base``: validated against its shapes, tables checked in its dtype.
-    Its blob store and index are the ones ``settings.store_*`` name (local files + SQLite by
-    default; boto3/psycopg are imported only when S3/PostgreSQL are chosen)."""
-    root = settings.data_dir / "adapters"
-    blobs, index = open_backends(
-        root,
-        settings.store_blob_url,
-        settings.store_index_url,
-        s3_endpoint=settings.store_s3_endpoint,
-        s3_region=settings.store_s3_region,
-    )
-    return AdapterStore(
-        root,
-        base.module_shapes,
-        base.name,
-        store_limits(settings),
-        table_dtype=base.dtype,
-        blobs=blobs,
-        index=index,
-        cache_bytes=settings.store_cache_bytes,
-        orphan_grace_s=settings.store_orphan_grace_s,
-    )
-
-
-def _build(rt: Runtime) -> None:
-    """Blocking part of start-up (worker thread): whatever was not injected."""
-    settings = rt.settings
-    if rt.engine is None:
-        base = load_base_model(settings)
-        if rt.store is None:
-            rt.store = open_store(settings, base)
-        store = rt.store
-        rt.engine = Engine(
-            base, settings, source=lambda key: store.load(*key), current_version=store.current_version
-        )
-    elif rt.store is None:
-        rt.store = open_store(settings, rt.engine.base)
-    rt.uploads_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in rt.uploads_dir.glob("upload-*"):  # from a crash mid-upload
-        leftover.unlink(missing_ok=True)
 
 
 def _warm_up(engine: Engine) -> None:
@@ -117,11 +78,9 @@ def _warm_up(engine: Engine) -> None:
             return
 
 
-async def _start(rt: Runtime, on_ready=None) -> None:
+async def _start(rt: Runtime) -> None:
     try:
-        await asyncio.to_thread(_build, rt)
-        if rt.metrics is not None:
-            rt.metrics.attach(rt.engine)
+        await asyncio.to_thread(open_serving, rt)
         rt.engine.start()
         await asyncio.to_thread(_warm_up, rt.engine)
     except asyncio.CancelledError:
@@ -133,8 +92,7 @@ async def _start(rt: Runtime, on_ready=None) -> None:
             rt.on_failure()
         return
     if rt.phase == "starting":
-        if on_ready is not None:
-            await asyncio.to_thread(on_ready)
+        await asyncio.to_thread(start_jobs, rt)
         rt.phase = "ready"
         if rt.freeze_gc_when_ready:
             gc.collect()
@@ -147,21 +105,12 @@ def create_app(
     settings: Settings, *, engine: Engine | None = None, store: AdapterStore | None = None
 ) -> FastAPI:
     keys = load_api_keys(settings.api_keys, settings.api_keys_file)
-    runtime = Runtime(settings, engine=engine, store=store)
-    runtime.metrics = Metrics(runtime, top_adapters=settings.metrics_top_adapters)
-    if keys:  # per-key generation quotas (without keys there is a single caller)
-        runtime.quotas = KeyQuotas.from_settings(settings)
+    # Per-key generation quotas only with keys (without keys there is a single caller).
+    runtime = build_runtime(settings, engine=engine, store=store, per_key_quotas=bool(keys))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        def start_fine_tunes() -> None:
-            # At start, not on first use: the runner marks jobs a previous process left running
-            # as failed, so none stays "running" after a restart.
-            from server.api.finetune import get_or_create_runner
-
-            get_or_create_runner(app, runtime)
-
-        startup = asyncio.create_task(_start(runtime, on_ready=start_fine_tunes))
+        startup = asyncio.create_task(_start(runtime))
         try:
             yield
         finally:
@@ -172,10 +121,7 @@ def create_app(
                 await startup
             except asyncio.CancelledError:
                 pass
-            if getattr(app.state, "fine_tunes", None) is not None:  # server/api/finetune.py
-                await asyncio.to_thread(app.state.fine_tunes.stop)
-            if runtime.engine is not None:
-                await asyncio.to_thread(runtime.engine.stop)
+            await asyncio.to_thread(stop_runtime, runtime)
 
     # No trailing-slash redirects: Starlette builds their Location from the Host header (a
     # redirect to wherever the client says); "/generate/" is a plain 404.

@@ -14,10 +14,11 @@ Where the numbers come from:
   engine emits the events (also for requests whose client went away).
 * Engine steps and queue time: ``Metrics.attach(engine)`` subscribes to the generator's
   ``StepStats`` (batch size, tokens, duration, queue time of newly admitted requests).
-* Everything else is read at scrape time (``_StateCollector``): running / waiting requests,
-  adapters resident per tier and family, the residency counters, device bytes and store bytes,
-  and the fine-tune jobs (``Metrics.fine_tunes``, the app's ``JobRunner``, set by
-  ``server.api.finetune`` when it creates one: jobs per state, training steps, latest loss).
+* Everything else is read at scrape time (``_StateCollector``) through ``MetricsSources``, a few
+  callables the composition root (``server.runtime``) wires: readiness, the engine (running /
+  waiting requests, adapters resident per tier and family, the residency counters, device
+  bytes), the store's total bytes, and the fine-tune runner (jobs per state, training steps,
+  latest loss). Metrics never see the ``Runtime`` itself.
 
 Label cardinality is bounded by construction: every label value comes from a server-side enum,
 a route template, or an adapter id that exists in the store *and* is in the top
@@ -31,6 +32,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -43,7 +45,6 @@ from server.engine.requests import ERROR_KINDS, Event, EventSink, FinishEvent, T
 from server.methods import available_methods
 
 if TYPE_CHECKING:
-    from server.api.runtime import Runtime
     from server.engine.engine import Engine
     from server.engine.generator import StepStats
 
@@ -100,11 +101,29 @@ class AdapterTraffic:
         return out
 
 
+@dataclass(frozen=True)
+class MetricsSources:
+    """What a scrape reads. Callables, because the engine, the store and the runner appear only
+    during start-up (each returns None until then); any of them may raise, which leaves its
+    series empty rather than failing the scrape (the engine's excepted: a bug there should show)."""
+
+    ready: Callable[[], bool]  # /ready would answer 200
+    engine: Callable[[], Engine | None]
+    store_bytes: Callable[[], int | None]  # bytes of adapter weights in the store
+    jobs: Callable[[], object | None]  # the fine-tune runner: ``stats()``
+
+
+_NO_SOURCES = MetricsSources(
+    ready=lambda: False, engine=lambda: None, store_bytes=lambda: None, jobs=lambda: None
+)
+
+
 class Metrics:
     """Every metric of one app. ``registry`` is what ``GET /metrics`` exports."""
 
-    def __init__(self, runtime: Runtime, top_adapters: int):
-        self.runtime = runtime
+    def __init__(self, sources: MetricsSources | None = None, *, top_adapters: int):
+        """``sources``: what a scrape reads; None for none (step and request metrics only)."""
+        self.sources = sources if sources is not None else _NO_SOURCES
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.http_requests = Counter(
@@ -180,8 +199,6 @@ class Metrics:
             registry=r,
         )
         self.adapters = AdapterTraffic(top_adapters)
-        # The app's fine-tune JobRunner (server.api.finetune sets it); None: job metrics stay empty.
-        self.fine_tunes = None
         self._families: frozenset[str] = frozenset()
         self._load_cursor = 0
         self._load_lock = threading.Lock()
@@ -221,7 +238,7 @@ class Metrics:
 
     # ---- export ------------------------------------------------------------------------------
     def render(self) -> bytes:
-        engine = self.runtime.engine
+        engine = self.sources.engine()
         if engine is not None:  # before the registry collects the load-time histogram
             self._observe_loads(engine.residency.stats.load_seconds)
         return generate_latest(self.registry)
@@ -275,10 +292,10 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterable:
         m = self.metrics
-        rt = m.runtime
-        engine = rt.engine
+        sources = m.sources
+        engine = sources.engine()
         ready = GaugeMetricFamily("facet_ready", "1 when the server serves requests (see /ready)")
-        ready.add_metric([], 1.0 if rt.phase == "ready" and rt.not_ready_reason() is None else 0.0)
+        ready.add_metric([], 1.0 if sources.ready() else 0.0)
         yield ready
 
         running = GaugeMetricFamily("facet_requests_running", "Generations in the running batch")
@@ -315,15 +332,15 @@ class _StateCollector(Collector):
             yield from self._residency(engine)
 
         store_bytes = GaugeMetricFamily("facet_store_bytes", "Bytes of adapter weights in the store")
-        store = rt.store
-        if store is not None:
-            try:
-                store_bytes.add_metric([], store.total_bytes())
-            except Exception:  # a broken store must not break the scrape
-                pass
+        try:
+            total = sources.store_bytes()
+        except Exception:  # a broken store must not break the scrape
+            total = None
+        if total is not None:
+            store_bytes.add_metric([], total)
         yield store_bytes
 
-        yield from self._fine_tunes(m.fine_tunes)
+        yield from self._fine_tunes(sources.jobs())
 
     def _fine_tunes(self, runner) -> Iterable:
         jobs = GaugeMetricFamily("facet_fine_tune_jobs", "Fine-tune jobs per state", labels=["state"])

@@ -1,13 +1,13 @@
 """``/adapters``: upload (multipart), list, inspect, download files, delete. Admin scope.
 
-The store validates and versions uploads; the engine is told to forget a replaced or deleted
-version (requests already running keep theirs until they finish).
+The store validates and versions uploads; the adapter service (``server.adapters_service``)
+tells the engine to forget a replaced or deleted version (requests already running keep theirs
+until they finish) and owns pins. These routes only translate HTTP to its calls.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 from collections.abc import AsyncIterator
 from typing import Annotated, BinaryIO, Literal
@@ -18,10 +18,9 @@ from starlette.responses import StreamingResponse
 from adapters_store.errors import StoreError
 from adapters_store.ids import CONFIG_NAME, WEIGHTS_NAME, check_new_id
 
-from .deps import AdapterIdPath, AdminScope, ReadyRuntime, StoreDep
+from .deps import AdapterIdPath, AdaptersDep, AdminScope, JobsDep, ReadyRuntime, StoreDep
 from .errors import ApiError
 from .finetune import refuse_if_a_job_publishes
-from .runtime import Runtime
 from .schemas import MAX_OFFSET, AdapterInfo, AdapterList, ErrorBody
 from .uploads import read_adapter_upload
 
@@ -49,16 +48,6 @@ _UPLOAD_DOC = {
 _CHUNK = 1 << 20
 
 
-def _info(rt: Runtime, record, *, on_disk: bool = True) -> dict:
-    key = (record.adapter_id, record.version)
-    tiers = rt.engine.residency.tier_of(key)
-    return {
-        **dataclasses.asdict(record),
-        "residency": (["disk"] if on_disk else []) + tiers,
-        "pinned": rt.engine.residency.is_pinned(key),
-    }
-
-
 @router.post(
     "",
     status_code=201,
@@ -67,8 +56,8 @@ def _info(rt: Runtime, record, *, on_disk: bool = True) -> dict:
     openapi_extra=_UPLOAD_DOC,
     summary="Upload an adapter (a new id, or a new version of an existing one)",
 )
-async def upload_adapter(request: Request, rt: ReadyRuntime, store: StoreDep):
-    limits = store.limits
+async def upload_adapter(request: Request, rt: ReadyRuntime, adapters: AdaptersDep, jobs: JobsDep):
+    limits = adapters.store.limits
     upload = await read_adapter_upload(
         request,
         rt.uploads_dir,
@@ -81,31 +70,26 @@ async def upload_adapter(request: Request, rt: ReadyRuntime, store: StoreDep):
             check_new_id(upload.adapter_id, rt.engine.base.name)
         except StoreError as e:
             raise ApiError(422, e.message, "body.adapter_id") from None
-        await asyncio.to_thread(refuse_if_a_job_publishes, request.app, rt, upload.adapter_id)  # 409
-        # Versions may skip numbers (a failed put reserves one), so ask which one is being replaced.
-        previous = await asyncio.to_thread(store.current_version, upload.adapter_id)
-        record = await asyncio.to_thread(store.put, upload.adapter_id, upload.config, upload.weights)
+        await asyncio.to_thread(refuse_if_a_job_publishes, jobs, upload.adapter_id)  # 409
+        record = await asyncio.to_thread(adapters.put, upload.adapter_id, upload.config, upload.weights)
     finally:
         await asyncio.to_thread(upload.discard)
-    if previous is not None and previous != record.version:
-        rt.engine.forget(record.adapter_id, previous)
-    return _info(rt, record)
+    return adapters.describe(record).to_json()
 
 
 @router.get("", response_model=AdapterList, responses=_ERRORS, summary="List adapters (paginated)")
 async def list_adapters(
-    rt: ReadyRuntime,
-    store: StoreDep,
+    adapters: AdaptersDep,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ):
-    records, total = await asyncio.to_thread(store.list, offset, limit)
-    return {"adapters": [_info(rt, r) for r in records], "total": total, "offset": offset, "limit": limit}
+    views, total = await asyncio.to_thread(adapters.list, offset, limit)
+    return {"adapters": [v.to_json() for v in views], "total": total, "offset": offset, "limit": limit}
 
 
 @router.get("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS, summary="One adapter")
-async def get_adapter(adapter_id: AdapterIdPath, rt: ReadyRuntime, store: StoreDep):
-    return _info(rt, await asyncio.to_thread(store.get, adapter_id))
+async def get_adapter(adapter_id: AdapterIdPath, adapters: AdaptersDep):
+    return (await asyncio.to_thread(adapters.get, adapter_id)).to_json()
 
 
 def _open(store, adapter_id: str, name: str) -> tuple[BinaryIO, int]:
@@ -146,25 +130,18 @@ async def download_file(
 
 
 @router.put("/{adapter_id}/pin", response_model=AdapterInfo, responses=_ERRORS, summary="Pin an adapter")
-async def pin_adapter(adapter_id: AdapterIdPath, rt: ReadyRuntime, store: StoreDep):
+async def pin_adapter(adapter_id: AdapterIdPath, adapters: AdaptersDep):
     """Keep every version of this adapter in host and device memory once loaded (until unpinned or
     deleted; the ``pinned_adapters`` setting pins ids at start-up). Pinned adapters that fill the
     device budget make requests for others answer 503."""
-    record = await asyncio.to_thread(store.get, adapter_id)
-    rt.engine.pin(adapter_id)
-    return _info(rt, record)
+    return (await asyncio.to_thread(adapters.pin, adapter_id)).to_json()
 
 
 @router.delete("/{adapter_id}/pin", response_model=AdapterInfo, responses=_ERRORS, summary="Unpin an adapter")
-async def unpin_adapter(adapter_id: AdapterIdPath, rt: ReadyRuntime, store: StoreDep):
-    record = await asyncio.to_thread(store.get, adapter_id)
-    rt.engine.unpin(adapter_id)
-    return _info(rt, record)
+async def unpin_adapter(adapter_id: AdapterIdPath, adapters: AdaptersDep):
+    return (await asyncio.to_thread(adapters.unpin, adapter_id)).to_json()
 
 
 @router.delete("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS, summary="Delete an adapter")
-async def delete_adapter(adapter_id: AdapterIdPath, rt: ReadyRuntime, store: StoreDep):
-    record = await asyncio.to_thread(store.delete, adapter_id)
-    rt.engine.unpin(adapter_id)
-    rt.engine.forget(record.adapter_id, record.version)
-    return _info(rt, record, on_disk=False)
+async def delete_adapter(adapter_id: AdapterIdPath, adapters: AdaptersDep):
+    return (await asyncio.to_thread(adapters.delete, adapter_id)).to_json()

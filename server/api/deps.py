@@ -1,35 +1,20 @@
-"""Dependencies shared by the routers (``Annotated`` aliases and scope checks)."""
+"""Dependencies shared by the routers (``Annotated`` aliases and scope checks). Routes get every
+stateful object here, from the runtime; they never build one."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
 from adapters_store.store import AdapterStore
+from server.adapters_service import AdapterService
+from server.jobs.files import FileStore
+from server.jobs.runner import JobRunner
+from server.runtime import Runtime
 
 from .errors import ApiError
-from .runtime import Runtime
 from .schemas import AdapterId
-
-T = TypeVar("T")
-
-
-_ONCE = threading.Lock()
-
-
-def app_singleton(app, name: str, make: Callable[[], T]) -> T:
-    """``app.state.<name>``, made by ``make()`` the first time (once, even when asked concurrently)."""
-    value = getattr(app.state, name, None)
-    if value is None:
-        with _ONCE:
-            value = getattr(app.state, name, None)
-            if value is None:
-                value = make()
-                setattr(app.state, name, value)
-    return value
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -53,6 +38,25 @@ def get_store(rt: ReadyRuntime) -> AdapterStore:
 
 
 StoreDep = Annotated[AdapterStore, Depends(get_store)]
+
+
+# The objects the composition root (server.runtime) built once the engine and the store exist;
+# behind ReadyRuntime, so they are there whenever these resolve.
+def get_adapters(rt: ReadyRuntime) -> AdapterService:
+    return rt.adapters
+
+
+def get_files(rt: ReadyRuntime) -> FileStore:
+    return rt.files
+
+
+def get_jobs(rt: ReadyRuntime) -> JobRunner:
+    return rt.jobs
+
+
+AdaptersDep = Annotated[AdapterService, Depends(get_adapters)]
+FilesDep = Annotated[FileStore, Depends(get_files)]
+JobsDep = Annotated[JobRunner, Depends(get_jobs)]
 AdapterIdPath = Annotated[AdapterId, Path(description="adapter id")]
 
 

@@ -17,15 +17,14 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from starlette.responses import Response
 
-from server.jobs.files import FileInvalid, FileNotFound, FileStore
+from server.jobs.files import FileInvalid, FileNotFound
 
-from .deps import AdminScope, ReadyRuntime, app_singleton
+from .deps import AdminScope, FilesDep, ReadyRuntime
 from .errors import ApiError
-from .runtime import Runtime
 from .schemas import ErrorBody
 from .uploads import read_form
 
@@ -50,15 +49,6 @@ _UPLOAD_DOC = {
 }
 
 
-def get_or_create_files(app, rt: Runtime) -> FileStore:
-    return app_singleton(app, "files", lambda: FileStore(rt.settings.data_dir / "files"))
-
-
-def get_files(request: Request, rt: ReadyRuntime) -> FileStore:
-    return get_or_create_files(request.app, rt)
-
-
-FilesDep = Annotated[FileStore, Depends(get_files)]
 FileId = Annotated[str, PathParam(max_length=64, description="the file's id (file-...)")]
 
 

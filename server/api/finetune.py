@@ -16,11 +16,11 @@ Training data comes inline (``training_data``) or as a file uploaded earlier (``
 ``training_data`` may be JSONL text or a list of records (errors then name the record's position
 from 1 as its ``line``). The request body is capped by ``max_body_bytes`` like every JSON body.
 
-The runner (``server.jobs.runner``) is created when the server becomes ready (so jobs a previous
-process left running are resumed or failed at once), with its SQLite file under
-``<data_dir>/jobs``; the app's lifespan stops it on shutdown (a running job pauses and resumes
-on the next start). The finished
-adapter is stored as ``adapter_id`` (checkpoints as ``adapter_id@step``) and is served at once.
+The runner (``server.jobs.runner``) is built by the composition root (``server.runtime``) during
+start-up (so jobs a previous process left running are resumed or failed at once), with its
+SQLite file under ``<data_dir>/jobs``; the app's lifespan stops it on shutdown (a running job
+pauses and resumes on the next start). The finished adapter is stored through the adapter
+service as ``adapter_id`` (checkpoints as ``adapter_id@step``) and is served at once.
 """
 
 from __future__ import annotations
@@ -30,13 +30,12 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
-from server.jobs.files import FileNotFound
-from server.jobs.memory import TokenBudget
+from server.jobs.files import FileNotFound, FileStore
 from server.jobs.runner import (
     TERMINAL,
     JobConflict,
@@ -48,13 +47,11 @@ from server.jobs.runner import (
 )
 from server.methods import available_methods
 
-from .deps import AdminScope, ReadyRuntime, app_singleton
+from .deps import AdminScope, FilesDep, JobsDep, ReadyRuntime
 from .errors import ApiError
-from .files import get_or_create_files
 from .inference import EventStream, sse
 from .jsonbody import JSONRoute
 from .plot import TRAIN_COLOR, VAL_COLOR, plot_png
-from .runtime import Runtime
 from .schemas import MAX_OFFSET, ErrorBody
 
 # Documented on every route (tests/reliability/test_schema_fuzz.py checks each answer against it).
@@ -105,47 +102,10 @@ def _jsonl(data: str | list | None) -> str | None:
     return "".join(json.dumps(r) + "\n" for r in data)
 
 
-def get_runner(request: Request, rt: ReadyRuntime) -> JobRunner:
-    return get_or_create_runner(request.app, rt)
-
-
-def get_or_create_runner(app, rt: Runtime) -> JobRunner:
-    """The app's job runner (created when the server becomes ready, or on first use)."""
-
-    def make() -> JobRunner:
-        runner = make_runner(rt)
-        runner.start()
-        if rt.metrics is not None:  # job metrics are read from it at scrape time
-            rt.metrics.fine_tunes = runner
-        return runner
-
-    return app_singleton(app, "fine_tunes", make)
-
-
-def make_runner(rt: Runtime) -> JobRunner:
-    engine = rt.engine
-
-    def busy() -> bool:
-        return engine.generator.num_waiting > 0 or engine.generator.num_running > 0
-
-    def on_stored(record, previous: int | None) -> None:
-        if previous is not None and previous != record.version:
-            engine.forget(record.adapter_id, previous)
-
-    return JobRunner(
-        engine.base,
-        rt.store,
-        rt.settings.data_dir / "jobs",
-        busy=busy,
-        on_stored=on_stored,
-        token_budget=TokenBudget.for_model(rt.settings, engine.base),
-    )
-
-
-def refuse_if_a_job_publishes(app, rt: Runtime, adapter_id: str) -> None:
+def refuse_if_a_job_publishes(runner: JobRunner, adapter_id: str) -> None:
     """409 naming the job when a queued or running fine-tune will store ``adapter_id``: an upload
     there would be replaced when the job finishes (the job also checks again when it publishes)."""
-    job = get_or_create_runner(app, rt).active_job_for(adapter_id)
+    job = runner.active_job_for(adapter_id)
     if job is not None:
         raise ApiError(
             409,
@@ -155,7 +115,7 @@ def refuse_if_a_job_publishes(app, rt: Runtime, adapter_id: str) -> None:
         )
 
 
-RunnerDep = Annotated[JobRunner, Depends(get_runner)]
+RunnerDep = JobsDep
 
 
 JobName = Annotated[str, PathParam(max_length=64, description="the job's id (ft-...)")]
@@ -165,11 +125,11 @@ def _not_found() -> ApiError:
     return ApiError(404, "no fine-tune job with this id", "job_id")
 
 
-def _file_text(request: Request, rt: Runtime, file_id: str | None, field: str) -> str | None:
+def _file_text(files: FileStore, file_id: str | None, field: str) -> str | None:
     if file_id is None:
         return None
     try:
-        return get_or_create_files(request.app, rt).text(file_id)
+        return files.text(file_id)
     except FileNotFound:
         raise ApiError(422, "no file with this id (upload it with POST /files)", f"body.{field}") from None
 
@@ -182,10 +142,10 @@ def _file_text(request: Request, rt: Runtime, file_id: str | None, field: str) -
 )
 async def create_job(
     body: FineTuneRequest,
-    request: Request,
     response: Response,
     rt: ReadyRuntime,
     runner: RunnerDep,
+    files: FilesDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -195,8 +155,8 @@ async def create_job(
         ),
     ] = None,
 ):
-    train_text = await asyncio.to_thread(_file_text, request, rt, body.training_file, "training_file")
-    val_text = await asyncio.to_thread(_file_text, request, rt, body.validation_file, "validation_file")
+    train_text = await asyncio.to_thread(_file_text, files, body.training_file, "training_file")
+    val_text = await asyncio.to_thread(_file_text, files, body.validation_file, "validation_file")
     spec = JobSpec(
         adapter_id=body.adapter_id,
         method=body.method,

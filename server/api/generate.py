@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 
 from server.engine.requests import FinishEvent, PromptEvent, TokenEvent
+from server.runtime import Runtime
 
 from . import inference
 from .deps import InferScope, ReadyRuntime
@@ -15,7 +16,6 @@ from .errors import ApiError, error_body
 from .jsonbody import JSONRoute
 from .logprobs import decode_each
 from .quotas import caller_key
-from .runtime import Runtime
 from .schemas import ErrorBody, GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generate"], dependencies=[InferScope], route_class=JSONRoute)

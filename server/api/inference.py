@@ -29,10 +29,10 @@ from server.engine.requests import (
     SamplingParams,
     TokenEvent,
 )
+from server.runtime import Runtime
 
 from .errors import ApiError
 from .quotas import Slot
-from .runtime import Runtime
 
 log = logging.getLogger("facet.api")
 

@@ -20,8 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from server.engine.requests import IncrementalDetokenizer, PromptEvent, TokenEvent, TopLogprobs
-
-from .runtime import Runtime
+from server.runtime import Runtime
 
 
 @dataclass

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Path, Request
 
 from adapters_store.ids import is_valid_id
 from server.engine.requests import PromptEvent, TokenEvent
+from server.runtime import Runtime
 
 from . import inference
 from .deps import InferScope, ReadyRuntime, StoreDep, granted_scope
@@ -23,7 +24,6 @@ from .jsonbody import JSONRoute
 from .logprobs import chat_logprobs, completion_logprobs, generated_scored, prompt_part
 from .prompts import completion_prompts
 from .quotas import caller_key
-from .runtime import Runtime
 from .schemas import (
     MAX_PROMPTS,
     ChatCompletionRequest,

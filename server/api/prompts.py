@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 
+from server.runtime import Runtime
+
 from .errors import ApiError
-from .runtime import Runtime
 
 
 def _forms(prompt: str | list, where: str) -> list[tuple[str | list[int], str]]:

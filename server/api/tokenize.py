@@ -16,12 +16,13 @@ from typing import Annotated
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.runtime import Runtime
+
 from . import inference
 from .deps import InferScope, ReadyRuntime
 from .errors import ApiError
 from .jsonbody import JSONRoute
 from .prompts import check_token_ids, encode_texts
-from .runtime import Runtime
 from .schemas import MAX_MESSAGES, ErrorBody, OpenAIMessage
 
 router = APIRouter(tags=["tokenize"], dependencies=[InferScope], route_class=JSONRoute)

@@ -95,7 +95,7 @@ class JobRunner:
         root: Path | str,
         *,
         busy: Callable[[], bool] | None = None,
-        on_stored: Callable[[object, int | None], None] | None = None,
+        adapters=None,
         token_budget: TokenBudget | None = None,
         max_examples: int = 100_000,
         max_pause_s: float = 1.0,
@@ -109,7 +109,10 @@ class JobRunner:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.busy = busy
-        self.on_stored = on_stored
+        # Where trained adapters and checkpoints are stored: the app's adapter service
+        # (server.adapters_service), which also makes the engine forget a replaced version; the
+        # store itself when none is given (no engine to tell). Reads (is the id taken?) use the store.
+        self.adapters = adapters if adapters is not None else store
         # Training has its own tokenizer (a copy): tokenising a 100k-record file never holds the
         # lock serving tokenises under. Its lock only keeps submits and the worker apart.
         self.tokenizer = copy.deepcopy(base.tokenizer)
@@ -349,11 +352,7 @@ class JobRunner:
     def _put(self, adapter_id: str, adapter: Adapter):
         config = json.dumps(adapter.config.model_dump(mode="json"), sort_keys=True).encode()
         weights = st_save(adapter.state_dict(), metadata={"format": "pt"})
-        previous = self.store.current_version(adapter_id)
-        record = self.store.put(adapter_id, config, weights)
-        if self.on_stored is not None:
-            self.on_stored(record, previous)
-        return record
+        return self.adapters.put(adapter_id, config, weights)
 
     def run_job(self, job_id: str) -> None:
         """Train one queued job to its end (called by the worker thread; tests call it directly)."""

@@ -134,6 +134,6 @@ async def test_after_a_restart_no_job_stays_running_even_before_any_fine_tune_re
     previous.db.update(job["id"], status="running")  # as if the process died mid-job
     app = create_app(settings, engine=engine, store=store)
     async with serve(app) as client:
-        assert app.state.fine_tunes is not None  # created at start, not on first use
+        assert app.state.runtime.jobs is not None  # created at start, not on first use
         got = (await client.get(f"/fine-tunes/{job['id']}")).json()
         assert got["status"] == "failed" and "interrupted" in got["error"]

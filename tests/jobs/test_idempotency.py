@@ -14,7 +14,7 @@ pytestmark = pytest.mark.asyncio
 
 def stopped_runner(app):  # noqa: F811
     """Jobs stay queued: the worker thread is stopped (the app created it at start-up)."""
-    runner = app.state.fine_tunes
+    runner = app.state.runtime.jobs
     runner.stop()
     return runner
 

@@ -92,7 +92,7 @@ async def test_the_event_stream_can_be_closed_while_the_job_runs(app):  # noqa: 
     async with serve(app) as client:
         body = {**BODY, "adapter_id": "long", "hyperparameters": {"max_steps": 100000, "batch_size": 1}}
         job = (await client.post("/fine-tunes", json=body)).json()
-        stream = follow_events(app.state.fine_tunes, job["id"], poll_s=0.05)
+        stream = follow_events(app.state.runtime.jobs, job["id"], poll_s=0.05)
 
         async def until_step() -> None:
             async for text in stream:
@@ -122,7 +122,7 @@ async def test_the_loss_curve_is_a_png_with_both_series(app):  # noqa: F811
 
 async def test_a_job_without_steps_gets_empty_axes(app):  # noqa: F811
     async with serve(app) as client:
-        runner = app.state.fine_tunes
+        runner = app.state.runtime.jobs
         runner.stop()  # nothing trains: the job stays queued
         job = (await client.post("/fine-tunes", json=BODY)).json()
         response = await client.get(f"/fine-tunes/{job['id']}/loss.png")

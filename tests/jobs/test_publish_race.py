@@ -19,7 +19,7 @@ pytestmark = pytest.mark.asyncio
 
 async def test_an_upload_to_a_queued_jobs_id_is_409_naming_the_job(app, tmp_path):  # noqa: F811
     async with serve(app) as client:
-        runner = app.state.fine_tunes
+        runner = app.state.runtime.jobs
         runner.stop()  # the job stays queued
         job = (await client.post("/fine-tunes", json=BODY)).json()
         assert job["status"] == "queued"
@@ -43,7 +43,7 @@ async def test_an_upload_to_a_queued_jobs_id_is_409_naming_the_job(app, tmp_path
 
 async def test_an_adapter_created_after_the_job_was_queued_is_not_replaced(app, tmp_path):  # noqa: F811
     async with serve(app) as client:
-        runner = app.state.fine_tunes
+        runner = app.state.runtime.jobs
         runner.stop()
         job = (await client.post("/fine-tunes", json=BODY)).json()
         # The other order through HTTP: the id exists first, so the fine-tune is refused at submit.

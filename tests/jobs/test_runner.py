@@ -74,7 +74,14 @@ def test_invalid_jobs_are_refused_before_anything_is_queued(setup, kw, where, ne
 def test_a_job_runs_to_a_stored_adapter_with_events_and_checkpoints(setup):
     base, store, root = setup
     stored = []
-    runner = JobRunner(base, store, root, on_stored=lambda rec, prev: stored.append((rec.adapter_id, prev)))
+
+    class Publisher:  # stands in for the app's adapter service: every store goes through it
+        def put(self, adapter_id, config, weights):
+            record = store.put(adapter_id, config, weights)
+            stored.append((record.adapter_id, record.version))
+            return record
+
+    runner = JobRunner(base, store, root, adapters=Publisher())
     hp = {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-2, "checkpoint_every": 2}
     job = runner.submit(spec(hyperparameters=hp))
     assert job["status"] == QUEUED and job["n_train"] == 4 and job["n_val"] == 4
@@ -87,7 +94,7 @@ def test_a_job_runs_to_a_stored_adapter_with_events_and_checkpoints(setup):
     assert result["val_loss_after"] < result["val_loss_before"]
     assert store.get("my-job").family == "lora"
     assert store.get("my-job@2").family == "lora"  # checkpoint
-    assert stored == [("my-job@2", None), ("my-job", None)]
+    assert stored == [("my-job@2", 1), ("my-job", 1)]
     kinds = [e["type"] for e in runner.events(job["id"])]
     assert kinds[:2] == ["created", "started"] and kinds[-1] == SUCCEEDED
     assert kinds.count("step") == 4 and "checkpoint" in kinds and kinds.count("eval") == 2

@@ -63,7 +63,8 @@ class CountingLock:
 @pytest.mark.asyncio
 async def test_generate_completes_while_a_training_file_is_being_tokenised(app):  # noqa: F811
     async with serve(app) as client:
-        rt, runner = app.state.runtime, app.state.fine_tunes
+        rt = app.state.runtime
+        runner = rt.jobs
         assert runner.tokenizer is not rt.engine.base.tokenizer  # training has its own copy
         entered, release = threading.Event(), threading.Event()
         runner.tokenizer = gated = GatedTokenizer(runner.tokenizer, entered, release)
@@ -104,7 +105,7 @@ async def test_a_micro_batch_over_the_token_budget_is_422_naming_the_numbers(tmp
     prompt = " ".join(f"t{1 + i}" for i in range(10))  # 10 prompt tokens + 2 completion tokens
     records = [{"prompt": prompt, "completion": "t40 t41"} for _ in range(8)]
     async with serve(capped) as client:
-        capped.state.fine_tunes.stop()  # nothing needs to train here
+        capped.state.runtime.jobs.stop()  # nothing needs to train here
         fits = {**BODY, "training_data": records[:4], "validation_data": None}
         fits["hyperparameters"] = {"max_steps": 1, "batch_size": 8}
         ok = await client.post("/fine-tunes", json=fits)  # 4 examples x 12 tokens = 48 <= 64
