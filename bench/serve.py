@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every throughput scenario")
     ap.add_argument("--cold-adapters", type=int, default=20, help="first requests timed (p50 reported)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--out", type=Path, default=None, help="results file (default bench/results/serve.json)")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.new_tokens, args.sequential, args.scale_adapters = 8, 8, 2, 40
@@ -359,7 +360,7 @@ def main() -> None:
         span = f"  [{min(spread):.2f}-{max(spread):.2f}]" if spread else ""
         print(f"{k:28s} {v:7.3f}   {targets.get(k, '')}{span}")
     print(f"{'cold added latency p50':28s} {rows['cold_added_latency']['p50_s'] * 1000:6.1f}ms  <= 50 ms")
-    out = Path(__file__).parent / "results" / ("serve-quick.json" if args.quick else "serve.json")
+    out = args.out or Path(__file__).parent / "results" / ("serve-quick.json" if args.quick else "serve.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
