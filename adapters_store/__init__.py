@@ -7,7 +7,16 @@
 Every error is a ``StoreError`` with ``.status`` (HTTP) and ``.where`` (field/tensor/limit).
 """
 
-from .errors import Conflict, Corrupt, NotFound, StorageFull, StoreError, TooLarge, ValidationError
+from .errors import (
+    Conflict,
+    Corrupt,
+    NotFound,
+    StorageFull,
+    StoreError,
+    TooLarge,
+    Unavailable,
+    ValidationError,
+)
 from .ids import CONFIG_NAME, ID_PATTERN, WEIGHTS_NAME, check_id, is_valid_id
 from .index import AdapterRecord
 from .limits import StoreLimits
@@ -28,6 +37,7 @@ __all__ = [
     "StoreError",
     "StoreLimits",
     "TooLarge",
+    "Unavailable",
     "ValidationError",
     "check_id",
     "is_valid_id",

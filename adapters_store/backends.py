@@ -48,6 +48,10 @@ class BlobMissing(BlobError):
     """No object under this key."""
 
 
+class BlobUnavailable(BlobError):
+    """The blob store did not answer (connection, timeout, 5xx): a retry may succeed."""
+
+
 @dataclass(frozen=True)
 class BlobInfo:
     """One listed object. ``regular`` is False for what the store did not write itself (a symlink

@@ -22,18 +22,49 @@ for the GC).
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from .backends import BlobError, BlobExists, BlobInfo, BlobMissing
+from .backends import BlobError, BlobExists, BlobInfo, BlobMissing, BlobUnavailable
 
 _EXISTS_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"}
+
+
 def _code(exc: Exception) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _is_transient(exc: Exception) -> bool:
+    """A connection error or timeout, or a 5xx / throttling answer (not: bad credentials)."""
+    from botocore import exceptions as bx
+
+    if isinstance(exc, (bx.HTTPClientError, bx.ConnectionError)):
+        return True
+    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return int(status or 0) >= 500 or _code(exc) in _TRANSIENT_CODES
+
+
+def _remote(method):
+    """Report what a retry may fix as BlobUnavailable (after botocore's own retries)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except BlobError:
+            raise
+        except Exception as e:  # noqa: BLE001 - botocore's exceptions, imported lazily
+            if _is_transient(e):
+                raise BlobUnavailable(f"S3 {method.__name__} failed ({type(e).__name__})") from e
+            raise
+
+    return wrapper
 
 
 class S3BlobStore:
@@ -111,6 +142,7 @@ class S3BlobStore:
         return self.prefix + key
 
     # ---- objects -----------------------------------------------------------------------------
+    @_remote
     def put(self, key: str, data: bytes) -> None:
         if self.conditional_put == "emulated" and self.exists(key):
             raise BlobExists(key)
@@ -122,6 +154,7 @@ class S3BlobStore:
                 raise BlobExists(key) from None
             raise
 
+    @_remote
     def get(self, key: str, max_bytes: int) -> bytes:
         try:
             resp = self._s3.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes=0-{max_bytes}")
@@ -135,6 +168,7 @@ class S3BlobStore:
         with resp["Body"] as body:
             return body.read(max_bytes + 1)
 
+    @_remote
     def exists(self, key: str) -> bool:
         try:
             self._s3.head_object(Bucket=self.bucket, Key=self._key(key))
@@ -144,9 +178,11 @@ class S3BlobStore:
             raise
         return True
 
+    @_remote
     def delete(self, key: str) -> None:
         self._s3.delete_object(Bucket=self.bucket, Key=self._key(key))
 
+    @_remote
     def delete_prefix(self, prefix: str) -> None:
         keys = [info.key for info in self.list(prefix)] if prefix.endswith("/") else [prefix]
         for i in range(0, len(keys), 1000):

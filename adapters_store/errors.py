@@ -79,3 +79,10 @@ class StorageFull(StoreError):
 
     status = 507
     code = "insufficient_storage"
+
+
+class Unavailable(StoreError):
+    """A remote backend (S3, PostgreSQL) did not answer; nothing is known to be damaged: retry."""
+
+    status = 503
+    code = "store_unavailable"

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .errors import Unavailable
 from .index import _COLUMNS, QUARANTINED, Row, _row
 
 _SCHEMA_LOCK = 0x46616365  # "Face": pg_advisory_xact_lock key for schema creation
@@ -75,15 +76,25 @@ class PostgresIndex:
 
     @contextmanager
     def _transaction(self) -> Iterator:
+        """One transaction on a pooled connection. A lost connection (server down, network) is
+        ``Unavailable`` (503), never mistaken for damage; a full disk stays ``DiskFull``."""
+        pg = self._psycopg
         try:
-            conn = self._idle.get_nowait()
-        except queue.Empty:
-            conn = self._psycopg.connect(self.dsn, autocommit=True, connect_timeout=self.connect_timeout_s)
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = pg.connect(self.dsn, autocommit=True, connect_timeout=self.connect_timeout_s)
+        except pg.OperationalError as e:
+            raise Unavailable("index", "the adapter index (PostgreSQL) is unreachable; retry") from e
         ok = False
         try:
             with conn.transaction(), conn.cursor() as cur:
                 yield cur
             ok = True
+        except pg.OperationalError as e:
+            if isinstance(e, pg.errors.DiskFull):
+                raise
+            raise Unavailable("index", "the adapter index (PostgreSQL) failed; retry") from e
         finally:
             idle = conn.info.transaction_status == self._psycopg.pq.TransactionStatus.IDLE
             if ok and idle and not conn.closed and self._idle.qsize() < _POOL_SIZE:

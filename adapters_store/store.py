@@ -50,10 +50,20 @@ import torch
 
 from server.methods import Adapter
 
-from .backends import BlobError, BlobExists, BlobInfo, BlobMissing, BlobStore, Index, blob_key, version_prefix
+from .backends import (
+    BlobError,
+    BlobExists,
+    BlobInfo,
+    BlobMissing,
+    BlobStore,
+    BlobUnavailable,
+    Index,
+    blob_key,
+    version_prefix,
+)
 from .blobs_local import LocalBlobStore
 from .cache import BlobCache, ChecksumMismatch
-from .errors import Conflict, Corrupt, NotFound, StoreError, TooLarge, ValidationError
+from .errors import Conflict, Corrupt, NotFound, StoreError, TooLarge, Unavailable, ValidationError
 from .fsutil import disk_full_error, fsync_dir, is_disk_full, write_durable
 from .gc import SHARED_GRACE_S, GcReport, collect_garbage
 from .ids import CONFIG_NAME, FILE_NAMES, WEIGHTS_NAME, check_id
@@ -103,6 +113,10 @@ _MODULE_FS = SimpleNamespace(
     fsync_dir=lambda path: fsync_dir(path),
     rename=lambda src, dst: os.rename(src, dst),
 )
+
+
+def _unavailable() -> Unavailable:
+    return Unavailable("storage", "the adapter blob store is unreachable; retry")
 
 
 @dataclass(frozen=True)
@@ -247,6 +261,8 @@ class AdapterStore:
                     _discard_uncommitted(doomed)
                 if is_disk_full(e) or is_full(e) or self._index.is_full(e):
                     raise disk_full_error() from None
+                if isinstance(e, BlobUnavailable):
+                    raise _unavailable() from e
                 raise
             if previous is not None:  # committed: the old version's blobs are garbage now
                 _discard_uncommitted(_Doomed(self._blobs, prefix=version_prefix(adapter_id, previous)))
@@ -374,6 +390,8 @@ class AdapterStore:
                 return self._blobs.get(key, max_bytes)
             fetch = lambda: self._blobs.get(key, max_bytes)
             return self._cache.read(key, folder.digests[name], max_bytes, fetch)
+        except BlobUnavailable as e:
+            raise _unavailable() from e  # not damage: never quarantine for it
         except BlobMissing:
             raise _Damaged(name, f"{name} is missing") from None
         except ChecksumMismatch:

@@ -451,3 +451,31 @@ def test_settings_select_the_backends(tmp_path, s3_endpoint, pg_server):
     for bad in ({"store_blob_url": "ftp://x"}, {"store_index_url": "mysql://x"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Settings(**bad)
+
+
+# ---- a backend that does not answer --------------------------------------------------------------
+def test_s3_down_is_503_and_never_quarantines(tmp_path, s3_endpoint):
+    from adapters_store import Unavailable
+
+    spec = {"root": str(tmp_path / "store"), "blob": "s3", "index": "sqlite"}
+    with servers.moto_server() as endpoint:  # a server of its own, to stop it mid-test
+        spec |= {"endpoint": endpoint, "bucket": servers.new_bucket(endpoint)}
+        store = servers.open_store(spec)
+        store.put("far", *upload("lora", seed=1))
+    for attempt in (lambda: store.load("far"), lambda: store.put("far", *upload("hut"))):
+        with pytest.raises(Unavailable) as e:
+            attempt()
+        assert (e.value.status, e.value.where) == (503, "storage") and endpoint not in e.value.message
+    assert store.get("far").status == "ready" and store.current_version("far") == 1
+    store.close()
+
+
+def test_postgres_down_is_503(tmp_path):
+    from adapters_store import Unavailable
+    from adapters_store.index_pg import PostgresIndex
+
+    dsn = f"postgresql://facet@127.0.0.1:{servers.free_port()}/postgres"  # nothing listens there
+    with pytest.raises(Unavailable) as e:
+        servers.open_store({"root": str(tmp_path / "s"), "blob": "local", "index": "postgres", "dsn": dsn})
+    assert e.value.status == 503 and e.value.where == "index"
+    assert isinstance(PostgresIndex(dsn), PostgresIndex)  # constructing it connects to nothing
