@@ -1,0 +1,59 @@
+"""Bind the ingress and the engine deployment into one Ray Serve application and run it.
+
+Replicas need one store they all see (docs/scale-out.md): on one machine the default embedded
+store (``<data_dir>/adapters``, SQLite + local files) is shared by the replica processes; across
+machines use PostgreSQL + S3 (``FACET_STORE_INDEX_URL``, ``FACET_STORE_BLOB_URL``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+
+from server.settings import Settings
+
+from .config import ClusterSettings, deployment_options
+from .engine import FacetEngine
+from .ingress import build_ingress
+
+log = logging.getLogger("facet.cluster")
+
+# Orphan-blob grace when several processes share local files: a replica that (re)starts runs the
+# GC, which must not take another replica's put that has published its blobs but not yet
+# committed its row (a put takes well under a second between the two on local disk).
+SHARED_LOCAL_GRACE_S = 60.0
+
+
+def replica_settings(settings: Settings) -> Settings:
+    """``settings`` as every replica gets them (a grace period on a shared local store)."""
+    if settings.store_orphan_grace_s is None and settings.store_blob_url == "file":
+        return settings.model_copy(update={"store_orphan_grace_s": SHARED_LOCAL_GRACE_S})
+    return settings
+
+
+def build_app(settings: Settings, cluster: ClusterSettings):
+    """The bound application: ingress -> engine deployment."""
+    settings = replica_settings(settings)
+    engine = FacetEngine.options(**deployment_options(cluster, settings.max_batch_size)).bind(
+        settings.model_dump(mode="json"), cluster.factory, cluster.max_adapters_per_replica
+    )
+    return build_ingress(settings).bind(engine)
+
+
+def run(settings: Settings, cluster: ClusterSettings, *, blocking: bool = False):
+    """Start Serve's HTTP proxy on ``settings.host:settings.port`` and deploy; returns the ingress
+    handle (``blocking``: serve until interrupted)."""
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    handle = serve.run(
+        build_app(settings, cluster), name=cluster.app_name, route_prefix="/", blocking=blocking
+    )
+    log.info(
+        "Facet cluster on http://%s:%d (%s engine replicas)", settings.host, settings.port, cluster.replicas
+    )
+    return handle
+
+
+def engine_handle(cluster: ClusterSettings):
+    """A handle on the engine deployment (tests and tools call ``describe`` through it)."""
+    return serve.get_deployment_handle("FacetEngine", app_name=cluster.app_name)

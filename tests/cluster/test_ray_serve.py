@@ -1,0 +1,260 @@
+"""The Ray Serve application with 2 tiny-model replicas on one shared store (docs/scale-out.md).
+
+Through the ingress (HTTP on loopback) and, to reach a chosen replica, through the engine
+deployment's handle: unkeyed calls land on either replica, so a test repeats one until both
+replicas have answered.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from server.engine.loader import wrap_model
+from tests.api.conftest import adapter_files, sse_json
+from tests.api.tiny_server import BASE_NAME, TARGETS
+from tests.conftest import make_tiny_llama, make_tokenizer
+
+from .conftest import Cluster
+
+REPLICA = "x-facet-replica"
+PROMPT = {"prompt": "hello world", "max_new_tokens": 4, "temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_base():
+    return wrap_model(BASE_NAME, make_tiny_llama(), make_tokenizer(), TARGETS)
+
+
+@pytest.fixture
+def make_adapter(tiny_base, tmp_path):
+    def make(seed: int) -> tuple[bytes, bytes]:
+        return adapter_files(tiny_base, "lora", tmp_path / f"a{seed}", seed=seed)
+
+    return make
+
+
+def upload(c: Cluster, adapter_id: str, files: tuple[bytes, bytes]):
+    config, weights = files
+    response = c.client.post(
+        "/adapters",
+        data={"adapter_id": adapter_id},
+        files={"config": ("adapter_config.json", config), "weights": ("adapter_model.safetensors", weights)},
+    )
+    assert response.status_code in (200, 201), response.text
+    return response
+
+
+def generate(c: Cluster, adapter_id: str | None, **extra):
+    response = c.client.post("/generate", json={**PROMPT, "adapter": adapter_id, **extra})
+    assert response.status_code == 200, response.text
+    return response
+
+
+def replica_call(c: Cluster, method: str, path: str, body: dict | None = None, model_id: str | None = None):
+    """One call straight to the engine deployment: (replica id, status, body bytes)."""
+    options = {"stream": True} | ({"multiplexed_model_id": model_id} if model_id else {})
+    call = {
+        "method": method,
+        "path": path,
+        "headers": [("content-type", "application/json")],
+        "body": json.dumps(body).encode() if body is not None else b"",
+    }
+    head, chunks = None, []
+    for item in c.engine.options(**options).handle_http.remote(call):
+        if isinstance(item, dict):
+            head = item
+        else:
+            chunks.append(item)
+    headers = {k.lower(): v for k, v in head["headers"]}
+    return headers[REPLICA], head["status"], b"".join(chunks)
+
+
+def on_both_replicas(c: Cluster, method: str, path: str, body: dict | None = None, tries: int = 60) -> dict:
+    """{replica id: (status, body)} from unkeyed calls until two replicas have answered."""
+    seen: dict = {}
+    for _ in range(tries):
+        replica, status, data = replica_call(c, method, path, body)
+        seen.setdefault(replica, (status, data))
+        if len(seen) == 2:
+            return seen
+    raise AssertionError(f"only replicas {list(seen)} answered {tries} unkeyed calls")
+
+
+def describe_replicas(c: Cluster, tries: int = 60) -> dict[str, dict]:
+    """{replica id: describe()} of the replicas that answered unkeyed calls (stops at two)."""
+    seen: dict = {}
+    for _ in range(tries):
+        info = c.engine.describe.remote().result()
+        seen[info["replica"]] = info
+        if len(seen) == 2:
+            break
+    return seen
+
+
+def describe_both(c: Cluster, tries: int = 60) -> dict[str, dict]:
+    seen = describe_replicas(c, tries)
+    assert len(seen) == 2, f"only replicas {list(seen)} answered"
+    return seen
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_replica_header_on_json_and_streamed_responses(ray_cluster: Cluster):
+    c = ray_cluster
+    response = generate(c, None)
+    assert response.headers[REPLICA]
+    assert response.json()["usage"]["completion_tokens"] == 4
+    with c.client.stream("POST", "/generate", json={**PROMPT, "adapter": None, "stream": True}) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        assert stream.headers[REPLICA]
+        text = "".join(stream.iter_text())
+    events = sse_json(text)
+    assert len(events) >= 2 and events[-1][1] == "[DONE]" or events[-1][0] is not None, text
+    replicas = set(describe_both(c))
+    assert response.headers[REPLICA] in replicas and stream.headers[REPLICA] in replicas
+    assert c.client.get("/adapters/nope").headers[REPLICA] in replicas  # errors too
+
+
+def test_same_adapter_same_replica_after_warm_up(ray_cluster: Cluster, make_adapter):
+    c = ray_cluster
+    ids = [f"aff-{i}" for i in range(3)]  # fewer than the per-replica LRU: nothing is evicted
+    for i, adapter_id in enumerate(ids):
+        upload(c, adapter_id, make_adapter(10 + i))
+        generate(c, adapter_id)  # warm-up: the first request loads it on some replica
+    time.sleep(1.0)  # the replicas report their multiplexed ids to the router
+    served: dict[str, Counter] = {a: Counter() for a in ids}
+    for _ in range(20):
+        for adapter_id in ids:
+            response = generate(c, adapter_id)
+            assert response.json()["adapter_version"] == 1
+            served[adapter_id][response.headers[REPLICA]] += 1
+    total = sum(sum(n.values()) for n in served.values())
+    on_home = sum(n.most_common(1)[0][1] for n in served.values())
+    assert on_home / total >= 0.95, served
+
+
+def test_upload_through_one_replica_is_served_by_both_and_a_new_version_everywhere(
+    ray_cluster: Cluster, make_adapter
+):
+    c = ray_cluster
+    upload(c, "shared-a", make_adapter(1))
+    body = {**PROMPT, "adapter": "shared-a"}
+    v1 = on_both_replicas(c, "POST", "/generate", body)  # both load version 1
+    answers = [json.loads(data) for status, data in v1.values() if status == 200]
+    assert len(answers) == 2 and {a["adapter_version"] for a in answers} == {1}
+    assert answers[0]["text"] == answers[1]["text"]  # one store, one adapter, greedy
+
+    uploader = upload(c, "shared-a", make_adapter(2)).headers[REPLICA]  # version 2 via one replica
+    v2 = on_both_replicas(c, "POST", "/generate", body)
+    assert uploader in v2
+    answers = {r: json.loads(data) for r, (status, data) in v2.items()}
+    assert {a["adapter_version"] for a in answers.values()} == {2}, answers  # the other one too
+    assert len({a["text"] for a in answers.values()}) == 1
+
+    # Through the ingress the version is part of the multiplex id: the new id is resident where
+    # the ingress sent the request, and the old one is no longer requested.
+    response = generate(c, "shared-a")
+    assert response.json()["adapter_version"] == 2
+    info = {r: i for r, i in describe_both(c).items()}
+    assert "shared-a@2" in info[response.headers[REPLICA]]["resident"]
+
+    assert c.client.delete("/adapters/shared-a").status_code == 200
+    gone = on_both_replicas(c, "POST", "/generate", body)
+    assert {status for status, _ in gone.values()} == {404}
+
+
+def test_lru_eviction_per_replica(ray_cluster: Cluster):
+    c = ray_cluster
+    routed: dict[str, list[str]] = {}
+    for i in range(8):
+        model_id = f"lru-{i}"
+        replica, status, _ = replica_call(c, "GET", "/health", model_id=model_id)
+        assert status == 200
+        routed.setdefault(replica, []).append(model_id)
+    info = describe_both(c)
+    cap = c.cluster.max_adapters_per_replica
+    for replica, ids in routed.items():
+        resident = [m for m in info[replica]["resident"] if m.startswith("lru-")]
+        assert len(info[replica]["resident"]) <= cap
+        assert resident == ids[-len(resident) :] if resident else True, (ids, info[replica])
+        if len(ids) >= cap:
+            assert resident == ids[-cap:], (ids, info[replica])  # older ids went first
+        if len(ids) > cap:
+            assert set(ids[: len(ids) - cap]) <= set(info[replica]["evicted"])
+    # An evicted id is loaded again where the router sends it (and evicts that replica's oldest).
+    replica, status, _ = replica_call(c, "GET", "/health", model_id="lru-0")
+    assert (
+        status == 200
+        and "lru-0" in c.engine.options(multiplexed_model_id="lru-0").describe.remote().result()["resident"]
+        or replica in info
+    )
+
+
+def test_job_routes_stay_on_one_replica(ray_cluster: Cluster):
+    """Job routes carry one fixed multiplex id: after the first (which loads it on a replica and
+    is reported to the router) they all land on the replica holding it."""
+    c = ray_cluster
+    c.client.get("/files")
+    time.sleep(1.0)
+    replicas = [c.client.get("/files").headers[REPLICA] for _ in range(10)]
+    replicas += [c.client.get("/fine-tunes").headers[REPLICA] for _ in range(5)]
+    assert len(set(replicas)) == 1, replicas
+    holders = [i["replica"] for i in describe_both(c).values() if i["holds_jobs"]]
+    assert replicas[0] in holders
+
+
+def test_metrics_carry_a_replica_label(ray_cluster: Cluster):
+    c = ray_cluster
+    replicas = set(describe_both(c))
+    deadline = time.monotonic() + 30
+    while True:
+        text = c.client.get("/metrics").text
+        labelled = {r for r in replicas if f'replica="{r}"' in text}
+        if labelled == replicas or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert labelled == replicas, text[:2000]
+    assert text.count("# TYPE facet_ready ") <= 1  # one family header for all replicas
+
+
+def test_killed_replica_recovers_without_losing_adapters(ray_cluster: Cluster, make_adapter):
+    import ray
+
+    c = ray_cluster
+    upload(c, "durable", make_adapter(7))
+    home = generate(c, "durable").headers[REPLICA]
+    before = set(describe_both(c))
+    victim = _replica_actor(home)
+    ray.kill(victim, no_restart=True)
+    deadline = time.monotonic() + 90
+    while True:  # requests keep being answered (by the survivor) while the replica comes back
+        response = c.client.post("/generate", json={**PROMPT, "adapter": "durable"})
+        now = set(describe_replicas(c, tries=20))
+        if response.status_code == 200 and len(now - before) == 1:
+            break
+        assert time.monotonic() < deadline, (response.status_code, now, before)
+        time.sleep(0.5)
+    assert home not in now
+    assert response.json()["adapter_version"] == 1
+    assert c.client.get("/adapters/durable").json()["version"] == 1
+    served = on_both_replicas(c, "POST", "/generate", {**PROMPT, "adapter": "durable"})
+    assert {json.loads(data)["adapter_version"] for _, data in served.values()} == {1}
+
+
+def _replica_actor(replica_id: str):
+    import ray
+
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"].startswith("SERVE_REPLICA::") and entry["name"].endswith(replica_id):
+            return ray.get_actor(entry["name"], namespace=entry["namespace"])
+    raise AssertionError(f"no actor for replica {replica_id}")
+
+
+del Path
