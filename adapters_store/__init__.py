@@ -1,8 +1,12 @@
-"""Durable adapter store: strict upload validation, versioned files, SQLite index, quarantine.
+"""Durable adapter store: strict upload validation, immutable versioned blobs, an index, quarantine.
 
     store = AdapterStore(Path("var/adapters"), base.module_shapes, "smollm2-135m-instruct")
     rec = store.put("my-adapter", config_bytes, weights_path_or_bytes)   # 422/413 before writing
     adapter = store.load("my-adapter", rec.version)                      # 409 Corrupt if damaged
+
+Blobs on local files (default) or S3, the index in SQLite (default) or PostgreSQL:
+``backends.open_backends(root, "s3://bucket/prefix", "postgresql://...")`` -> ``blobs=``, ``index=``
+(docs/scale-out.md).
 
 Every error is a ``StoreError`` with ``.status`` (HTTP) and ``.where`` (field/tensor/limit).
 """
