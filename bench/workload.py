@@ -1,0 +1,233 @@
+"""Realistic load on the engine: Poisson arrivals, log-uniform lengths, adapters of every type.
+
+Issue 14's workload, run in-process against the engine (no HTTP), so the figures are the engine's:
+
+* prompts log-uniform in ``[--min-prompt, --max-prompt]`` tokens (16-2,000 by default), a share of
+  them (``--system-share``) starting with one of ``--system-prompts`` shared system prompts (what a
+  prefix cache can reuse); outputs log-uniform in ``[--min-output, --max-output]`` (16-512), EOS
+  ignored so the lengths are the drawn ones;
+* open-loop Poisson arrivals at each rate of ``--rates`` (requests/s), ``--requests`` per rate;
+* ``--adapters`` adapters (32) cycling through one config of every registered type
+  (``bench/serve.py``'s ``ALL_TYPES``), and base-model traffic (``--base-share``).
+
+Reported per rate: generated tokens/s, TTFT and inter-token latency p50/p99, KV bytes in use
+against the bytes its real tokens need (``kv_ratio``: 1.0 is no waste; today's left-padded batch
+pays for the longest row), and the prefix-hit rate (the engine has no prefix cache yet: 0).
+
+    .venv/bin/python bench/workload.py [--rates 0.5,1,2,4] [--requests 24] [--threads 2] [--quick]
+
+Writes bench/results/workload.json (workload-quick.json with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.serve import ALL_TYPES, make_adapter  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.loader import load_base_model  # noqa: E402
+from server.engine.requests import FinishEvent, SamplingParams, TokenEvent  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+
+@dataclass
+class Arrival:
+    at: float  # seconds after the start
+    prompt: list[int]
+    new_tokens: int
+    adapter: str | None
+
+
+@dataclass
+class Trace:
+    arrival: Arrival
+    submitted: float = 0.0
+    tokens: list[float] = field(default_factory=list)  # time of each generated token
+    error: str | None = None
+
+
+def log_uniform(rng: random.Random, lo: int, hi: int) -> int:
+    return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+
+
+def make_arrivals(args, rate: float, vocab: int, adapters: list[str], seed: int) -> list[Arrival]:
+    rng = random.Random(seed)
+    longest_system = max(201, args.max_prompt // 2)
+    systems = [
+        [rng.randrange(100, vocab - 100) for _ in range(log_uniform(rng, 200, longest_system))]
+        for _ in range(args.system_prompts)
+    ]
+    out, t = [], 0.0
+    for _ in range(args.requests):
+        t += rng.expovariate(rate)
+        n = log_uniform(rng, args.min_prompt, args.max_prompt)
+        prompt = [rng.randrange(100, vocab - 100) for _ in range(n)]
+        if systems and rng.random() < args.system_share:
+            prompt = (rng.choice(systems) + prompt)[: max(n, args.max_prompt)]
+        adapter = None if rng.random() < args.base_share else rng.choice(adapters)
+        out.append(Arrival(t, prompt, log_uniform(rng, args.min_output, args.max_output), adapter))
+    return out
+
+
+def kv_bytes(engine: Engine) -> tuple[int, int]:
+    """(bytes the running batch's KV cache holds, bytes its real tokens need)."""
+    batch = engine.generator._running
+    if batch.cache is None or not len(batch):
+        return 0, 0
+    layers = batch.cache.layers
+    held = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+    columns = batch.attention_mask.shape[1]
+    real = int(batch.attention_mask.sum())
+    return held, held * real // (len(batch) * columns)
+
+
+def run_rate(engine: Engine, arrivals: list[Arrival]) -> dict:
+    traces = [Trace(a) for a in arrivals]
+    pending = list(traces)
+    live: list[tuple[Trace, object]] = []
+    ratios, held_peak = [], 0
+    t0 = time.perf_counter()
+    while pending or live:
+        now = time.perf_counter() - t0
+        while pending and pending[0].arrival.at <= now:
+            tr = pending.pop(0)
+            a = tr.arrival
+            params = SamplingParams(max_new_tokens=a.new_tokens, temperature=0, ignore_eos=True)
+            tr.submitted = now
+            live.append((tr, engine.submit(a.prompt, params, a.adapter)))
+        if not live:  # idle until the next arrival
+            time.sleep(max(0.0, pending[0].arrival.at - now))
+            continue
+        engine.generator.step()
+        held, needed = kv_bytes(engine)
+        if needed:
+            ratios.append(held / needed)
+            held_peak = max(held_peak, held)
+        now = time.perf_counter() - t0
+        still = []
+        for tr, req in live:
+            done = False
+            for ev in req.sink.drain():
+                if isinstance(ev, TokenEvent):
+                    tr.tokens.append(now)
+                elif isinstance(ev, FinishEvent):
+                    done = True
+                    tr.error = ev.error if ev.finish_reason == "error" else None
+            if not done:
+                still.append((tr, req))
+        live = still
+    elapsed = time.perf_counter() - t0
+    return summarise(traces, elapsed, ratios, held_peak)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def summarise(traces: list[Trace], elapsed: float, ratios: list[float], held_peak: int) -> dict:
+    ttft = [tr.tokens[0] - tr.arrival.at for tr in traces if tr.tokens]
+    itl = [b - a for tr in traces for a, b in zip(tr.tokens, tr.tokens[1:], strict=False)]
+    tokens = sum(len(tr.tokens) for tr in traces)
+    return {
+        "requests": len(traces),
+        "errors": sum(tr.error is not None for tr in traces),
+        "seconds": elapsed,
+        "tokens": tokens,
+        "tokens_per_s": tokens / elapsed,
+        "ttft_p50_s": pct(ttft, 0.5),
+        "ttft_p99_s": pct(ttft, 0.99),
+        "itl_p50_s": pct(itl, 0.5),
+        "itl_p99_s": pct(itl, 0.99),
+        "kv_ratio_mean": statistics.mean(ratios) if ratios else None,
+        "kv_ratio_max": max(ratios) if ratios else None,
+        "kv_bytes_peak": held_peak,
+        "prefix_hit_rate": 0.0,  # no prefix cache in this engine
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rates", default="0.25,0.5,1,2", help="requests per second, comma-separated")
+    ap.add_argument("--requests", type=int, default=24, help="requests per rate")
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--base-share", type=float, default=0.2)
+    ap.add_argument("--min-prompt", type=int, default=16)
+    ap.add_argument("--max-prompt", type=int, default=2000)
+    ap.add_argument("--min-output", type=int, default=16)
+    ap.add_argument("--max-output", type=int, default=512)
+    ap.add_argument("--system-prompts", type=int, default=4)
+    ap.add_argument("--system-share", type=float, default=0.5)
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="short prompts and outputs, few requests")
+    args = ap.parse_args()
+    if args.quick:
+        args.max_prompt, args.max_output, args.requests, args.rates = 256, 32, 8, "1,4"
+    torch.set_num_threads(args.threads)
+    overrides = {"threads": args.threads, "dtype": args.dtype, "max_batch_size": args.max_batch_size}
+    if args.model:
+        overrides["model"] = args.model
+    settings = Settings(**overrides)
+    engine = Engine(load_base_model(settings), settings)
+    vocab = engine.base.model.config.vocab_size
+    adapters = []
+    for i in range(args.adapters):
+        family, raw = ALL_TYPES[i % len(ALL_TYPES)]
+        engine.add_adapter(f"w{i}", make_adapter(engine, family, raw, seed=700 + i))
+        adapters.append(f"w{i}")
+    warm = make_arrivals(args, 100.0, vocab, adapters, seed=-1)[: len(ALL_TYPES)]
+    run_rate(engine, [Arrival(0.0, a.prompt[:32], 2, a.adapter) for a in warm])  # slots, kernels
+    results = {
+        "meta": {
+            "model": engine.base.name,
+            "dtype": str(engine.base.dtype).removeprefix("torch."),
+            "device": str(engine.base.device),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "args": vars(args),
+            "engine": "left-padded running batch (server/engine/kv_batch.py)",
+        },
+        "rates": {},
+    }
+    head = ("rate", "tok/s", "TTFT p50", "p99", "ITL p50", "p99", "KV ratio", "err")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (6, 7, 9, 7, 8, 7, 9, 4), strict=True)))
+    for k, rate in enumerate(float(r) for r in args.rates.split(",")):
+        row = run_rate(engine, make_arrivals(args, rate, vocab, adapters, seed=args.seed + k))
+        results["rates"][str(rate)] = row
+
+        def ms(v):
+            return f"{v * 1000:7.0f}" if v is not None else "      -"
+
+        print(
+            f"{rate:6.2f} {row['tokens_per_s']:7.1f} {ms(row['ttft_p50_s'])}ms {ms(row['ttft_p99_s'])} "
+            f"{ms(row['itl_p50_s'])}ms {ms(row['itl_p99_s'])} {row['kv_ratio_mean'] or 0:9.2f} "
+            f"{row['errors']:4d}",
+            flush=True,
+        )
+    out = Path(__file__).parent / "results" / ("workload-quick.json" if args.quick else "workload.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
