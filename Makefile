@@ -27,6 +27,16 @@ model: $(STAMP)
 serve: $(STAMP) model
 	$(BIN)/python -m server --host 127.0.0.1 --port 8000
 
+# Facet on Ray Serve (docs/scale-out.md, "Ray Serve"): one ingress on 127.0.0.1:$(PORT) and
+# $(REPLICAS) engine replicas (REPLICAS=auto: autoscaling) on a local Ray instance, sharing the store
+# under FACET_DATA_DIR (SQLite + local files; PostgreSQL + S3 across machines, see the docs).
+REPLICAS ?= 2
+PORT ?= 8000
+.PHONY: serve-cluster
+serve-cluster: $(STAMP) model
+	$(BIN)/python -c "import ray.serve" 2>/dev/null || $(BIN)/pip install --quiet -e '.[cluster]'
+	$(BIN)/python -m server.cluster --replicas $(REPLICAS) --host 127.0.0.1 --port $(PORT)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import ray
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     cluster = ClusterSettings(**overrides)
     settings = settings_from_cli(rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ray.init(address=None, include_dashboard=False, log_to_driver=True)
+    if os.environ.get("RAY_ADDRESS"):  # join an existing cluster (ray start --head elsewhere)
+        ray.init()
+    else:  # a local instance, on loopback only
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
     run(settings, cluster, blocking=True)
 
 

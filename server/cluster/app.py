@@ -26,10 +26,16 @@ SHARED_LOCAL_GRACE_S = 60.0
 
 
 def replica_settings(settings: Settings) -> Settings:
-    """``settings`` as every replica gets them (a grace period on a shared local store)."""
+    """``settings`` as every replica gets them: paths made absolute (Ray's worker processes need
+    not share the driver's working directory), and a GC grace period on a shared local store."""
+    update: dict = {"data_dir": settings.data_dir.resolve()}
+    for name in ("models_dir", "kernels_dir", "api_keys_file"):
+        value = getattr(settings, name)
+        if value is not None:
+            update[name] = value.resolve()
     if settings.store_orphan_grace_s is None and settings.store_blob_url == "file":
-        return settings.model_copy(update={"store_orphan_grace_s": SHARED_LOCAL_GRACE_S})
-    return settings
+        update["store_orphan_grace_s"] = SHARED_LOCAL_GRACE_S
+    return settings.model_copy(update=update)
 
 
 def build_app(settings: Settings, cluster: ClusterSettings):

@@ -76,7 +76,9 @@ class LocalASGI:
         path = req.path if req.path.startswith("/") else "/" + req.path
         return {
             "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            # spec 2.3: Starlette's streaming responses then watch receive() for the disconnect
+            # (from 2.4 on they wait for send() to fail instead)
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": "1.1",
             "method": req.method.upper(),
             "scheme": "http",
@@ -109,11 +111,16 @@ class LocalASGI:
 
         async def run() -> None:
             try:
-                await self.app(self._scope(req), receive, outbox.put)
+                await self.app(self._scope(req), receive, send)
             except Exception:
                 log.exception("app failed on %s %s", req.method, req.path)
             finally:
                 outbox.put_nowait(_END)
+
+        async def send(message: dict) -> None:
+            if gone.is_set():
+                raise OSError("the caller went away")  # what a server's send does then
+            await outbox.put(message)
 
         task = asyncio.create_task(run())
         started = False

@@ -53,15 +53,20 @@ class ResidentAdapter:
         self._dropped = False
 
     def __del__(self):
+        # Ray runs a sync __del__ in an executor thread: hand the bookkeeping to the loop.
         if not self._dropped:
             self._dropped = True
-            self.owner._on_evicted(self.model_id)
+            try:
+                self.owner.loop.call_soon_threadsafe(self.owner._on_evicted, self.model_id)
+            except RuntimeError:  # the loop is closed: the replica is going away anyway
+                pass
 
 
 @serve.deployment
 class FacetEngine:
     async def __init__(self, settings: dict, factory: str, max_adapters: int):
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.loop = asyncio.get_running_loop()
         self.settings = Settings(**settings)
         self._internal_headers = _internal_auth(self.settings)
         self.local = LocalASGI(import_factory(factory)(self.settings))

@@ -116,7 +116,7 @@ def test_replica_header_on_json_and_streamed_responses(ray_cluster: Cluster):
         assert stream.headers[REPLICA]
         text = "".join(stream.iter_text())
     events = sse_json(text)
-    assert len(events) >= 2 and events[-1][1] == "[DONE]" or events[-1][0] is not None, text
+    assert [name for name, _ in events] == ["token"] * 4 + ["done"], text
     replicas = set(describe_both(c))
     assert response.headers[REPLICA] in replicas and stream.headers[REPLICA] in replicas
     assert c.client.get("/adapters/nope").headers[REPLICA] in replicas  # errors too
@@ -188,13 +188,10 @@ def test_lru_eviction_per_replica(ray_cluster: Cluster):
             assert resident == ids[-cap:], (ids, info[replica])  # older ids went first
         if len(ids) > cap:
             assert set(ids[: len(ids) - cap]) <= set(info[replica]["evicted"])
-    # An evicted id is loaded again where the router sends it (and evicts that replica's oldest).
+    # An evicted id is loaded again where the router sends it, as that replica's newest.
     replica, status, _ = replica_call(c, "GET", "/health", model_id="lru-0")
-    assert (
-        status == 200
-        and "lru-0" in c.engine.options(multiplexed_model_id="lru-0").describe.remote().result()["resident"]
-        or replica in info
-    )
+    assert status == 200
+    assert describe_both(c)[replica]["resident"][-1] == "lru-0"
 
 
 def test_job_routes_stay_on_one_replica(ray_cluster: Cluster):
@@ -222,6 +219,32 @@ def test_metrics_carry_a_replica_label(ray_cluster: Cluster):
         time.sleep(0.5)
     assert labelled == replicas, text[:2000]
     assert text.count("# TYPE facet_ready ") <= 1  # one family header for all replicas
+
+
+def _cancelled(metrics_text: bytes) -> float:
+    for line in metrics_text.decode().splitlines():
+        if line.startswith('facet_generation_requests_total{finish_reason="cancelled"}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no cancelled-generations series in /metrics")
+
+
+def test_client_disconnect_cancels_the_replicas_generation(ray_cluster: Cluster):
+    """A stream closed after its first token ends as ``cancelled`` on the replica that served it
+    (a generation of 240 tokens could also win the race and finish: three tries)."""
+    c = ray_cluster
+    body = {**PROMPT, "adapter": None, "max_new_tokens": 240, "stream": True}
+    for _ in range(3):
+        before = {r: _cancelled(data) for r, (_, data) in on_both_replicas(c, "GET", "/metrics").items()}
+        with c.client.stream("POST", "/generate", json=body) as stream:
+            replica = stream.headers[REPLICA]
+            next(line for line in stream.iter_lines() if line.startswith("data: "))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            seen, _, data = replica_call(c, "GET", "/metrics")
+            if seen == replica and _cancelled(data) > before[replica]:
+                return
+            time.sleep(0.1)
+    raise AssertionError("no disconnected stream was cancelled on its replica")
 
 
 def test_killed_replica_recovers_without_losing_adapters(ray_cluster: Cluster, make_adapter):
