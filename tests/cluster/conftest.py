@@ -10,6 +10,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +48,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_cluster(data_dir: Path, **cluster_overrides) -> tuple[Settings, ClusterSettings]:
-    settings = tiny_settings(data_dir=data_dir, port=free_port(), max_batch_size=4)
+def start_cluster(data_dir: Path, settings: Settings | None = None, **cluster_overrides):
+    """Deploy the application on the running Ray instance: (settings, cluster settings)."""
+    if settings is None:
+        settings = tiny_settings(data_dir=data_dir, max_batch_size=4)
+    settings = settings.model_copy(update={"port": free_port()})
     cluster = ClusterSettings(
         **{"replicas": 2, "max_adapters_per_replica": 3, "factory": FACTORY, **cluster_overrides}
     )
@@ -56,9 +60,11 @@ def start_cluster(data_dir: Path, **cluster_overrides) -> tuple[Settings, Cluste
     return settings, cluster
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory) -> Iterator[Cluster]:
-    data = tmp_path_factory.mktemp("cluster-data")
+@contextmanager
+def ray_cluster_of(
+    data_dir: Path, settings: Settings | None = None, **cluster_overrides
+) -> Iterator[Cluster]:
+    """Ray on 2 CPUs and loopback, temporary folders, the application deployed; all stopped after."""
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must be
     ray.init(
         num_cpus=2,
@@ -69,9 +75,9 @@ def ray_cluster(tmp_path_factory) -> Iterator[Cluster]:
         logging_level="warning",
     )
     try:
-        settings, cluster = start_cluster(data)
+        settings, cluster = start_cluster(data_dir, settings, **cluster_overrides)
         url = f"http://127.0.0.1:{settings.port}"
-        with httpx.Client(base_url=url, timeout=60) as client:
+        with httpx.Client(base_url=url, timeout=120) as client:
             yield Cluster(url, settings, cluster, client)
     finally:
         try:
@@ -79,3 +85,10 @@ def ray_cluster(tmp_path_factory) -> Iterator[Cluster]:
         finally:
             ray.shutdown()
             shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory) -> Iterator[Cluster]:
+    """2 tiny-model replicas, a 3-id multiplexing LRU each."""
+    with ray_cluster_of(tmp_path_factory.mktemp("cluster-data")) as cluster:
+        yield cluster
