@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -157,6 +158,7 @@ class FacetEngine:
         """This replica's id and multiplexing state (tests, debugging)."""
         return {
             "replica": self.replica_id,
+            "pid": os.getpid(),
             "resident": list(self.resident),
             "evicted": list(self.evicted),
             "holds_jobs": self.holds_jobs,

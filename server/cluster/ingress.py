@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
 
-from server.api.errors import error_response
+from server.api.errors import error_body, error_response
 from server.api.middleware import AuthMiddleware, load_api_keys
 from server.settings import Settings
 
@@ -153,7 +153,7 @@ def build_ingress(settings: Settings):
                 responses.cancel()
                 log.warning("engine call failed on %s %s: %r", request.method, path, exc)
                 return error_response(503, "no engine replica answered; retry", headers={"Retry-After": "1"})
-            return _streamed(head, responses)
+            return _streamed(head, responses, path)
 
     return FacetIngress
 
@@ -168,15 +168,27 @@ async def _read_capped(request: Request, cap: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _streamed(head: dict, responses) -> StreamingResponse:
+def _broken_stream_event(path: str) -> bytes:
+    """The error event an SSE client gets when the replica serving its stream dies: the shape the
+    route's own stream errors have (``event: error`` on /generate, a bare ``data:`` on /v1)."""
+    data = json.dumps(error_body("internal_error", "the engine replica serving this stream failed; retry"))
+    return (f"event: error\ndata: {data}\n\n" if path == "/generate" else f"data: {data}\n\n").encode()
+
+
+def _streamed(head: dict, responses, path: str) -> StreamingResponse:
     """The replica's response, passed through as it arrives (SSE included)."""
+    is_sse = any(
+        k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in head["headers"]
+    )
 
     async def body():
         try:
             async for chunk in responses:
                 yield chunk
-        except ray.exceptions.RayError as exc:  # the replica died mid-stream: end the body here
-            log.warning("engine stream broke: %r", exc)
+        except ray.exceptions.RayError as exc:  # the replica died mid-stream
+            log.warning("engine stream broke on %s: %r", path, exc)
+            if is_sse:  # no stream ends without saying why; other bodies end truncated
+                yield _broken_stream_event(path)
         finally:
             responses.cancel()  # client gone (or done): the replica's request sees a disconnect
 

@@ -6,6 +6,8 @@ Needs the model in ``var/models`` (``make model``); ~2 min on 2 cores.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections import Counter
 
@@ -18,7 +20,7 @@ from tests.api.conftest import sse_json
 from tests.engine.helpers import random_adapter
 
 from .conftest import REPO, ray_cluster_of
-from .test_ray_serve import REPLICA, on_both_replicas
+from .test_ray_serve import REPLICA, describe_replicas, on_both_replicas
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 MODELS = REPO / "var" / "models"
@@ -87,3 +89,37 @@ def test_smollm2_cluster_affinity_streams_and_new_versions(smol_cluster, lora_fi
     _upload(c, ids[0], lora_files(99))  # version 2, through one replica
     answers = on_both_replicas(c, "POST", "/generate", {**body, "adapter": ids[0]})
     assert {json.loads(data)["adapter_version"] for _, data in answers.values()} == {2}
+
+
+def test_smollm2_replica_sigkilled_mid_stream_ends_the_stream_with_an_error_and_comes_back(smol_cluster):
+    """The issue's failure target: a stream on a SIGKILLed replica ends with an error event (not
+    silently), the replica is replaced, and the adapters are all still served at their versions."""
+    c = smol_cluster
+    adapter_id = "smol-1"  # uploaded by the test above (module order)
+    body = {"prompt": "Tell me a long story.", "adapter": adapter_id, "max_new_tokens": 200, "stream": True}
+    with c.client.stream("POST", "/generate", json={**body, "temperature": 0.0}) as stream:
+        replica = stream.headers[REPLICA]
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        pid = next(i["pid"] for r, i in describe_replicas(c).items() if r == replica)
+        os.kill(pid, signal.SIGKILL)
+        rest = "\n".join(lines)
+    events = sse_json(rest + "\n\n")
+    assert events[-1][0] in ("error", "done"), rest[-500:]
+    if events[-1][0] == "error":
+        assert events[-1][1]["error"]["type"] == "internal_error"
+    else:  # it finished before the kill landed: 200 tokens at this speed take seconds
+        pytest.fail("the stream finished before the replica was killed")
+    deadline = time.monotonic() + 180
+    while True:
+        seen = set(describe_replicas(c, tries=20))
+        if len(seen) == 2 and replica not in seen:
+            break
+        assert time.monotonic() < deadline, seen
+        time.sleep(1.0)
+    versions = {a: c.client.get(f"/adapters/{a}").json()["version"] for a in (f"smol-{i}" for i in range(4))}
+    assert versions == {"smol-0": 2, "smol-1": 1, "smol-2": 1, "smol-3": 1}
+    answers = on_both_replicas(
+        c, "POST", "/generate", {"prompt": "Hi", "adapter": adapter_id, "max_new_tokens": 2}
+    )
+    assert {status for status, _ in answers.values()} == {200}
