@@ -28,6 +28,9 @@ from tests.api.tiny_server import tiny_settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 FACTORY = "tests.cluster.tiny_factory:tiny_app"
+# The tiny cluster runs with API keys: the clients send the admin one unless a test says otherwise.
+ADMIN_KEY, INFER_KEY = "cluster-admin-key", "cluster-infer-key"
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @dataclass
@@ -51,7 +54,8 @@ def free_port() -> int:
 def start_cluster(data_dir: Path, settings: Settings | None = None, **cluster_overrides):
     """Deploy the application on the running Ray instance: (settings, cluster settings)."""
     if settings is None:
-        settings = tiny_settings(data_dir=data_dir, max_batch_size=4)
+        keys = [f"admin:{ADMIN_KEY}", f"infer:{INFER_KEY}"]
+        settings = tiny_settings(data_dir=data_dir, max_batch_size=4, api_keys=keys)
     settings = settings.model_copy(update={"port": free_port()})
     cluster = ClusterSettings(
         **{"replicas": 2, "max_adapters_per_replica": 3, "factory": FACTORY, **cluster_overrides}
@@ -77,7 +81,8 @@ def ray_cluster_of(
     try:
         settings, cluster = start_cluster(data_dir, settings, **cluster_overrides)
         url = f"http://127.0.0.1:{settings.port}"
-        with httpx.Client(base_url=url, timeout=120) as client:
+        headers = ADMIN if settings.api_keys else None
+        with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
             yield Cluster(url, settings, cluster, client)
     finally:
         try:

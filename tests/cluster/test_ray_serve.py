@@ -19,7 +19,7 @@ from tests.api.conftest import adapter_files, sse_json
 from tests.api.tiny_server import BASE_NAME, TARGETS
 from tests.conftest import make_tiny_llama, make_tokenizer
 
-from .conftest import Cluster
+from .conftest import ADMIN, INFER_KEY, Cluster
 
 REPLICA = "x-facet-replica"
 PROMPT = {"prompt": "hello world", "max_new_tokens": 4, "temperature": 0.0}
@@ -61,7 +61,7 @@ def replica_call(c: Cluster, method: str, path: str, body: dict | None = None, m
     call = {
         "method": method,
         "path": path,
-        "headers": [("content-type", "application/json")],
+        "headers": [("content-type", "application/json"), *ADMIN.items()],
         "body": json.dumps(body).encode() if body is not None else b"",
     }
     head, chunks = None, []
@@ -120,6 +120,20 @@ def test_replica_header_on_json_and_streamed_responses(ray_cluster: Cluster):
     replicas = set(describe_both(c))
     assert response.headers[REPLICA] in replicas and stream.headers[REPLICA] in replicas
     assert c.client.get("/adapters/nope").headers[REPLICA] in replicas  # errors too
+
+
+def test_keys_are_checked_at_the_ingress_and_scopes_on_the_replica(ray_cluster: Cluster):
+    c = ray_cluster
+    bare = {"authorization": ""}
+    response = c.client.post("/generate", json={**PROMPT, "adapter": None}, headers=bare)
+    assert response.status_code == 401 and REPLICA not in response.headers  # refused at the ingress
+    assert c.client.get("/health", headers=bare).status_code == 200  # open, as on one process
+    infer = {"authorization": f"Bearer {INFER_KEY}"}
+    assert c.client.post("/generate", json={**PROMPT, "adapter": None}, headers=infer).status_code == 200
+    assert c.client.get("/metrics", headers=infer).status_code == 403
+    scoped = c.client.get("/adapters", headers=infer)  # admin scope, checked by the replica
+    assert scoped.status_code == 403 and scoped.headers[REPLICA]
+    assert scoped.json()["error"]["type"] == "forbidden"
 
 
 def test_same_adapter_same_replica_after_warm_up(ray_cluster: Cluster, make_adapter):
