@@ -38,8 +38,20 @@ def replica_settings(settings: Settings) -> Settings:
     return settings.model_copy(update=update)
 
 
+def check_shared_store(settings: Settings, cluster: ClusterSettings) -> None:
+    """Refuse a store the replicas cannot share: S3 blobs with the SQLite index would put one
+    index file and one read-through cache folder under every replica's one ``data_dir``."""
+    several = cluster.replicas == "auto" or cluster.replicas > 1
+    if several and settings.store_blob_url.startswith("s3://") and settings.store_index_url == "sqlite":
+        raise ValueError(
+            "store_index_url: with store_blob_url on S3 and several replicas, the index must be "
+            "PostgreSQL (postgresql://...), or keep both embedded (file + sqlite) on one machine"
+        )
+
+
 def build_app(settings: Settings, cluster: ClusterSettings):
     """The bound application: ingress -> engine deployment."""
+    check_shared_store(settings, cluster)
     settings = replica_settings(settings)
     engine = FacetEngine.options(**deployment_options(cluster, settings.max_batch_size)).bind(
         settings.model_dump(mode="json"), cluster.factory, cluster.max_adapters_per_replica

@@ -68,7 +68,7 @@ class FacetEngine:
     async def __init__(self, settings: dict, factory: str, max_adapters: int):
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.loop = asyncio.get_running_loop()
-        self.settings = Settings(**settings)
+        self.settings = local_settings(Settings(**settings), serve.get_replica_context())
         self._internal_headers = _internal_auth(self.settings)
         self.local = LocalASGI(import_factory(factory)(self.settings))
         await self.local.startup()
@@ -191,6 +191,20 @@ class FacetEngine:
         except Exception:
             pass
         await self.local.shutdown()
+
+
+def local_settings(settings: Settings, context) -> Settings:
+    """A replica's own settings. With S3 + PostgreSQL nothing of the store is under ``data_dir``
+    but the read-through cache, which the store empties at open and bounds per process: each
+    replica gets ``<data_dir>/replica-<rank on its node>`` (the rank is reused by a replacement,
+    so its jobs and uploads folders survive a restart). The base model cache stays shared."""
+    if not (settings.store_blob_url.startswith("s3://") and settings.store_index_url != "sqlite"):
+        return settings  # embedded store: the replicas share <data_dir>/adapters itself
+    rank = getattr(getattr(context, "rank", None), "local_rank", None)
+    slot = f"replica-{rank}" if rank is not None else f"replica-{context.replica_id.unique_id}"
+    return settings.model_copy(
+        update={"data_dir": settings.data_dir / slot, "models_dir": settings.model_cache_dir}
+    )
 
 
 def _internal_auth(settings: Settings) -> list[tuple[str, str]]:

@@ -23,8 +23,11 @@ from ray import serve  # noqa: E402
 
 from server.cluster.app import engine_handle, run  # noqa: E402
 from server.cluster.config import ClusterSettings  # noqa: E402
+from server.engine.loader import wrap_model  # noqa: E402
 from server.settings import Settings  # noqa: E402
-from tests.api.tiny_server import tiny_settings  # noqa: E402
+from tests.api.conftest import adapter_files  # noqa: E402
+from tests.api.tiny_server import BASE_NAME, TARGETS, tiny_settings  # noqa: E402
+from tests.conftest import make_tiny_llama, make_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 FACTORY = "tests.cluster.tiny_factory:tiny_app"
@@ -97,3 +100,16 @@ def ray_cluster(tmp_path_factory) -> Iterator[Cluster]:
     """2 tiny-model replicas, a 3-id multiplexing LRU each."""
     with ray_cluster_of(tmp_path_factory.mktemp("cluster-data")) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def tiny_base():
+    return wrap_model(BASE_NAME, make_tiny_llama(), make_tokenizer(), TARGETS)
+
+
+@pytest.fixture
+def make_adapter(tiny_base, tmp_path):
+    def make(seed: int) -> tuple[bytes, bytes]:
+        return adapter_files(tiny_base, "lora", tmp_path / f"a{seed}", seed=seed)
+
+    return make

@@ -12,30 +12,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
-from server.engine.loader import wrap_model
-from tests.api.conftest import adapter_files, sse_json
-from tests.api.tiny_server import BASE_NAME, TARGETS
-from tests.conftest import make_tiny_llama, make_tokenizer
+from tests.api.conftest import sse_json
 
 from .conftest import ADMIN, INFER_KEY, Cluster
 
 REPLICA = "x-facet-replica"
 PROMPT = {"prompt": "hello world", "max_new_tokens": 4, "temperature": 0.0}
-
-
-@pytest.fixture(scope="module")
-def tiny_base():
-    return wrap_model(BASE_NAME, make_tiny_llama(), make_tokenizer(), TARGETS)
-
-
-@pytest.fixture
-def make_adapter(tiny_base, tmp_path):
-    def make(seed: int) -> tuple[bytes, bytes]:
-        return adapter_files(tiny_base, "lora", tmp_path / f"a{seed}", seed=seed)
-
-    return make
 
 
 def upload(c: Cluster, adapter_id: str, files: tuple[bytes, bytes]):

@@ -98,3 +98,16 @@ def test_local_asgi_streams_chunks_as_sent_and_a_closed_stream_ends_the_app_requ
         await local.shutdown()
 
     asyncio.run(run())
+
+
+def test_s3_blobs_with_the_sqlite_index_are_refused_for_several_replicas(tmp_path):
+    from server.cluster.app import check_shared_store
+    from server.settings import Settings
+
+    s3_sqlite = Settings(data_dir=tmp_path, store_blob_url="s3://bucket/x", store_index_url="sqlite")
+    with pytest.raises(ValueError, match="store_index_url"):
+        check_shared_store(s3_sqlite, ClusterSettings(replicas=2))
+    with pytest.raises(ValueError, match="store_index_url"):
+        check_shared_store(s3_sqlite, ClusterSettings(replicas="auto"))
+    check_shared_store(s3_sqlite, ClusterSettings(replicas=1))  # one process: as make serve
+    check_shared_store(Settings(data_dir=tmp_path), ClusterSettings(replicas=2))  # embedded, one machine

@@ -8,3 +8,25 @@ from tests.api.tiny_server import create_tiny_app
 
 def tiny_app(settings: Settings):
     return create_tiny_app(settings)
+
+
+def tiny_app_on_configured_store(settings: Settings):
+    """The tiny app on the store ``settings.store_*`` name (S3, PostgreSQL): ``build_tiny`` opens
+    the embedded store whatever the settings say."""
+    import torch
+
+    from server.app import create_app, open_store
+    from server.engine.engine import Engine
+    from server.engine.loader import wrap_model
+    from tests.api.tiny_server import BASE_NAME, CHAT_TEMPLATE, TARGETS
+    from tests.conftest import make_tiny_llama, make_tokenizer
+
+    torch.set_num_threads(settings.threads or 1)
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    base = wrap_model(BASE_NAME, make_tiny_llama(), tokenizer, TARGETS)
+    store = open_store(settings, base)
+    engine = Engine(
+        base, settings, source=lambda key: store.load(*key), current_version=store.current_version
+    )
+    return create_app(settings, engine=engine, store=store)
