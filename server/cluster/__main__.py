@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> None:
         ray.init()
     else:  # a local instance, on loopback only
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
-    run(settings, cluster, blocking=True)
+    try:
+        run(settings, cluster, blocking=True)
+    except ValueError as exc:  # a configuration the cluster refuses (names the setting)
+        raise SystemExit(f"facet cluster: {exc}") from None
 
 
 if __name__ == "__main__":
