@@ -55,7 +55,7 @@ class Hyperparameters(PydanticModel):
     epochs: int = Field(1, ge=1, le=1000, description="passes over the data (ignored with max_steps)")
     max_steps: int | None = Field(None, ge=1, le=1_000_000, description="optimizer steps; overrides epochs")
     learning_rate: FiniteFloat | None = Field(
-        None, gt=0, le=10, description="AdamW learning rate; default: the family's default_learning_rate"
+        None, gt=0, le=10, description="AdamW learning rate; default: the family's (learning_rate_for)"
     )
     batch_size: int = Field(8, ge=1, le=1024, description="examples per micro-batch")
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
@@ -67,10 +67,10 @@ class Hyperparameters(PydanticModel):
     eval_every: int = Field(0, ge=0, description="validation every N steps (0 = before and after only)")
     checkpoint_every: int = Field(0, ge=0, description="on_checkpoint every N steps (0 = never)")
 
-    def lr_for(self, method: AdapterMethod) -> float:
+    def lr_for(self, method: AdapterMethod, cfg: MethodConfig) -> float:
         if self.learning_rate is not None:
             return float(self.learning_rate)
-        return method.default_learning_rate
+        return method.learning_rate_for(cfg)
 
 
 @dataclass
@@ -285,7 +285,7 @@ def train_adapter(
     if not train:
         raise ValueError("no training examples")
     pad_id = _pad_id(base.tokenizer)
-    lr = hp.lr_for(method)
+    lr = hp.lr_for(method, cfg)
 
     generator = torch.Generator().manual_seed(hp.seed)
     params = init_trainable(base, method, cfg, targets, generator)

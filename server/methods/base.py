@@ -230,7 +230,8 @@ class AdapterMethod(ABC):
     # True where the linear's bias enters the slot tables (IA3 scales the output and the bias):
     # ``prepare`` is then also given ``bias=`` (the engine passes the module's, None without one).
     prepare_uses_bias: ClassVar[bool] = False
-    # AdamW's starting point when a fine-tune job names none (rough; compare with bench/finetune.py).
+    # AdamW's starting point when a fine-tune job names none (rough; compare with bench/finetune.py);
+    # ``learning_rate_for`` may refine it per config.
     default_learning_rate: ClassVar[float] = 1e-3
 
     @classmethod
@@ -266,6 +267,11 @@ class AdapterMethod(ABC):
                     size *= d
                 n += size
         return n
+
+    def learning_rate_for(self, cfg: MethodConfig) -> float:
+        """AdamW's default learning rate for training ``cfg`` (``default_learning_rate`` unless a
+        family's variants need different ones)."""
+        return self.default_learning_rate
 
     def check_params(
         self, cfg: MethodConfig, module: str, params: dict[str, torch.Tensor], out_f: int, in_f: int

@@ -138,6 +138,11 @@ class SurmMethod(AdapterMethod):
     default_learning_rate: ClassVar[float] = 1e-2
     config_cls: ClassVar[type[MethodConfig]] = SurmConfig
 
+    def learning_rate_for(self, cfg: SurmConfig) -> float:
+        """ldr: each ΔW entry sums r·N products, so Adam moves it far more per step than the other
+        variants' one product; 1e-2 diverged in one step on SmolLM2 (docs/adapter-format.md)."""
+        return 1e-3 if cfg.variant == "ldr" else self.default_learning_rate
+
     # ---- configuration -------------------------------------------------------------------
     def param_specs(self, cfg: SurmConfig, out_f: int, in_f: int) -> dict[str, ParamSpec]:
         n = max(out_f, in_f)

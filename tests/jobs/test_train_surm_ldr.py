@@ -114,3 +114,16 @@ async def test_fine_tune_endpoint_refuses_bad_ldr_rank_by_name(app, config):  # 
         assert response.status_code == 422, response.text
         assert response.json()["error"]["where"] == "body.method_config.ldr_rank", response.text
         assert (await client.get("/fine-tunes")).json()["total"] == 0
+
+
+def test_ldr_has_its_own_default_learning_rate():
+    """SURM's 1e-2 suits one product per ΔW entry; ldr sums r·N of them (docs/adapter-format.md)."""
+    from server.jobs.train import Hyperparameters
+    from server.methods import get_method
+
+    surm = get_method("surm")
+    ldr = surm.parse_config({"peft_type": "SURM", "target_modules": ["q_proj"], **CONFIG})
+    circulant = surm.parse_config({"peft_type": "SURM", "target_modules": ["q_proj"]})
+    assert Hyperparameters().lr_for(surm, ldr) == 1e-3
+    assert Hyperparameters().lr_for(surm, circulant) == surm.default_learning_rate == 1e-2
+    assert Hyperparameters(learning_rate=0.5).lr_for(surm, ldr) == 0.5  # a given one wins
