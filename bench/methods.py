@@ -47,6 +47,7 @@ FAMILIES = {
     "surm circulant": ("surm", {"variant": "circulant"}),
     "surm toeplitz": ("surm", {"variant": "toeplitz"}),
     "surm kronecker f32": ("surm", {"variant": "kronecker", "kron_factor": 32}),
+    "surm ldr r4": ("surm", {"variant": "ldr", "ldr_rank": 4}),
     # PEFT types (docs/adapter-format.md, PEFT types); HiRA is served merged, timed here on the fly
     "dora r8": ("dora", {"peft_type": "LORA", "use_dora": True, "r": 8, "lora_alpha": 16}),
     "ia3": ("ia3", {}),
