@@ -141,7 +141,7 @@ def build_ingress(settings: Settings):
             call = {
                 "method": request.method,
                 "path": path,
-                "query": request.url.query.encode("latin-1"),
+                "query": request.scope.get("query_string", b""),
                 "headers": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
                 "body": body,
                 "client": (request.client.host, request.client.port) if request.client else ("127.0.0.1", 0),

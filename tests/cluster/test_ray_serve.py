@@ -124,6 +124,8 @@ def test_same_adapter_same_replica_after_warm_up(ray_cluster: Cluster, make_adap
     for i, adapter_id in enumerate(ids):
         upload(c, adapter_id, make_adapter(10 + i))
         generate(c, adapter_id)  # warm-up: the first request loads it on some replica
+    page = c.client.get("/adapters", params={"offset": 1, "limit": 1}).json()  # the query string travels
+    assert (page["offset"], page["limit"], len(page["adapters"])) == (1, 1, 1) and page["total"] >= 3
     time.sleep(1.0)  # the replicas report their multiplexed ids to the router
     served: dict[str, Counter] = {a: Counter() for a in ids}
     for _ in range(20):
