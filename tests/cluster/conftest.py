@@ -58,7 +58,8 @@ def start_cluster(data_dir: Path, settings: Settings | None = None, **cluster_ov
     """Deploy the application on the running Ray instance: (settings, cluster settings)."""
     if settings is None:
         keys = [f"admin:{ADMIN_KEY}", f"infer:{INFER_KEY}"]
-        settings = tiny_settings(data_dir=data_dir, max_batch_size=4, api_keys=keys)
+        # per-key quotas high enough that one key can saturate a replica (quotas are per replica)
+        settings = tiny_settings(data_dir=data_dir, max_batch_size=4, api_keys=keys, key_max_concurrent=32)
     settings = settings.model_copy(update={"port": free_port()})
     cluster = ClusterSettings(
         **{"replicas": 2, "max_adapters_per_replica": 3, "factory": FACTORY, **cluster_overrides}

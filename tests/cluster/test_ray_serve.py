@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 
 from tests.api.conftest import sse_json
 
@@ -192,6 +194,27 @@ def test_lru_eviction_per_replica(ray_cluster: Cluster):
     assert describe_both(c)[replica]["resident"][-1] == "lru-0"
 
 
+def test_a_saturated_replica_spills_over(ray_cluster: Cluster, make_adapter):
+    """One adapter, more concurrent streams than its replica's max_ongoing_requests (batch 4 + 4):
+    the router sends the rest to the other replica instead of queueing them all on the holder."""
+    c = ray_cluster
+    upload(c, "hot", make_adapter(21))
+    generate(c, "hot")
+    time.sleep(1.0)
+    body = {**PROMPT, "adapter": "hot", "max_new_tokens": 200, "stream": True}
+
+    def one(_) -> str:
+        with httpx.Client(base_url=c.url, headers=ADMIN, timeout=120) as client:
+            with client.stream("POST", "/generate", json=body) as stream:
+                assert stream.status_code == 200
+                "".join(stream.iter_text())
+                return stream.headers[REPLICA]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        replicas = Counter(pool.map(one, range(16)))
+    assert len(replicas) == 2, replicas
+
+
 def test_job_routes_stay_on_one_replica(ray_cluster: Cluster):
     """Job routes carry one fixed multiplex id: after the first (which loads it on a replica and
     is reported to the router) they all land on the replica holding it."""
@@ -276,6 +299,3 @@ def _replica_actor(replica_id: str):
         if entry["name"].startswith("SERVE_REPLICA::") and entry["name"].endswith(replica_id):
             return ray.get_actor(entry["name"], namespace=entry["namespace"])
     raise AssertionError(f"no actor for replica {replica_id}")
-
-
-del Path
