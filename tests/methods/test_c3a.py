@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from server.methods import (
     Adapter,
@@ -17,37 +16,15 @@ from server.methods import (
     stack_prepared,
 )
 
-EPS = torch.finfo(torch.float32).eps
+from .peft_net import LinearNet, assert_within_rounding
+
 SIDES = {"q_proj": (24, 24), "k_proj": (8, 24), "up_proj": (48, 24), "down_proj": (24, 48)}
-
-
-class _Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        for name, (out_f, in_f) in SIDES.items():
-            setattr(self, name, nn.Linear(in_f, out_f))
-
-
-class _Net(nn.Module):
-    """Two blocks with PEFT-style paths ``layers.<i>.<proj>`` and random weights and biases."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.layers = nn.ModuleList([_Block(), _Block()])
-
-
-def _close(actual, expected, n_terms: int):
-    """float32 worst-case rounding: eps per term of the reductions, relative to the output scale."""
-    tol = 4 * n_terms * EPS * expected.abs().max().clamp_min(1.0)
-    err = (actual - expected).abs().max()
-    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
 
 
 def _peft_model(seed: int = 0, **config):
     import peft
 
-    model = peft.get_peft_model(_Net(seed), peft.C3AConfig(target_modules=list(SIDES), **config))
+    model = peft.get_peft_model(LinearNet(SIDES, seed), peft.C3AConfig(target_modules=list(SIDES), **config))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -82,18 +59,18 @@ def test_reference_merge_and_batched_path_are_peft_s_layer(block_size):
             peft_delta = layer.get_delta_weight("default")
         n_terms = w.shape[1] + 2 * block_size
         w_ref, b_ref = method.reference_weight(cfg, params, w, b)
-        _close(xs @ w_ref.T + b_ref, expected, n_terms)
+        assert_within_rounding(xs @ w_ref.T + b_ref, expected, n_terms)
         w_m, _ = method.merged_weight(cfg, params, w, b)
-        _close(w_m - w, peft_delta, 2)  # the same ΔW entries, gathered instead of PEFT's FFTs
+        assert_within_rounding(w_m - w, peft_delta, 2)  # the same ΔW entries, gathered instead of PEFT's FFTs
         # Batched: this adapter's rows beside another adapter's, each row its own slot.
         other = method.init_params(cfg, w, "random", torch.Generator().manual_seed(5))
         table = stack_prepared([method.prepare(cfg, params, w), method.prepare(cfg, other, w)])
         sig = method.signature(cfg, *w.shape)
         group = Group(method, sig, table, torch.arange(5), torch.tensor([0, 1, 0, 1, 0]))
         y = batched_linear(xs, w, b, [group])
-        _close(y[0::2], expected[0::2], n_terms)
+        assert_within_rounding(y[0::2], expected[0::2], n_terms)
         w_o, _ = method.reference_weight(cfg, other, w, b)
-        _close(y[1::2], xs[1::2] @ w_o.T + b, n_terms)
+        assert_within_rounding(y[1::2], xs[1::2] @ w_o.T + b, n_terms)
         assert (expected - base(xs)).abs().max() > 0.1, path  # the adapter moves the output
 
 
@@ -115,7 +92,7 @@ def test_block_size_pattern_is_peft_s_and_a_peft_folder_loads(tmp_path):
         xs = x[:, : base.in_features]
         w_ref, b_ref = adapter.method.reference_weight(cfg, adapter.modules[path], base.weight, base.bias)
         with torch.no_grad():
-            _close(xs @ w_ref.T + b_ref, layer(xs), base.in_features + 16)
+            assert_within_rounding(xs @ w_ref.T + b_ref, layer(xs), base.in_features + 16)
     assert seen == {1, 2, 4, 8}
 
 
@@ -187,5 +164,5 @@ def test_gathered_and_segmented_slot_paths_agree():
     )
     for path in (_gathered, _segmented):
         got = path(xs, spec, slots)
-        _close(got.real, expected.real, 4)
-        _close(got.imag, expected.imag, 4)
+        assert_within_rounding(got.real, expected.real, 4)
+        assert_within_rounding(got.imag, expected.imag, 4)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from server.methods import (
     Adapter,
@@ -20,36 +19,18 @@ from server.methods import (
 )
 from server.methods.fourierft import peft_positions
 
-EPS = torch.finfo(torch.float32).eps
+from .peft_net import LinearNet, assert_within_rounding
+
 # Even and odd sides: DC and Nyquist bins (real in a half spectrum) and mirrored bins all occur.
 SIDES = {"q_proj": (24, 24), "k_proj": (8, 24), "up_proj": (9, 7), "down_proj": (6, 11)}
-
-
-class _Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        for name, (out_f, in_f) in SIDES.items():
-            setattr(self, name, nn.Linear(in_f, out_f))
-
-
-class _Net(nn.Module):
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.layers = nn.ModuleList([_Block(), _Block()])
-
-
-def _close(actual, expected, n_terms: int):
-    """float32 worst-case rounding: eps per term of the reductions, relative to the output scale."""
-    tol = 4 * n_terms * EPS * expected.abs().max().clamp_min(1.0)
-    err = (actual - expected).abs().max()
-    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
 
 
 def _peft_model(seed: int = 0, **config):
     import peft
 
-    model = peft.get_peft_model(_Net(seed), peft.FourierFTConfig(target_modules=list(SIDES), **config))
+    model = peft.get_peft_model(
+        LinearNet(SIDES, seed), peft.FourierFTConfig(target_modules=list(SIDES), **config)
+    )
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -87,7 +68,7 @@ def test_positions_reference_merge_and_batched_path_are_peft_s(seed, n, scaling)
             peft_delta = layer.get_delta_weight("default")
         n_terms = in_f + out_f + n
         w_ref, b_ref = method.reference_weight(cfg, params, w, b)
-        _close(xs @ w_ref.T + b_ref, expected, n_terms)
+        assert_within_rounding(xs @ w_ref.T + b_ref, expected, n_terms)
         w_m, _ = method.merged_weight(cfg, params, w, b)
         assert torch.equal(w_m - w, (w + peft_delta) - w)  # PEFT's own ifft2, bit for bit
         other = method.init_params(cfg, w, "random", torch.Generator().manual_seed(5))
@@ -96,10 +77,10 @@ def test_positions_reference_merge_and_batched_path_are_peft_s(seed, n, scaling)
             method, method.signature(cfg, out_f, in_f), table, torch.arange(5), torch.tensor([0, 1] * 2 + [0])
         )
         y = batched_linear(xs, w, b, [group])
-        _close(y[0::2], expected[0::2], n_terms)
+        assert_within_rounding(y[0::2], expected[0::2], n_terms)
         w_o, _ = method.reference_weight(cfg, other, w, b)
-        _close(y[1::2], xs[1::2] @ w_o.T + b, n_terms)
-        _close(adapted_forward(method, cfg, params, xs, w, b), expected, n_terms)
+        assert_within_rounding(y[1::2], xs[1::2] @ w_o.T + b, n_terms)
+        assert_within_rounding(adapted_forward(method, cfg, params, xs, w, b), expected, n_terms)
         assert (expected - base(xs)).abs().max() > 1e-3 * abs(scaling), path
 
 
@@ -122,7 +103,7 @@ def test_n_frequency_pattern_is_peft_s_and_a_peft_folder_loads(tmp_path):
         xs = x[:, : base.in_features]
         w_ref, b_ref = adapter.method.reference_weight(cfg, adapter.modules[path], base.weight, base.bias)
         with torch.no_grad():
-            _close(xs @ w_ref.T + b_ref, layer(xs), 24 + 24 + 66)
+            assert_within_rounding(xs @ w_ref.T + b_ref, layer(xs), 24 + 24 + 66)
     assert seen == {10, 40, 3, 66}
 
 
