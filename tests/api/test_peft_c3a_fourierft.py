@@ -10,8 +10,14 @@ import asyncio
 import pytest
 import torch
 
-from .conftest import upload
-from .test_peft_types import _assert_matches, _peft_greedy, _served, _upload_folder
+from .test_peft_types import (
+    _assert_matches,
+    _peft_greedy,
+    _served,
+    _upload_folder,
+    assert_refused,
+    build_saved,
+)
 from .tiny_server import TARGETS
 
 pytestmark = pytest.mark.asyncio
@@ -64,15 +70,7 @@ def _randomise(model, kind: str, seed: int) -> None:
 
 
 def _build(kind: str, folder, seed: int = 0):
-    from peft import get_peft_model
-
-    from tests.conftest import make_tiny_llama
-
-    model = get_peft_model(make_tiny_llama(), _peft_config(kind))
-    _randomise(model, kind, seed)
-    model.eval()
-    model.save_pretrained(folder)
-    return model
+    return build_saved(_peft_config(kind), _randomise, kind, folder, seed)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -119,12 +117,7 @@ async def test_peft_features_not_honoured_are_422_naming_the_field(client, tmp_p
     for k, v in edit.items():
         setattr(config, k, v)
     peft.get_peft_model(make_tiny_llama(), config).save_pretrained(tmp_path / kind)
-    response = await upload(
-        client,
-        "refused",
-        (tmp_path / kind / "adapter_config.json").read_bytes(),
-        (tmp_path / kind / "adapter_model.safetensors").read_bytes(),
+    config_bytes = (tmp_path / kind / "adapter_config.json").read_bytes()
+    await assert_refused(
+        client, config_bytes, (tmp_path / kind / "adapter_model.safetensors").read_bytes(), field
     )
-    assert response.status_code == 422, response.text
-    assert response.json()["error"]["where"] == field, response.text
-    assert (await client.get("/adapters/refused")).status_code == 404

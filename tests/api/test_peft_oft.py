@@ -16,7 +16,14 @@ import torch
 from tests.peft_butterfly import butterfly_peft
 
 from .conftest import upload
-from .test_peft_types import _assert_matches, _peft_greedy, _served, _upload_folder
+from .test_peft_types import (
+    _assert_matches,
+    _peft_greedy,
+    _served,
+    _upload_folder,
+    assert_refused,
+    build_saved,
+)
 from .tiny_server import TARGETS
 
 pytestmark = pytest.mark.asyncio
@@ -66,15 +73,7 @@ KINDS = ["oft", "oft-cayley", "oft-coft", "oft-wide", "boft", "boft-num"]
 
 
 def _build(kind: str, folder, seed: int = 0):
-    from peft import get_peft_model
-
-    from tests.conftest import make_tiny_llama
-
-    model = get_peft_model(make_tiny_llama(), _peft_config(kind))
-    _randomise(model, kind, seed)
-    model.eval()
-    model.save_pretrained(folder)
-    return model
+    return build_saved(_peft_config(kind), _randomise, kind, folder, seed)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -125,15 +124,8 @@ async def test_peft_features_not_honoured_are_422_naming_the_field(client, tmp_p
         _build(kind, tmp_path / kind)
     raw = json.loads((tmp_path / kind / "adapter_config.json").read_text())
     raw.update(edit)
-    response = await upload(
-        client,
-        "refused",
-        json.dumps(raw).encode(),
-        (tmp_path / kind / "adapter_model.safetensors").read_bytes(),
-    )
-    assert response.status_code == 422, response.text
-    assert response.json()["error"]["where"] == field, response.text
-    assert (await client.get("/adapters/refused")).status_code == 404
+    weights = (tmp_path / kind / "adapter_model.safetensors").read_bytes()
+    await assert_refused(client, json.dumps(raw).encode(), weights, field)
 
 
 async def test_boft_saved_without_peft_s_extension_is_422_naming_the_tensor(client, tmp_path, monkeypatch):

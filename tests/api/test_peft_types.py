@@ -117,17 +117,30 @@ def _randomise(model, kind: str, seed: int) -> None:
     assert touched >= (1 if kind == "lora-layers" else 2) * len(TARGETS)  # every projection (of each layer)
 
 
-def _build(kind: str, folder, seed: int = 0):
-    """A PEFT model of ``kind`` on the tiny Llama the server holds (same seed: same weights), saved."""
+def build_saved(config, randomise, kind: str, folder, seed: int = 0):
+    """A PEFT model of ``config`` on the tiny Llama the server holds (same seed: same weights), its
+    adapter tensors set by ``randomise(model, kind, seed)``, saved to ``folder``."""
     from peft import get_peft_model
 
     from tests.conftest import make_tiny_llama
 
-    model = get_peft_model(make_tiny_llama(), _peft_config(kind))
-    _randomise(model, kind, seed)
+    model = get_peft_model(make_tiny_llama(), config)
+    randomise(model, kind, seed)
     model.eval()
     model.save_pretrained(folder)
     return model
+
+
+def _build(kind: str, folder, seed: int = 0):
+    return build_saved(_peft_config(kind), _randomise, kind, folder, seed)
+
+
+async def assert_refused(client, config_bytes: bytes, weights_bytes: bytes, field: str) -> None:
+    """The upload is a 422 naming ``field`` and nothing is stored."""
+    response = await upload(client, "refused", config_bytes, weights_bytes)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["where"] == field, response.text
+    assert (await client.get("/adapters/refused")).status_code == 404
 
 
 def _peft_greedy(model) -> tuple[list[int], list[float]]:
@@ -243,12 +256,7 @@ async def test_peft_features_not_honoured_are_422_naming_the_field(client, tmp_p
     for k, v in edit.items():
         setattr(config, k, v)
     peft.get_peft_model(make_tiny_llama(), config).save_pretrained(tmp_path / kind)
-    response = await upload(
-        client,
-        "refused",
-        (tmp_path / kind / "adapter_config.json").read_bytes(),
-        (tmp_path / kind / "adapter_model.safetensors").read_bytes(),
+    config_bytes = (tmp_path / kind / "adapter_config.json").read_bytes()
+    await assert_refused(
+        client, config_bytes, (tmp_path / kind / "adapter_model.safetensors").read_bytes(), field
     )
-    assert response.status_code == 422, response.text
-    assert response.json()["error"]["where"] == field, response.text
-    assert (await client.get("/adapters/refused")).status_code == 404
