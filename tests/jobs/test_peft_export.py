@@ -32,7 +32,6 @@ TOL = 550 * torch.finfo(torch.float32).eps * 10
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_trained_adapter_saves_as_a_peft_folder_peft_runs(kind, tmp_path):
-    import peft
 
     base = tiny_base()
     family = kind.split("-")[0]
@@ -40,6 +39,16 @@ def test_trained_adapter_saves_as_a_peft_folder_peft_runs(kind, tmp_path):
     adapter, _ = train_adapter(base, family, CONFIGS[kind], None, RECORDS, RECORDS, hp)
     adapter.save(tmp_path)
     assert Adapter.load(tmp_path, base.module_shapes).family == family
+
+    peft_config = assert_peft_runs_it(adapter, tmp_path)
+    assert type(peft_config).__name__.upper().startswith(family.upper().replace("DORA", "LORA"))
+
+
+def assert_peft_runs_it(adapter: Adapter, folder) -> object:
+    """PEFT loads the saved ``folder`` onto the plain tiny Llama and gives the logits of that
+    model with ``adapter`` merged by Facet (within TOL), which training moved visibly; returns
+    the config PEFT read."""
+    import peft
 
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     plain = make_tiny_llama(0)  # what tiny_base wraps: same weights, head scaled the same
@@ -50,16 +59,15 @@ def test_trained_adapter_saves_as_a_peft_folder_peft_runs(kind, tmp_path):
         before = plain(input_ids=ids).logits
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns about our one extra key, format_version
-        pm = peft.PeftModel.from_pretrained(plain, str(tmp_path)).eval()
-    assert type(pm.peft_config["default"]).__name__.upper().startswith(family.upper().replace("DORA", "LORA"))
-
+        pm = peft.PeftModel.from_pretrained(plain, str(folder)).eval()
     named = dict(merged.named_modules())
     with torch.no_grad():
         for path, params in adapter.modules.items():
             lin = named[path]
-            w, b = adapter.method.merged_weight(adapter.config_for(path), params, lin.weight, lin.bias)
+            w, _ = adapter.method.merged_weight(adapter.config_for(path), params, lin.weight, lin.bias)
             lin.weight.copy_(w)
         ours = merged(input_ids=ids).logits
         theirs = pm(input_ids=ids).logits
     assert (ours - before).abs().max() > 100 * TOL  # training moved the model
     assert (theirs - ours).abs().max() <= TOL
+    return pm.peft_config["default"]
