@@ -28,15 +28,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .base import compute_dtype
+
 # Displacement rank bound. r = N already spans every N × N matrix (so r ≤ N is checked per
 # module too); 64 is 16x the paper's largest (r = 4, Llama-2-7B attention), and keeps the per-row
 # cost (2r + 2 FFTs of length N) and the slot tables (≈ 3·r·N floats) small.
 MAX_LDR_RANK = 64
 TRAIN_STD = 0.02  # the paper's code: circulant part zero, skew part N(0, 0.02)
-
-
-def _float(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def twist(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -66,7 +64,7 @@ def merged_delta(g: torch.Tensor, h: torch.Tensor, alpha: float, out_f: int, in_
     in chunks so the ``[rows, r, N]`` intermediates stay near 32 MiB."""
     spec = spectra(g, h, alpha)
     n = g.shape[1]
-    eye = torch.eye(in_f, dtype=_float(g.dtype), device=g.device)
+    eye = torch.eye(in_f, dtype=compute_dtype(g.dtype), device=g.device)
     chunk = max(1, (1 << 22) // (g.shape[0] * n))
     cols = [
         apply(eye[s : s + chunk], spec["ldr_h"].unsqueeze(0), spec["ldr_g"].unsqueeze(0), n, out_f)
@@ -80,7 +78,7 @@ def spectra(g: torch.Tensor, h: torch.Tensor, alpha: float) -> dict[str, torch.T
     """Per-slot tables: ``Ĥ = fft(η ⊙ h_i)`` [r, N, 2] and ``Ĝ = α · rfft(g_i)`` [r, N//2 + 1, 2],
     complex numbers as (re, im) pairs (real tables stack, round to bf16 and are checked as the
     other families')."""
-    dt = _float(g.dtype)
+    dt = compute_dtype(g.dtype)
     g, h = g.to(dt), h.to(dt)
     eta = twist(h.shape[1], dt, h.device)
     h_spec = torch.fft.fft(h * eta)
@@ -93,7 +91,7 @@ def apply(x: torch.Tensor, h_tab: torch.Tensor, g_tab: torch.Tensor, n: int, out
 
     ``h_tab [R|1, r, N, 2]`` and ``g_tab [R|1, r, N//2+1, 2]`` are each row's slot tables (or one
     table broadcast over every row); returns ``[R, out]`` in the compute dtype of ``x``."""
-    dt = _float(x.dtype)
+    dt = compute_dtype(x.dtype)
     xf = F.pad(x.to(dt), (0, n - x.shape[-1]))  # [R, N]
     eta = twist(n, dt, x.device)
     h_spec = torch.view_as_complex(h_tab.to(dt).contiguous())  # [R|1, r, N]

@@ -209,6 +209,12 @@ class PeftConfig(MethodConfig):
     _bias = bias_none()
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype spectral families (FFTs, DCTs) compute in: float32, or float64 for float64 inputs
+    (bfloat16 and float16 have no CPU FFT, and half precision would lose the spectra)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def per_row(t: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
     """Per-row view of a stacked slot tensor ``t [S, ...]``.
 

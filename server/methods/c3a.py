@@ -38,6 +38,7 @@ from .base import (
     MethodConfig,
     ParamSpec,
     PeftConfig,
+    compute_dtype,
     per_row,
     refuse,
 )
@@ -109,10 +110,6 @@ class C3AConfig(PeftConfig):
                 raise ConfigError(where, f"block_size={b} does not divide {side}={dim} of {module}")
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
-
-
 class C3AMethod(AdapterMethod):
     name: ClassVar[str] = "c3a"
     peft_type: ClassVar[str] = "C3A"
@@ -164,7 +161,7 @@ class C3AMethod(AdapterMethod):
         return (weight.double() + delta).to(weight.dtype), bias
 
     def merged_weight(self, cfg: C3AConfig, params, weight, bias):
-        w = params["c3a_kernel"].to(_compute_dtype(weight))
+        w = params["c3a_kernel"].to(compute_dtype(weight.dtype))
         m, n, b = w.shape
         col = torch.arange(b, device=w.device)
         idx = (col[None, :] - col[:, None]) % b  # [b(i), b(j)]: (j − i) mod b
@@ -181,13 +178,13 @@ class C3AMethod(AdapterMethod):
     def prepare(self, cfg: C3AConfig, params, weight):
         """``spec [K, n, m, 2]`` (K = b//2 + 1): the real view of ``conj(rfft(w)) / in`` (float32 at
         least), frequency-major so that ``delta`` multiplies it in place, one matrix per frequency."""
-        w = params["c3a_kernel"].to(_compute_dtype(weight))
+        w = params["c3a_kernel"].to(compute_dtype(weight.dtype))
         spec = torch.fft.rfft(w, dim=-1).conj().resolve_conj() / weight.shape[1]  # [m, n, K]
         return {"spec": torch.view_as_real(spec.permute(2, 1, 0).contiguous())}
 
     def delta(self, sig: C3ASig, x, table, slots, weight):
         out_f, in_f, b = sig.out_f, sig.in_f, sig.block_size
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x.dtype)
         xs = torch.fft.rfft(x.to(dtype).reshape(-1, in_f // b, b), dim=-1).transpose(1, 2)  # [R, K, n]
         spec = torch.view_as_complex(table["spec"].to(dtype))  # [S, K, n, m]
         if slots is None:  # training: one adapter on every row

@@ -46,6 +46,7 @@ from .base import (
     Scale,
     StrictNumber,
     WeightsError,
+    compute_dtype,
     per_row,
 )
 from .registry import register_method
@@ -341,7 +342,7 @@ class DCTMethod(AdapterMethod):
         self, cfg: DCTConfig, params: dict[str, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         out_f, in_f = weight.shape
-        dtype = torch.promote_types(weight.dtype, torch.float32)
+        dtype = compute_dtype(weight.dtype)
         spec = torch.zeros(out_f, in_f, device=weight.device, dtype=dtype)  # dense S
         idx = (
             params["dct_rows"].to(weight.device, torch.long),
@@ -365,7 +366,7 @@ class DCTMethod(AdapterMethod):
         out_f, in_f = weight.shape
         dev, n_pad = weight.device, self.signature(cfg, out_f, in_f).n_pad
         coef = params["dct_coef"]
-        ftype = torch.promote_types(coef.dtype, torch.float32)
+        ftype = compute_dtype(coef.dtype)
         p_in, p_out = _plan(in_f, dev, ftype), _plan(out_f, dev, ftype)
         u, v = params["dct_rows"].to(dev, torch.long), params["dct_cols"].to(dev, torch.long)
         coef = cfg.scaling * coef.to(dev, ftype) * p_in.fwd_scale[v] * p_out.inv_scale[u]  # [n]
@@ -381,7 +382,7 @@ class DCTMethod(AdapterMethod):
     ) -> torch.Tensor:
         _, out_f, _, n_pad = sig
         rows = x.shape[0]
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = compute_dtype(x.dtype)
         spec = _spectrum(x.to(dtype))  # [R, 2(in//2+1)]: the DCT of every row, shared by all slots
         pos = per_row(table["pos"], slots).expand(rows, 2, n_pad)
         terms = spec.gather(1, pos[:, 0]) * per_row(table["coef"], slots).to(dtype)  # [R, n_pad]

@@ -44,6 +44,7 @@ from .base import (
     ParamSpec,
     PeftConfig,
     Scale,
+    compute_dtype,
     per_row,
 )
 from .c3a import check_pattern_keys, peft_pattern_key
@@ -105,10 +106,6 @@ def peft_positions(cfg: FourierFTConfig, out_f: int, in_f: int) -> tuple[torch.T
     return _positions_cpu(cfg.random_loc_seed, out_f, in_f, cfg.n_frequency)
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
-
-
 class FourierFTMethod(AdapterMethod):
     name: ClassVar[str] = "fourierft"
     peft_type: ClassVar[str] = "FOURIERFT"
@@ -158,7 +155,7 @@ class FourierFTMethod(AdapterMethod):
         """PEFT's own form: the dense spectrum through ``ifft2``."""
         out_f, in_f = weight.shape
         u, v = (t.to(weight.device) for t in peft_positions(cfg, out_f, in_f))
-        dtype = torch.promote_types(weight.dtype, torch.float32)
+        dtype = compute_dtype(weight.dtype)
         c = params["fourierft_spectrum"].to(weight.device, dtype)
         dense = torch.zeros(out_f, in_f, device=weight.device, dtype=dtype).index_put((u, v), c)
         return (weight + cfg.scaling * torch.fft.ifft2(dense).real).to(weight.dtype), bias
@@ -182,7 +179,7 @@ class FourierFTMethod(AdapterMethod):
         dev = weight.device
         u, v = (t.to(dev) for t in peft_positions(cfg, out_f, in_f))
         c = params["fourierft_spectrum"]
-        c = c.to(dev, torch.promote_types(c.dtype, torch.float32))
+        c = c.to(dev, compute_dtype(c.dtype))
         # Input: X[v] is rfft bin v (v <= in/2) or the conjugate of bin in − v; c·conj(X[v]) then
         # has imaginary part ∓ c·Im(bin).
         mirror_in = v > in_f // 2
@@ -205,7 +202,7 @@ class FourierFTMethod(AdapterMethod):
 
     def delta(self, sig: FourierFTSig, x, table, slots, weight):
         out_f, n_pad = sig.out_f, sig.n_pad
-        rows, dtype = x.shape[0], _compute_dtype(x)
+        rows, dtype = x.shape[0], compute_dtype(x.dtype)
         spec = torch.view_as_real(torch.fft.rfft(x.to(dtype), dim=-1)).flatten(-2)  # [R, 2(in//2+1)]
         pos = per_row(table["pos"], slots).expand(rows, 2, 2 * n_pad)
         terms = spec.gather(1, pos[:, 0]) * per_row(table["coef"], slots).to(dtype)  # [R, 2·n_pad]

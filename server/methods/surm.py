@@ -41,7 +41,17 @@ import torch
 from pydantic import Field, StrictInt, ValidationInfo, field_validator
 
 from . import _surm_ldr as ldr
-from .base import AdapterMethod, ConfigError, FastOp, InitMode, MethodConfig, ParamSpec, Scale, per_row
+from .base import (
+    AdapterMethod,
+    ConfigError,
+    FastOp,
+    InitMode,
+    MethodConfig,
+    ParamSpec,
+    Scale,
+    compute_dtype,
+    per_row,
+)
 from .registry import register_method
 
 Variant = Literal["circulant", "toeplitz", "kronecker", "ldr"]
@@ -128,10 +138,6 @@ def _toeplitz_len(n: int) -> int:
         m += 1
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 class SurmMethod(AdapterMethod):
     name: ClassVar[str] = "surm"
     peft_type: ClassVar[str] = "SURM"
@@ -205,7 +211,7 @@ class SurmMethod(AdapterMethod):
         out_f, in_f = weight.shape
         n = max(out_f, in_f)
         if cfg.variant == "ldr":
-            dt = torch.promote_types(weight.dtype, torch.float32)
+            dt = compute_dtype(weight.dtype)
             dw = ldr.reference_delta(params["surm_g"].to(dt), params["surm_h"].to(dt), out_f, in_f)
             return weight + cfg.alpha * dw.to(weight.dtype), bias
         p = {k: v.float() for k, v in params.items()}
@@ -289,7 +295,7 @@ class SurmMethod(AdapterMethod):
     ) -> torch.Tensor:
         variant, out_f, in_f, f = sig.variant, sig.out_f, sig.in_f, sig.kron_factor
         n = max(out_f, in_f)
-        xf = x.to(_compute_dtype(x))  # [R, in]
+        xf = x.to(compute_dtype(x.dtype))  # [R, in]
         if variant == "ldr":
             dy = ldr.apply(xf, per_row(table["ldr_h"], slots), per_row(table["ldr_g"], slots), n, out_f)
         elif variant == "circulant":
