@@ -38,6 +38,7 @@ from pydantic import Field, StrictBool, StrictInt, field_validator
 
 from .base import (
     MAX_RANK,
+    PEFT_FEATURES,
     AdapterMethod,
     FastOp,
     InitMode,
@@ -57,9 +58,7 @@ from .registry import register_method
 # Keys PEFT writes whose only accepted values are the "feature off" ones, and why.
 _OFF: dict[str, str] = {
     "use_dora": "DoRA adds a magnitude vector and a column norm",
-    "modules_to_save": "fully fine-tuned extra modules",
-    "fan_in_fan_out": "transposed (Conv1D) weights",
-    "exclude_modules": "module exclusion",
+    **{k: PEFT_FEATURES[k] for k in ("modules_to_save", "fan_in_fan_out", "exclude_modules")},
     "lora_bias": "a bias on lora_B",
     "use_qalora": "QA-LoRA pooling",
     "use_bdlora": "block-diagonal factors",
