@@ -39,8 +39,10 @@ def test_duplicate_rows_run_once_and_copy_cache_and_logits() -> None:
     plain = RunningBatch(hf_forward(model))
     want_last, want_full = plain.prefill_all([_seq(PROMPTS[0]), _seq(PROMPTS[3])])
     assert torch.equal(last[0], last[2]) and torch.equal(full[0], full[2])  # copies of one row
-    torch.testing.assert_close(last[[0, 1]], want_last, rtol=0, atol=1e-5)
-    torch.testing.assert_close(full[[0, 1]], want_full, rtol=0, atol=1e-5)
+    # Other batch compositions only reorder float32 sums: eps per term, 1024 terms, at the logits' scale.
+    tol = 1024 * torch.finfo(torch.float32).eps * float(want_full.abs().max().clamp_min(1.0))
+    torch.testing.assert_close(last[[0, 1]], want_last, rtol=0, atol=tol)
+    torch.testing.assert_close(full[[0, 1]], want_full, rtol=0, atol=tol)
     assert shared.attention_mask.tolist()[0] == shared.attention_mask.tolist()[2]
     for layer in shared.cache.layers:
         assert layer.keys.shape[0] == 4 and torch.equal(layer.keys[0], layer.keys[2])
