@@ -19,6 +19,9 @@ Where the numbers come from:
   waiting requests, adapters resident per tier and family, the residency counters, device
   bytes), the store's total bytes, and the fine-tune runner (jobs per state, training steps,
   latest loss). Metrics never see the ``Runtime`` itself.
+* Routing signals for Kubernetes routers (``server/metrics_routing.py``): adapters per state in
+  vLLM's ``lora_requests_info`` format, adapters per tier, and the KV cache usage the engine
+  reports through ``MetricsSources.kv_usage``.
 
 Label cardinality is bounded by construction: every label value comes from a server-side enum,
 a route template, or an adapter id that exists in the store *and* is in the top
@@ -43,6 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine.requests import ERROR_KINDS, Event, EventSink, FinishEvent, TokenEvent
 from server.methods import available_methods
+from server.metrics_routing import RoutingSignals, routing_state
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine
@@ -111,6 +115,9 @@ class MetricsSources:
     engine: Callable[[], Engine | None]
     store_bytes: Callable[[], int | None]  # bytes of adapter weights in the store
     jobs: Callable[[], object | None]  # the fine-tune runner: ``stats()``
+    # Fraction of the engine's KV cache in use (0..1), None while the engine does not report one
+    # (then ``facet_kv_cache_usage_ratio`` has no sample). The hook the engine's owner wires.
+    kv_usage: Callable[[], float | None] = lambda: None
 
 
 _NO_SOURCES = MetricsSources(
@@ -199,6 +206,7 @@ class Metrics:
             registry=r,
         )
         self.adapters = AdapterTraffic(top_adapters)
+        self.routing = RoutingSignals()
         self._families: frozenset[str] = frozenset()
         self._load_cursor = 0
         self._load_lock = threading.Lock()
@@ -330,6 +338,7 @@ class _StateCollector(Collector):
 
         if engine is not None:
             yield from self._residency(engine)
+        yield from self._routing(engine)
 
         store_bytes = GaugeMetricFamily("facet_store_bytes", "Bytes of adapter weights in the store")
         try:
@@ -341,6 +350,16 @@ class _StateCollector(Collector):
         yield store_bytes
 
         yield from self._fine_tunes(sources.jobs())
+
+    def _routing(self, engine: Engine | None) -> Iterable:
+        """What Kubernetes routers read (``server/metrics_routing.py``). A failing KV source leaves
+        its gauge empty; the engine's state is read like every other engine series."""
+        try:
+            kv_usage = self.metrics.sources.kv_usage()
+        except Exception:
+            kv_usage = None
+        state = None if engine is None else routing_state(engine)
+        yield from self.metrics.routing.families(state, kv_usage)
 
     def _fine_tunes(self, runner) -> Iterable:
         jobs = GaugeMetricFamily("facet_fine_tune_jobs", "Fine-tune jobs per state", labels=["state"])
