@@ -1,6 +1,8 @@
 #!/bin/sh
 # Create deploy/secrets/{api_keys,metrics_token} once: an admin key (also used by Prometheus to
-# scrape /metrics) and an infer key, and deploy/.env from .env.example. Existing files are left alone.
+# scrape /metrics) and an infer key, and deploy/.env from .env.example, with the `cluster`
+# profile's store credentials (CLUSTER_*: PostgreSQL's password, MinIO's keys) appended.
+# Existing files and values are left alone.
 set -eu
 cd "$(dirname "$0")/secrets"
 chmod 700 .  # the directory keeps other host users out
@@ -19,3 +21,11 @@ if [ ! -f ../.env ]; then
     cp ../.env.example ../.env
     echo "wrote deploy/.env (from .env.example)"
 fi
+# The `cluster` profile's credentials: compose substitutes them from .env (PostgreSQL, MinIO,
+# and PGPASSWORD / AWS_* of the Ray nodes).
+for name in CLUSTER_PG_PASSWORD CLUSTER_S3_ACCESS_KEY CLUSTER_S3_SECRET_KEY; do
+    if ! grep -q "^$name=" ../.env; then
+        printf '%s=%s\n' "$name" "$(token)" >> ../.env
+        echo "appended $name to deploy/.env"
+    fi
+done
