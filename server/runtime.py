@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from adapters_store.backends import open_backends
 from adapters_store.limits import StoreLimits
+from adapters_store.objects import ObjectStore
 from adapters_store.store import AdapterStore
 from server.adapters_service import AdapterService
 from server.engine.engine import Engine
@@ -188,7 +189,7 @@ def open_serving(rt: Runtime) -> None:
     if rt.metrics is not None:
         rt.metrics.attach(rt.engine)
     rt.adapters = AdapterService(rt.store, rt.engine)
-    rt.files = FileStore(rt.settings.data_dir / "files")
+    rt.files = _make_file_store(rt)
     # Built now, not on first use: opening it marks jobs a previous process left running as
     # failed or queues them to resume, so none stays "running" after a restart.
     rt.jobs = _make_runner(rt)
@@ -214,9 +215,27 @@ def _clear_uploads(rt: Runtime) -> None:
         leftover.unlink(missing_ok=True)
 
 
+def _objects(rt: Runtime) -> ObjectStore:
+    """Training files and job data go to the adapter store's blob store (and its cache)."""
+    return ObjectStore(rt.store.blobs, rt.store.cache)
+
+
+def _make_file_store(rt: Runtime) -> FileStore:
+    """Uploaded training files: objects in the adapter store's blob store, rows next to its index
+    (SQLite under ``<data_dir>/files`` or the same PostgreSQL)."""
+    return FileStore(
+        rt.settings.data_dir / "files",
+        objects=_objects(rt),
+        index_url=rt.settings.store_index_url,
+        orphan_grace_s=rt.store.orphan_grace_s,
+    )
+
+
 def _make_runner(rt: Runtime) -> JobRunner:
     """Fine-tunes train on the resident base model, yield to serving while requests wait, and
-    store what they train through the adapter service."""
+    store what they train through the adapter service. Their table is in the store's index
+    (SQLite ``<data_dir>/jobs/jobs.sqlite3`` or the same PostgreSQL), their data and resume
+    states in its blob store: with a shared store any replica claims and resumes any job."""
     engine = rt.engine
     generator = engine.generator
 
@@ -230,6 +249,10 @@ def _make_runner(rt: Runtime) -> JobRunner:
         busy=busy,
         adapters=rt.adapters,
         token_budget=TokenBudget.for_model(rt.settings, engine.base),
+        index_url=rt.settings.store_index_url,
+        objects=_objects(rt),
+        runner_id=rt.settings.jobs_runner_id,
+        lease_s=rt.settings.jobs_lease_s,
     )
 
 

@@ -124,6 +124,19 @@ class Settings(BaseSettings):
         " shape (~1.6 MB for SmolLM2-135M in float32, as measured)",
     )
 
+    jobs_lease_s: float = Field(
+        30.0,
+        ge=1,
+        description="a running fine-tune's lease, renewed every third of it; another replica resumes the"
+        " job only once it expired (or its runner's process is known dead)",
+    )
+    jobs_runner_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="this process's name in the jobs table; default <host>:<pid namespace>:<pid>",
+    )
+
     # ---- metrics ----
     metrics_top_adapters: int = Field(
         20, ge=0, description="adapters (top N by requests) with their own /metrics series; the rest: 'other'"

@@ -1,30 +1,33 @@
-"""Fine-tune jobs: validated up front, persisted in SQLite, trained one at a time in a thread.
+"""Fine-tune jobs: validated up front, persisted in the jobs table, trained one at a time in a thread.
 
-Layout under ``root`` (``<data_dir>/jobs``)::
+Where things live (``docs/scale-out.md``, "Fine-tune jobs on a shared store"):
 
-    jobs.sqlite3          jobs (one row each) and their events (append-only, per-job sequence)
-    <job id>/train.jsonl  the job's data, as submitted
-    <job id>/val.jsonl
+* the jobs and their events: ``server.jobs.jobdb`` (SQLite ``<root>/jobs.sqlite3`` by default, or
+  the adapter index's PostgreSQL), so every replica sharing the store lists every job;
+* each job's data and resume state: objects in the adapter store's blob store
+  (``server.jobs.jobfiles``), so any replica can run or resume any job;
+* what a job trains: the adapter store, as ``<adapter_id>@<step>`` checkpoints and the final
+  ``<adapter_id>`` (which must be a new id, checked at submit): servable by every replica at once.
 
 ``submit`` validates everything that can be checked before work starts (adapter id, family
 config against the base model, hyperparameters, every data line, tokenization) and raises
 ``JobInvalid`` naming the field, so an API answers 422 and nothing is queued. The worker thread
-trains queued jobs in order on the *resident* base model (``server.jobs.train``: its own
-per-thread binding, no model copy). After every optimizer step it yields to serving: while
-``busy()`` says requests are waiting it sleeps in short slices (at most ``max_pause_s`` per
-step, so training still progresses under constant load). Checkpoints are stored as
-``<adapter_id>@<step>``, the final adapter as ``<adapter_id>``, which must be a new id (checked at submit).
+claims queued jobs in order (``JobDB.claim``: exactly one runner gets each, with a lease it renews
+while it trains, ``server.jobs.lease``) and trains them on the *resident* base model
+(``server.jobs.train``: its own per-thread binding, no model copy). After every optimizer step it
+yields to serving: while ``busy()`` says requests are waiting it sleeps in short slices (at most
+``max_pause_s`` per step, so training still progresses under constant load).
 
 Statuses: queued -> running -> succeeded | failed | cancelled (queued -> cancelled directly).
 
 Restarts: while a job trains, its resumable state (adapter tensors, optimizer, data order:
-``server.jobs.state``) is saved to ``<job id>/resume.safetensors`` at every checkpoint, every
-``state_every_s`` seconds and when the server shuts down. A graceful shutdown puts the running job
-back to ``queued``; a job found ``running`` when the runner opens (the process died) is queued
-again to resume from its last saved state, or marked failed with the reason when there is none
-(or after ``max_interruptions`` crashes). A resumed job ends with the same weights as an
-uninterrupted one. No job stays ``running`` and no half-written adapter appears (the store's
-writes are atomic).
+``server.jobs.state``) is saved at every checkpoint, every ``state_every_s`` seconds and when the
+server shuts down. A graceful shutdown puts the running job back to ``queued``. A job found
+``running`` whose runner is gone (its lease expired, or its process is known dead) is queued again
+by whichever runner sees it first, to resume from its last saved state, or marked failed with the
+reason when there is none (or after ``max_interruptions`` crashes); a job another live runner
+holds is never touched. A resumed job ends with the same weights as an uninterrupted one. No job
+stays ``running`` and no half-written adapter appears (the store's writes are atomic).
 """
 
 from __future__ import annotations
@@ -44,16 +47,20 @@ from safetensors.torch import save as st_save
 
 from adapters_store.errors import StoreError
 from adapters_store.ids import check_new_id, is_valid_id
+from adapters_store.objects import ObjectStore
 from server.engine.loader import BaseModel
 from server.methods import Adapter, AdapterError
 
 from .data import DataError, parse_jsonl, tokenize_records
-from .jobdb import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobDB, JobNotFound
+from .jobdb import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobDB, JobNotFound, public
+from .jobfiles import LEGACY_STATE, JobFiles
+from .lease import Heartbeat, local_runner_id, runner_is_dead
 from .memory import TokenBudget
-from .state import StateError, load_state, save_state
+from .state import StateError
 from .train import Hyperparameters, TrainingError, build_config, train_adapter
 
-RESUME_FILE = "resume.safetensors"
+RESUME_FILE = LEGACY_STATE  # where jobs of the earlier layout kept their state (<root>/<job id>/)
+DEFAULT_LEASE_S = 30.0
 
 
 class JobInvalid(ValueError):
@@ -103,7 +110,16 @@ class JobRunner:
         state_every_s: float | None = 60.0,
         max_interruptions: int = 3,
         max_queued: int | None = 32,
+        index_url: str | None = None,
+        objects: ObjectStore | None = None,
+        runner_id: str | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
     ):
+        """``store``: the adapter store (its blob store and cache also hold the jobs' data unless
+        ``objects`` is given). ``index_url``: ``None``/``"sqlite"`` for ``<root>/jobs.sqlite3``, or
+        the adapter index's ``postgresql://`` DSN. ``runner_id``: this runner's name in the jobs
+        table (default ``lease.local_runner_id()``); ``lease_s``: how long a claimed job stays
+        this runner's without a heartbeat (renewed every third of it)."""
         self.base = base
         self.store = store
         self.root = Path(root)
@@ -124,54 +140,90 @@ class JobRunner:
         self.state_every_s = state_every_s
         self.max_interruptions = max_interruptions
         self.max_queued = max_queued
+        self.runner_id = runner_id or local_runner_id()
+        self.lease_s = lease_s
         self._submit_lock = threading.Lock()
-        self.db = JobDB(self.root / "jobs.sqlite3")
+        self.db = JobDB(self.root / "jobs.sqlite3", index_url)
+        if objects is None:
+            objects = ObjectStore(store.blobs, store.cache)
+        self.files = JobFiles(objects, self.db, self.root)
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._cancel: set[str] = set()
+        self._lost: set[str] = set()  # jobs whose lease another runner took over
+        self._active: set[str] = set()  # jobs this runner is training now
         self._thread: threading.Thread | None = None
-        for job_id in self.db.ids(RUNNING):
-            self._recover(job_id)
+        self._next_recovery = 0.0
+        self.recover_stale()
+        self.files.gc(getattr(store, "orphan_grace_s", 0.0))
 
-    def _recover(self, job_id: str) -> None:
-        """A job the previous process left ``running``: queue it to resume, or fail it saying why."""
-        job = self.get(job_id)
-        crashes = job["interruptions"] + 1
-        self.db.update(job_id, interruptions=crashes)
+    def recover_stale(self) -> list[str]:
+        """Take back every running job whose runner is gone (lease expired or process known dead)
+        and that this runner is not training: queue it to resume, or fail it saying why. Returns
+        the ids recovered here (another replica recovering the same job at once gets none)."""
+        now = time.time()
+        recovered = []
+        for row in self.db.running():
+            if row["id"] in self._active:
+                continue
+            expired = row["lease_until"] is None or row["lease_until"] < now
+            if (expired or runner_is_dead(row["runner"], self.runner_id)) and self._recover(row):
+                recovered.append(row["id"])
+        self._next_recovery = time.monotonic() + self.lease_s / 3
+        return recovered
+
+    def _recover(self, row: dict) -> bool:
+        """A job whose runner died: queue it to resume, or fail it saying why; both only if the
+        row is still as observed (``JobDB.requeue_if``)."""
+        job_id = row["id"]
+        crashes = row["interruptions"] + 1
         reason = "interrupted: the server stopped while this job was running"
-        path = self.root / job_id / RESUME_FILE
-        if not path.exists():
+        error, step = None, None
+        if not self.files.has_state(row):
             every = f" and every {self.state_every_s:g} s" if self.state_every_s else ""
-            self._finish(
-                job_id,
-                FAILED,
-                error=f"{reason}, before any resumable state was saved "
-                f"(saved at each checkpoint_every step{every})",
+            error = (
+                f"{reason}, before any resumable state was saved (saved at each checkpoint_every step{every})"
             )
-            return
-        try:
-            step = load_state(path).step
-        except StateError as e:
-            self._finish(job_id, FAILED, error=f"{reason}; cannot resume: {e}")
-            return
-        if crashes > self.max_interruptions:
-            self._finish(job_id, FAILED, error=f"{reason}, {crashes} times; not resumed again")
-            return
-        self.db.update(job_id, status=QUEUED, step=step)
+        else:
+            try:
+                step = self.files.load_state(row).step
+            except StateError as e:
+                error = f"{reason}; cannot resume: {e}"
+            if error is None and crashes > self.max_interruptions:
+                error = f"{reason}, {crashes} times; not resumed again"
+        if error is not None:
+            ended = {"interruptions": crashes, "finished_at": time.time(), "error": error}
+            if not self.db.requeue_if(row, FAILED, **ended):
+                return False
+            self._finished(self.db.row(job_id), FAILED, {"error": error})
+            return True
+        if not self.db.requeue_if(row, QUEUED, interruptions=crashes, step=step, eta_s=None):
+            return False
         self.db.event(job_id, "requeued", {"step": step, "reason": reason + f"; resumes from step {step}"})
+        with self._wake:
+            self._wake.notify_all()
+        return True
 
     # ---- storage ---------------------------------------------------------------------------
     def _finish(self, job_id: str, status: str, *, error: str | None = None, result: dict | None = None):
-        self.db.update(
+        """End a job this runner holds (a write fenced on its lease: a runner that lost the job
+        changes nothing)."""
+        done = self.db.update(
             job_id,
+            owner=self.runner_id,
             status=status,
             finished_at=time.time(),
             error=error,
             result=None if result is None else json.dumps(result),
             eta_s=None,
+            lease_until=None,
         )
-        self.db.event(job_id, status, {"error": error} if error else (result or {}))
-        (self.root / job_id / RESUME_FILE).unlink(missing_ok=True)
+        if done:
+            self._finished(self.db.row(job_id), status, {"error": error} if error else (result or {}))
+
+    def _finished(self, row: dict, status: str, data: dict) -> None:
+        self.db.event(row["id"], status, data)
+        self.files.drop_state(row)
 
     # ---- public API ------------------------------------------------------------------------
     def validate(self, spec: JobSpec):
@@ -230,6 +282,8 @@ class JobRunner:
             if self.max_queued is not None and self.db.count(QUEUED) >= self.max_queued:
                 raise JobQueueFull(f"{self.max_queued} jobs are already queued; try again later")
             job_id = self._create(spec, train, val, idempotency_key, request_hash)
+        if isinstance(job_id, dict):  # the key was used on another replica meanwhile
+            return job_id
         with self._wake:
             self._wake.notify_all()
         return self.get(job_id)
@@ -270,14 +324,12 @@ class JobRunner:
             raise JobInvalid("Idempotency-Key", "this key was used for a different request")
         return {**job, "replayed": True}
 
-    def _create(self, spec: JobSpec, train, val, idempotency_key, request_hash) -> str:
+    def _create(self, spec: JobSpec, train, val, idempotency_key, request_hash) -> str | dict:
+        """The job's data objects first, then its row (refused in the row's own transaction if
+        another replica queued the same key or adapter id meanwhile: then this job's data goes)."""
         job_id = "ft-" + uuid.uuid4().hex[:16]
-        folder = self.root / job_id
-        folder.mkdir()
-        (folder / "train.jsonl").write_text(spec.training_data, encoding="utf-8")
-        if spec.validation_data is not None:
-            (folder / "val.jsonl").write_text(spec.validation_data, encoding="utf-8")
-        self.db.insert(
+        data = self.files.write_data(job_id, spec.training_data, spec.validation_data)
+        refused = self.db.insert(
             job_id,
             adapter_id=spec.adapter_id,
             method=spec.method.lower(),
@@ -288,7 +340,14 @@ class JobRunner:
             n_val=len(val or []),
             idempotency_key=idempotency_key,
             request_hash=request_hash,
+            **data,
         )
+        if refused is not None:
+            self.files.discard_data(job_id)
+            replay = self._replay(idempotency_key, request_hash) if refused == "key" else None
+            if replay is not None:
+                return replay
+            raise JobInvalid("adapter_id", "a queued or running job already trains this adapter id")
         self.db.event(job_id, "created", {"n_train": len(train), "n_val": len(val or [])})
         return job_id
 
@@ -313,8 +372,9 @@ class JobRunner:
             raise JobConflict(f"the job is already {job['status']}")
         if self.db.transition(job_id, QUEUED, CANCELLED, finished_at=time.time()):
             self.db.event(job_id, CANCELLED, {})
-        else:  # running: the training loop checks this before every step
-            self._cancel.add(job_id)
+        elif self.db.request_cancel(job_id):  # running: its runner's heartbeat reads the flag
+            if job_id in self._active:  # here: the training loop checks this before every step
+                self._cancel.add(job_id)
             self.db.event(job_id, "cancel_requested", {})
         return self.get(job_id)
 
@@ -335,12 +395,21 @@ class JobRunner:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            queued = self.db.ids(QUEUED, limit=1)
-            if not queued:
+            try:
+                if time.monotonic() >= self._next_recovery:
+                    self.recover_stale()
+                job_id = self.claim_next()
+            except StoreError:  # the index is away (Unavailable): try again shortly
+                job_id = None
+            if job_id is None:
                 with self._wake:
                     self._wake.wait(0.5)
                 continue
-            self.run_job(queued[0])
+            self._train(job_id)
+
+    def claim_next(self) -> str | None:
+        """Claim the oldest queued job for this runner (exactly one runner gets it); its id or None."""
+        return self.db.claim(self.runner_id, self.lease_s)
 
     def _yield_to_serving(self) -> None:
         if self.busy is None:
@@ -355,33 +424,51 @@ class JobRunner:
         return self.adapters.put(adapter_id, config, weights)
 
     def run_job(self, job_id: str) -> None:
-        """Train one queued job to its end (called by the worker thread; tests call it directly)."""
-        if not self.db.transition(job_id, QUEUED, RUNNING, started_at=time.time()):
-            return  # cancelled meanwhile
-        job = self.get(job_id)
-        folder = self.root / job_id
-        state_path = folder / RESUME_FILE
+        """Claim one queued job and train it to its end (tests call it directly; a job that is
+        not queued, e.g. cancelled or claimed by another runner, is left alone)."""
+        if self.db.claim(self.runner_id, self.lease_s, job_id) is not None:
+            self._train(job_id)
+
+    def _train(self, job_id: str) -> None:
+        """Train a job this runner has claimed, renewing its lease meanwhile."""
+        self._active.add(job_id)
+        beat = Heartbeat(
+            lambda: self.db.renew(job_id, self.runner_id, self.lease_s),
+            self.lease_s / 3,
+            on_lost=lambda: self._lost.add(job_id),
+            on_cancel=lambda: self._cancel.add(job_id),
+        )
         try:
-            resume = load_state(state_path) if state_path.exists() else None
+            with beat:
+                self._train_claimed(job_id)
+        finally:
+            self._active.discard(job_id)
+            self._lost.discard(job_id)
+            self._cancel.discard(job_id)
+
+    def _train_claimed(self, job_id: str) -> None:
+        row = self.db.row(job_id)
+        job = public(row)
+        try:
+            resume = self.files.load_state(row)
         except StateError as e:
             self._finish(job_id, FAILED, error=f"cannot resume: {e}")
             return
         if resume is None:
             self.db.event(job_id, "started", {})
         else:
-            self.db.update(job_id, resumed_from=resume.step)
+            self.db.update(job_id, owner=self.runner_id, resumed_from=resume.step)
             self.db.event(job_id, "resumed", {"step": resume.step})
         try:
+            training_data, validation_data = self.files.read_data(row)
             spec = JobSpec(
                 adapter_id=job["adapter_id"],
                 method=job["method"],
-                training_data=(folder / "train.jsonl").read_text(encoding="utf-8"),
+                training_data=training_data,
                 config=job["config"],
                 target_modules=job["target_modules"],
                 hyperparameters=job["hyperparameters"],
-                validation_data=(folder / "val.jsonl").read_text(encoding="utf-8")
-                if (folder / "val.jsonl").exists()
-                else None,
+                validation_data=validation_data,
             )
             hp, train, val = self.validate(spec)
 
@@ -393,6 +480,7 @@ class JobRunner:
                     per_step = info["elapsed_s"] / max(step - first_step, 1)
                     self.db.update(
                         job_id,
+                        owner=self.runner_id,
                         step=step,
                         total_steps=total,
                         loss=info["loss"],
@@ -404,7 +492,7 @@ class JobRunner:
                 self._yield_to_serving()
 
             def on_eval(entry: dict) -> None:
-                self.db.update(job_id, val_loss=entry["loss"])
+                self.db.update(job_id, owner=self.runner_id, val_loss=entry["loss"])
                 self.db.event(job_id, "eval", entry)
 
             def on_checkpoint(step: int, adapter: Adapter) -> None:
@@ -421,17 +509,21 @@ class JobRunner:
                 hp,
                 on_step=on_step,
                 on_eval=on_eval,
-                should_stop=lambda: job_id in self._cancel or self._stop.is_set(),
+                should_stop=lambda: job_id in self._cancel or job_id in self._lost or self._stop.is_set(),
                 on_checkpoint=on_checkpoint,
                 resume=resume,
-                on_state=lambda state: save_state(state_path, state),
+                on_state=lambda state: self.files.save_state(job_id, self.runner_id, state),
                 state_every_s=self.state_every_s,
             )
+            if job_id in self._lost:  # another runner took the job over: it is theirs now
+                return
             if job_id in self._cancel:
                 self._finish(job_id, CANCELLED)
                 return
             if history.stopped:  # the server is shutting down: resume on the next start
-                self.db.update(job_id, status=QUEUED, step=history.last_step, eta_s=None)
+                fields = {"status": QUEUED, "runner": None, "lease_until": None, "eta_s": None}
+                if not self.db.update(job_id, owner=self.runner_id, step=history.last_step, **fields):
+                    return
                 self.db.event(
                     job_id,
                     "paused",
@@ -452,11 +544,10 @@ class JobRunner:
                 "val_loss_after": history.val[-1]["loss"] if history.val else None,
                 "wall_s": history.wall_s,
             }
-            self.db.update(job_id, step=history.last_step, total_steps=history.total_steps)
+            steps = {"step": history.last_step, "total_steps": history.total_steps}
+            self.db.update(job_id, owner=self.runner_id, **steps)
             self._finish(job_id, SUCCEEDED, result=result)
         except (JobInvalid, TrainingError, StoreError, AdapterError, DataError, StateError) as e:
             self._finish(job_id, FAILED, error=str(e))
         except Exception as e:  # a bug or resource problem: record it, keep the worker alive
             self._finish(job_id, FAILED, error=f"internal error: {type(e).__name__}: {e}")
-        finally:
-            self._cancel.discard(job_id)

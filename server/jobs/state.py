@@ -17,11 +17,13 @@ done in it, so a resumed job ends with exactly the weights an uninterrupted one 
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from adapters_store.fsutil import replace_durable
@@ -70,10 +72,40 @@ def _flatten(state: TrainState) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def state_bytes(state: TrainState) -> bytes:
+    """``state`` as the bytes of one safetensors file."""
+    tensors, meta = _flatten(state)
+    return st_save(tensors, metadata={"state": json.dumps(meta)})
+
+
 def save_state(path: Path, state: TrainState) -> None:
     """Write ``state`` to ``path`` atomically."""
-    tensors, meta = _flatten(state)
-    replace_durable(path, st_save(tensors, metadata={"state": json.dumps(meta)}))
+    replace_durable(path, state_bytes(state))
+
+
+def _from_parts(tensors: dict[str, torch.Tensor], meta: dict) -> TrainState:
+    params = {p: {n: tensors[f"param.{p}.{n}"] for n in names} for p, names in meta["modules"].items()}
+    opt_state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = t
+    for index, values in meta["optim_scalars"].items():
+        opt_state.setdefault(int(index), {}).update(values)
+    return TrainState(
+        step=int(meta["step"]),
+        epoch=int(meta["epoch"]),
+        batch_offset=int(meta["batch_offset"]),
+        epoch_rng=tensors["rng.epoch"],
+        params=params,
+        optimizer={"state": opt_state, "param_groups": meta["param_groups"]},
+        tokens_seen=int(meta["tokens_seen"]),
+        train_tokens=int(meta["train_tokens"]),
+        val=list(meta["val"]),
+    )
+
+
+_DAMAGE = (SafetensorError, KeyError, ValueError, TypeError, IndexError, json.JSONDecodeError)
 
 
 def load_state(path: Path) -> TrainState:
@@ -82,26 +114,19 @@ def load_state(path: Path) -> TrainState:
         with safe_open(path, framework="pt") as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
             meta = json.loads((f.metadata() or {})["state"])
-        params = {p: {n: tensors[f"param.{p}.{n}"] for n in names} for p, names in meta["modules"].items()}
-        opt_state: dict[int, dict] = {}
-        for key, t in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                opt_state.setdefault(int(index), {})[name] = t
-        for index, values in meta["optim_scalars"].items():
-            opt_state.setdefault(int(index), {}).update(values)
-        return TrainState(
-            step=int(meta["step"]),
-            epoch=int(meta["epoch"]),
-            batch_offset=int(meta["batch_offset"]),
-            epoch_rng=tensors["rng.epoch"],
-            params=params,
-            optimizer={"state": opt_state, "param_groups": meta["param_groups"]},
-            tokens_seen=int(meta["tokens_seen"]),
-            train_tokens=int(meta["train_tokens"]),
-            val=list(meta["val"]),
-        )
+        return _from_parts(tensors, meta)
     except FileNotFoundError:
         raise StateError(f"no resume state at {Path(path).name}") from None
-    except (SafetensorError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
+    except _DAMAGE as e:
+        raise StateError(f"the resume state is damaged ({type(e).__name__})") from None
+
+
+def load_state_bytes(data: bytes) -> TrainState:
+    """``load_state`` of bytes held in memory (a state read from the blob store)."""
+    try:
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + length])
+        meta = json.loads(header["__metadata__"]["state"])
+        return _from_parts(st_load(data), meta)
+    except _DAMAGE + (struct.error,) as e:
         raise StateError(f"the resume state is damaged ({type(e).__name__})") from None

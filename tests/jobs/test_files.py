@@ -7,28 +7,59 @@ import json
 
 import pytest
 
-from server.jobs.files import FileInvalid, FileNotFound, FileStore
+from adapters_store import Conflict, Corrupt
+from server.jobs.files import FileInvalid, FileNotFound, FileStore, object_key
 from tests.api.conftest import serve
 from tests.jobs.test_api import BODY, RECORDS, app, wait_done  # noqa: F401 (fixture)
 
 JSONL = "".join(json.dumps(r) + "\n" for r in RECORDS).encode()
 
 
-def test_file_store_round_trip_and_sweep(tmp_path):
+def object_keys(files: FileStore) -> set[str]:
+    return {i.key for i in files.objects.blobs.list("files/")}
+
+
+def test_file_store_round_trip_tombstone_and_orphans(tmp_path):
     files = FileStore(tmp_path)
     info = files.put("train.jsonl", "fine-tune", JSONL)
     assert info["id"].startswith("file-") and info["bytes"] == len(JSONL) and info["records"] == 4
     assert files.get(info["id"]) == info and files.text(info["id"]).encode() == JSONL
-    (tmp_path / "file-000000000000000000000000.jsonl").write_bytes(b"half")  # no metadata: a leftover
-    (tmp_path / "x.tmp").write_bytes(b"")
+    assert object_keys(files) == {object_key(info["id"])}
+    with pytest.raises(Conflict):  # immutable keys: a second create of one key is refused
+        files.objects.put(object_key(info["id"]), b"other")
+    orphan = object_key("file-000000000000000000000000")
+    files.objects.put(orphan, b"half")  # an upload that died between its object and its row
     again = FileStore(tmp_path)
     assert [i["id"] for i in again.list()] == [info["id"]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{info['id']}.json", f"{info['id']}.jsonl"])
+    assert object_keys(again) == {object_key(info["id"])}  # the orphan is collected at open
     again.delete(info["id"])
-    assert again.list() == [] and list(tmp_path.iterdir()) == []
+    assert again.list() == [] and object_keys(again) == set()
+    with again.db.transaction() as cur:
+        assert cur.execute("SELECT id FROM training_file_tombstones").fetchall() == [{"id": info["id"]}]
     for bad in ("../etc/passwd", "file-xyz", info["id"]):
         with pytest.raises(FileNotFound):
             again.get(bad)
+
+
+def test_a_damaged_file_is_refused_not_served(tmp_path):
+    files = FileStore(tmp_path)
+    info = files.put("train.jsonl", "fine-tune", JSONL)
+    path = files.objects.blobs.local_path(object_key(info["id"]))
+    path.write_bytes(JSONL[:-2] + b"X\n")  # same size, other bytes
+    with pytest.raises(Corrupt) as exc:
+        files.text(info["id"])
+    assert exc.value.status == 409 and "checksum" in exc.value.message
+
+
+def test_files_of_the_earlier_layout_are_moved_into_the_store(tmp_path):
+    legacy = {"id": "file-" + "ab" * 12, "object": "file", "bytes": len(JSONL), "created_at": 1}
+    legacy |= {"filename": "old.jsonl", "purpose": "fine-tune", "records": 4}
+    (tmp_path / f"{legacy['id']}.jsonl").write_bytes(JSONL)
+    (tmp_path / f"{legacy['id']}.json").write_text(json.dumps(legacy))
+    (tmp_path / "file-000000000000000000000000.jsonl").write_bytes(b"half")  # no metadata: a leftover
+    files = FileStore(tmp_path)
+    assert files.list() == [legacy] and files.text(legacy["id"]).encode() == JSONL
+    assert list(tmp_path.glob("file-*")) == []
 
 
 @pytest.mark.parametrize(
@@ -47,7 +78,7 @@ def test_file_store_refuses_bad_uploads(tmp_path, data, purpose, where, needle):
     with pytest.raises(FileInvalid) as exc:
         files.put("x.jsonl", purpose, data)
     assert exc.value.where == where and needle in exc.value.message
-    assert list(tmp_path.iterdir()) == []
+    assert files.list() == [] and object_keys(files) == set()
 
 
 def upload(client, data: bytes = JSONL, purpose: str = "fine-tune"):
@@ -136,4 +167,4 @@ async def test_bad_uploads(tmp_path, kwargs, status, needle):
         assert (await client.get("/files")).json()["data"] == []
         missing = await client.post("/files", files={"file": ("a.jsonl", JSONL)})
         assert missing.status_code == 422 and missing.json()["error"]["where"] == "body.purpose"
-    assert [p.name for p in (tmp_path / "data" / "files").iterdir()] == []
+    assert list((tmp_path / "data" / "adapters" / "files").glob("*")) == []

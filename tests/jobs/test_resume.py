@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adapters_store import AdapterStore
+from adapters_store.objects import sha256_hex
 from server.jobs.runner import FAILED, QUEUED, RESUME_FILE, RUNNING, SUCCEEDED, JobRunner, JobSpec
 from server.jobs.state import StateError, load_state, save_state
 from server.jobs.train import train_adapter
@@ -131,7 +132,8 @@ def test_a_crashed_job_resumes_from_its_checkpoint_with_the_same_result(setup):
     done = again.get(job)
     assert done["status"] == SUCCEEDED and done["resumed_from"] == 2 and done["step"] == 6
     assert done["result"]["steps"] == 6 and done["result"]["resumed_from"] == 2
-    assert not (root / job / RESUME_FILE).exists()  # cleaned up
+    assert again.db.row(job)["state_key"] is None  # cleaned up
+    assert [i.key for i in store.blobs.list(f"jobs/{job}/") if "state" in i.key] == []
     assert [e["type"] for e in again.events(job)].count("resumed") == 1
     ref, out = final_weights(store, "reference"), final_weights(store, "tuned")
     assert ref.keys() == out.keys() and all(torch.equal(ref[k], out[k]) for k in ref)
@@ -152,7 +154,7 @@ def test_a_graceful_stop_pauses_the_job_and_the_next_start_finishes_it(setup):
     paused = runner.get(job)
     assert paused["status"] == QUEUED and paused["step"] == 2
     assert [e["type"] for e in runner.events(job)][-1] == "paused"
-    assert load_state(root / job / RESUME_FILE).step == 2
+    assert runner.files.load_state(runner.db.row(job)).step == 2  # in the store's blobs
 
     again = JobRunner(base, store, root)
     assert again.get(job)["interruptions"] == 0  # a pause is not a crash
@@ -163,22 +165,31 @@ def test_a_graceful_stop_pauses_the_job_and_the_next_start_finishes_it(setup):
 def test_no_state_damaged_state_or_too_many_crashes_fail_with_the_reason(setup):
     base, store, root = setup
     runner = JobRunner(base, store, root, max_interruptions=1)
-    no_state, damaged, looping = submit(runner, "a"), submit(runner, "b"), submit(runner, "c")
-    (root / damaged / RESUME_FILE).write_bytes(b"not a safetensors file")
+    jobs = {name: submit(runner, name) for name in ("none", "damaged", "rotten", "legacy", "looping")}
+    for job in jobs.values():
+        runner.db.update(job, status=RUNNING, runner=runner.runner_id)
+    garbage = b"not a safetensors file"
+    for name, blob in (("damaged", garbage), ("rotten", b"x" * len(garbage))):
+        key = f"jobs/{jobs[name]}/state-00000001-{name}.safetensors"
+        store.blobs.put(key, blob)  # "rotten": its bytes changed after the row recorded them
+        pointer = {"state_key": key, "state_sha256": sha256_hex(garbage), "state_bytes": len(garbage)}
+        runner.db.update(jobs[name], **pointer)
+    (root / jobs["legacy"]).mkdir()  # a job of the earlier layout: its state in its own folder
+    (root / jobs["legacy"] / RESUME_FILE).write_bytes(garbage)
     saved = []
     run("lora", stop_at=1, states=saved)
-    save_state(root / looping / RESUME_FILE, saved[0])
-    for job in (no_state, damaged, looping):
-        runner.db.update(job, status=RUNNING)
-    runner.db.update(looping, interruptions=1)
+    assert runner.files.save_state(jobs["looping"], runner.runner_id, saved[0])
+    runner.db.update(jobs["looping"], interruptions=1)
 
     again = JobRunner(base, store, root, max_interruptions=1)
-    errors = {job: again.get(job) for job in (no_state, damaged, looping)}
-    assert all(j["status"] == FAILED for j in errors.values())
-    assert "before any resumable state was saved" in errors[no_state]["error"]
-    assert "damaged" in errors[damaged]["error"]
-    assert "2 times" in errors[looping]["error"]
-    assert not any((root / job / RESUME_FILE).exists() for job in errors)
+    errors = {name: again.get(job) for name, job in jobs.items()}
+    assert all(j["status"] == FAILED for j in errors.values()), errors
+    assert "before any resumable state was saved" in errors["none"]["error"]
+    assert "damaged" in errors["damaged"]["error"] and "damaged" in errors["legacy"]["error"]
+    assert "checksum" in errors["rotten"]["error"]
+    assert "2 times" in errors["looping"]["error"]
+    assert not (root / jobs["legacy"] / RESUME_FILE).exists()
+    assert [i.key for i in store.blobs.list("jobs/") if "/state-" in i.key] == []
 
 
 def test_progress_fields(setup):
