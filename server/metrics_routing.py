@@ -42,6 +42,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily
@@ -98,10 +99,8 @@ def resident_ids(residency) -> dict[str, frozenset[str]]:
     out = {}
     for tier in TIERS:
         mapping = getattr(residency, _TIER_MAPS[tier], {})
-        if tier == "host":
-            with residency._host_lock:
-                out[tier] = _ids(list(mapping))
-        else:
+        lock = getattr(residency, "_host_lock", None) if tier == "host" else None
+        with lock if lock is not None else nullcontext():
             out[tier] = _ids(_snapshot(lambda m=mapping: list(m)))
     return out
 

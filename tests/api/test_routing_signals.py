@@ -161,3 +161,24 @@ async def test_v1_models_names_the_base_as_each_adapters_parent(client, tmp_path
         assert cards[name]["parent"] == BASE_NAME and cards[name]["root"] == BASE_NAME
         one = (await client.get(f"/v1/models/{name}")).json()
         assert one["parent"] == BASE_NAME
+
+
+def test_routing_state_prefers_the_engines_public_readers():
+    """Where the engine offers ``Residency.resident_keys()`` and ``Generator.waiting_adapter_keys``,
+    those are read (keys ``(id, version)``, the base model's None dropped), not its internals."""
+    from types import SimpleNamespace
+
+    from server.metrics_routing import routing_state
+
+    residency = SimpleNamespace(
+        resident_keys=lambda: {"host": [("a", 1), ("b", 3)], "device": [("a", 1)], "merged": []}
+    )
+    generator = SimpleNamespace(
+        running_adapter_keys=[("c", 2), None],
+        waiting_adapter_keys=[("b", 3), ("c", 2), None],
+        max_batch_size=4,
+    )
+    state = routing_state(SimpleNamespace(residency=residency, generator=generator))
+    assert state.tiers == {"host": {"a", "b"}, "device": {"a"}, "merged": frozenset()}
+    assert state.running == {"c"} and state.waiting == {"b"}  # c runs: not also waiting
+    assert state.ready == {"a", "c"} and state.max_adapters == 4
