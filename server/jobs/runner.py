@@ -54,8 +54,9 @@ from server.methods import Adapter, AdapterError
 from .data import DataError, parse_jsonl, tokenize_records
 from .jobdb import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobDB, JobNotFound, public
 from .jobfiles import LEGACY_STATE, JobFiles
-from .lease import Heartbeat, local_runner_id, runner_is_dead
+from .lease import Heartbeat, local_runner_id
 from .memory import TokenBudget
+from .recovery import finished, is_stale, recover_job
 from .state import StateError
 from .train import Hyperparameters, TrainingError, build_config, train_adapter
 
@@ -158,51 +159,22 @@ class JobRunner:
         self.files.gc(getattr(store, "orphan_grace_s", 0.0))
 
     def recover_stale(self) -> list[str]:
-        """Take back every running job whose runner is gone (lease expired or process known dead)
-        and that this runner is not training: queue it to resume, or fail it saying why. Returns
-        the ids recovered here (another replica recovering the same job at once gets none)."""
+        """Take back every running job whose runner is gone (``recovery.is_stale``) and that this
+        runner is not training: queue it to resume, or fail it saying why. Returns the ids
+        recovered here (another replica recovering the same job at once gets none)."""
         now = time.time()
-        recovered = []
-        for row in self.db.running():
-            if row["id"] in self._active:
-                continue
-            expired = row["lease_until"] is None or row["lease_until"] < now
-            if (expired or runner_is_dead(row["runner"], self.runner_id)) and self._recover(row):
-                recovered.append(row["id"])
+        recovered = [
+            row["id"]
+            for row in self.db.running()
+            if row["id"] not in self._active
+            and is_stale(row, self.runner_id, now)
+            and recover_job(self.db, self.files, row, self.state_every_s, self.max_interruptions)
+        ]
         self._next_recovery = time.monotonic() + self.lease_s / 3
+        if recovered:
+            with self._wake:
+                self._wake.notify_all()
         return recovered
-
-    def _recover(self, row: dict) -> bool:
-        """A job whose runner died: queue it to resume, or fail it saying why; both only if the
-        row is still as observed (``JobDB.requeue_if``)."""
-        job_id = row["id"]
-        crashes = row["interruptions"] + 1
-        reason = "interrupted: the server stopped while this job was running"
-        error, step = None, None
-        if not self.files.has_state(row):
-            every = f" and every {self.state_every_s:g} s" if self.state_every_s else ""
-            error = (
-                f"{reason}, before any resumable state was saved (saved at each checkpoint_every step{every})"
-            )
-        else:
-            try:
-                step = self.files.load_state(row).step
-            except StateError as e:
-                error = f"{reason}; cannot resume: {e}"
-            if error is None and crashes > self.max_interruptions:
-                error = f"{reason}, {crashes} times; not resumed again"
-        if error is not None:
-            ended = {"interruptions": crashes, "finished_at": time.time(), "error": error}
-            if not self.db.requeue_if(row, FAILED, **ended):
-                return False
-            self._finished(self.db.row(job_id), FAILED, {"error": error})
-            return True
-        if not self.db.requeue_if(row, QUEUED, interruptions=crashes, step=step, eta_s=None):
-            return False
-        self.db.event(job_id, "requeued", {"step": step, "reason": reason + f"; resumes from step {step}"})
-        with self._wake:
-            self._wake.notify_all()
-        return True
 
     # ---- storage ---------------------------------------------------------------------------
     def _finish(self, job_id: str, status: str, *, error: str | None = None, result: dict | None = None):
@@ -222,8 +194,7 @@ class JobRunner:
             self._finished(self.db.row(job_id), status, {"error": error} if error else (result or {}))
 
     def _finished(self, row: dict, status: str, data: dict) -> None:
-        self.db.event(row["id"], status, data)
-        self.files.drop_state(row)
+        finished(self.db, self.files, row, status, data)
 
     # ---- public API ------------------------------------------------------------------------
     def validate(self, spec: JobSpec):

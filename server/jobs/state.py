@@ -1,7 +1,9 @@
 """Resumable training state: what a fine-tune job needs to go on after a restart.
 
-One safetensors file per job (``<jobs>/<job id>/resume.safetensors``), written by the server
-itself (never a user upload) and read back without pickle:
+One safetensors file per save (an object ``jobs/<job id>/state-<step>-<hex>.safetensors`` in the
+store's blob store, ``server.jobs.jobfiles``; ``<jobs>/<job id>/resume.safetensors`` for jobs of
+the earlier layout), written by the server itself (never a user upload) and read back without
+pickle:
 
     param.<module path>.<tensor name>   every adapter tensor (trainable or not), as trained so far
     optim.<index>.<key>                 AdamW's per-tensor state (step, exp_avg, exp_avg_sq)
@@ -11,7 +13,8 @@ itself (never a user upload) and read back without pickle:
 
 Resuming replays the epoch's shuffle from ``rng.epoch`` and skips the optimizer steps already
 done in it, so a resumed job ends with exactly the weights an uninterrupted one would have
-(on the same device). The file is replaced atomically (temp file, fsync, rename, fsync dir).
+(on the same device). ``save_state`` replaces a file atomically (temp file, fsync, rename, fsync
+dir); ``state_bytes``/``load_state_bytes`` are the same format in memory.
 """
 
 from __future__ import annotations
