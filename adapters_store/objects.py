@@ -27,6 +27,12 @@ from .fsutil import disk_full_error, is_disk_full
 log = logging.getLogger("facet.store")
 
 
+def fault_point(stage: str) -> None:
+    """No-op hook between an object and its row (the crash tests make it exit the process).
+    Stages: ``file_object_written``, ``file_committed`` (``server.jobs.files``) and
+    ``job_data_written`` (``server.jobs.runner``)."""
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -28,6 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
+from adapters_store import objects as store_objects
 from adapters_store.blobs_local import LocalBlobStore
 from adapters_store.errors import Conflict
 from adapters_store.objects import ObjectStore, collect_orphans
@@ -142,12 +143,14 @@ class FileStore:
     def _store(self, info: dict, data: bytes) -> None:
         """The object first, then its row: never a row without its bytes."""
         sha = self.objects.put(object_key(info["id"]), data)
+        store_objects.fault_point("file_object_written")
         with self.db.transaction(write=True) as cur:
             cur.execute(
                 "INSERT INTO training_files (id, bytes, created_at, filename, purpose, records, sha256)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (*(info[k] for k in _PUBLIC), sha),
             )
+        store_objects.fault_point("file_committed")
 
     def delete(self, file_id: str) -> dict:
         """Row -> tombstone (one transaction), then the object."""

@@ -278,9 +278,10 @@ class JobDB:
         with self.sql.transaction() as cur:
             return [r["id"] for r in cur.execute(query, (status,)).fetchall()]
 
-    def all_ids(self) -> set[str]:
+    def pointers(self) -> list[dict]:
+        """``{id, status, state_key}`` of every job (what the orphan collector keeps)."""
         with self.sql.transaction() as cur:
-            return {r["id"] for r in cur.execute("SELECT id FROM jobs").fetchall()}
+            return cur.execute("SELECT id, status, state_key FROM jobs").fetchall()
 
     def list(self, offset: int = 0, limit: int = 100) -> tuple[list[dict], int]:
         with self.sql.transaction() as cur:

@@ -117,10 +117,10 @@ class JobFiles:
     def gc(self, grace_s: float) -> int:
         """Remove job objects that no row needs: a submit that failed between its data and its
         row, and resume states no row points to (older than ``grace_s``)."""
-        rows = {}
+        rows: dict[str, dict] = {}
 
         def live(ids: set[str]) -> set[str]:
-            rows.update({job_id: self.db.row(job_id) for job_id in ids & self.db.all_ids()})
+            rows.update({r["id"]: r for r in self.db.pointers() if r["id"] in ids})
             return set(rows)
 
         removed = collect_orphans(self.objects, PREFIX, _owner, live, grace_s)

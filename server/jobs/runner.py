@@ -45,6 +45,7 @@ from pathlib import Path
 from pydantic import ValidationError as PydanticValidationError
 from safetensors.torch import save as st_save
 
+from adapters_store import objects as store_objects
 from adapters_store.errors import StoreError
 from adapters_store.ids import check_new_id, is_valid_id
 from adapters_store.objects import ObjectStore
@@ -300,6 +301,7 @@ class JobRunner:
         another replica queued the same key or adapter id meanwhile: then this job's data goes)."""
         job_id = "ft-" + uuid.uuid4().hex[:16]
         data = self.files.write_data(job_id, spec.training_data, spec.validation_data)
+        store_objects.fault_point("job_data_written")
         refused = self.db.insert(
             job_id,
             adapter_id=spec.adapter_id,

@@ -12,8 +12,13 @@ the past.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -261,3 +266,42 @@ def test_rows_keep_their_bookkeeping_private(replicas):
     job = a.jobs.get(submit(a.jobs, "tuned"))
     hidden = {"lease_until", "state_key", "state_sha256", "train_sha256", "cancel_requested", "seq"}
     assert not hidden & set(job) and json.dumps(job)
+
+
+# ---- kill -9 between an object and its row ----------------------------------------------------
+
+CRASH = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    import adapters_store.objects as objects
+    spec, stage = json.loads(sys.argv[1]), sys.argv[2]
+    spec["root"] = Path(spec["root"])
+    objects.fault_point = lambda point: os._exit(9) if point == stage else None
+    from tests.jobs.test_train import tiny_base
+    from tests.store.test_shared_jobs import JSONL, Replica, submit
+    replica = Replica(spec, "replica-a", tiny_base())
+    if stage.startswith("file"):
+        replica.files.put("train.jsonl", "fine-tune", JSONL)
+    else:
+        submit(replica.jobs, "tuned")
+    os._exit(0)
+    """
+)
+
+
+@pytest.mark.parametrize("stage", ["file_object_written", "file_committed", "job_data_written"])
+def test_kill9_between_an_object_and_its_row_leaves_no_row_without_its_object(spec, replicas, stage):
+    args = [sys.executable, "-c", CRASH, json.dumps({**spec, "root": str(spec["root"])}), stage]
+    repo = Path(__file__).resolve().parents[2]
+    assert subprocess.run(args, cwd=repo, env=os.environ.copy(), timeout=120).returncode == 9
+    b = replicas("replica-b")  # opening runs the collector (grace 0 locally, 15 minutes on S3)
+    b.files.gc(grace_s=0)
+    b.jobs.files.gc(grace_s=0)
+    files, (jobs, _) = b.files.list(), b.jobs.list()
+    objects = {i.key for i in b.store.blobs.list("files/")} | {i.key for i in b.store.blobs.list("jobs/")}
+    if stage == "file_committed":  # the row and its object are both there, and whole
+        assert [f["records"] for f in files] == [7] and b.files.text(files[0]["id"]).encode() == JSONL
+        assert objects == {object_key(files[0]["id"])}
+    else:  # no row; the orphan object is gone
+        assert files == [] and jobs == [] and objects == set()
