@@ -267,6 +267,8 @@ def stop_runtime(rt: Runtime) -> None:
     """The runner first (a running job saves its state and is queued again), then the engine
     (requests still running finish with an error)."""
     if rt.jobs is not None:
-        rt.jobs.stop()
+        rt.jobs.close()
+    if rt.files is not None:
+        rt.files.close()
     if rt.engine is not None:
         rt.engine.stop()

@@ -366,6 +366,11 @@ class JobRunner:
             self._thread.join(timeout)
             self._thread = None
 
+    def close(self) -> None:
+        """Stop the worker and release the jobs table's connections (PostgreSQL's pool)."""
+        self.stop()
+        self.db.close()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
