@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from adapters_store.errors import StoreError
+from adapters_store.errors import StoreError, Unavailable
 from adapters_store.objects import ObjectStore, collect_orphans
 
 from .jobdb import JobDB
@@ -82,12 +82,15 @@ class JobFiles:
         return row.get("state_key") is not None or (self.legacy_root / row["id"] / LEGACY_STATE).exists()
 
     def load_state(self, row: dict) -> TrainState | None:
-        """The job's latest resume state, None if it has none; ``StateError`` if it is damaged."""
+        """The job's latest resume state, None if it has none; ``StateError`` if it is damaged,
+        ``Unavailable`` if the blob store does not answer (retry later)."""
         if row.get("state_key") is None:
             legacy = self.legacy_root / row["id"] / LEGACY_STATE
             return load_state(legacy) if legacy.exists() else None
         try:
             data = self.objects.get(row["state_key"], row["state_sha256"], row["state_bytes"], "state")
+        except Unavailable:
+            raise  # the store is away: nothing is known to be wrong with the state
         except StoreError as e:
             raise StateError(f"the resume state is unreadable ({e.message})") from None
         return load_state_bytes(data)

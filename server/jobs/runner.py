@@ -46,7 +46,7 @@ from pydantic import ValidationError as PydanticValidationError
 from safetensors.torch import save as st_save
 
 from adapters_store import objects as store_objects
-from adapters_store.errors import StoreError
+from adapters_store.errors import StoreError, Unavailable
 from adapters_store.ids import check_new_id, is_valid_id
 from adapters_store.objects import ObjectStore
 from server.engine.loader import BaseModel
@@ -164,13 +164,15 @@ class JobRunner:
         runner is not training: queue it to resume, or fail it saying why. Returns the ids
         recovered here (another replica recovering the same job at once gets none)."""
         now = time.time()
-        recovered = [
-            row["id"]
-            for row in self.db.running()
-            if row["id"] not in self._active
-            and is_stale(row, self.runner_id, now)
-            and recover_job(self.db, self.files, row, self.state_every_s, self.max_interruptions)
-        ]
+        recovered = []
+        for row in self.db.running():
+            if row["id"] in self._active or not is_stale(row, self.runner_id, now):
+                continue
+            try:
+                if recover_job(self.db, self.files, row, self.state_every_s, self.max_interruptions):
+                    recovered.append(row["id"])
+            except Unavailable:  # the blob store is away: decide at the next round
+                continue
         self._next_recovery = time.monotonic() + self.lease_s / 3
         if recovered:
             with self._wake:
@@ -424,13 +426,28 @@ class JobRunner:
             self._lost.discard(job_id)
             self._cancel.discard(job_id)
 
+    def _release(self, job_id: str, reason: str) -> None:
+        """Give a claimed job back to the queue (the store is away); wait a moment before the
+        next claim, so an outage is not a busy loop."""
+        fields = {"status": QUEUED, "runner": None, "lease_until": None, "eta_s": None}
+        if self.db.update(job_id, owner=self.runner_id, **fields):
+            self.db.event(job_id, "requeued", {"reason": reason})
+        self._stop.wait(1.0)
+
     def _train_claimed(self, job_id: str) -> None:
         row = self.db.row(job_id)
         job = public(row)
         try:
             resume = self.files.load_state(row)
+            training_data, validation_data = self.files.read_data(row)
+        except Unavailable as e:
+            self._release(job_id, f"{e.message}; the job waits in the queue")
+            return
         except StateError as e:
             self._finish(job_id, FAILED, error=f"cannot resume: {e}")
+            return
+        except StoreError as e:  # the job's data is damaged or missing
+            self._finish(job_id, FAILED, error=str(e))
             return
         if resume is None:
             self.db.event(job_id, "started", {})
@@ -438,7 +455,6 @@ class JobRunner:
             self.db.update(job_id, owner=self.runner_id, resumed_from=resume.step)
             self.db.event(job_id, "resumed", {"step": resume.step})
         try:
-            training_data, validation_data = self.files.read_data(row)
             spec = JobSpec(
                 adapter_id=job["adapter_id"],
                 method=job["method"],
