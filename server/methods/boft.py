@@ -132,6 +132,15 @@ def _gathers(
     in_f: int, bs: int, m: int, device: torch.device
 ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]:
     """Per factor, the two gathers of ``x ↦ x P B Pᵀ``: ``x P = x[:, inv]``, ``z Pᵀ = z[:, perm]``."""
+    # Built outside inference mode whatever the first caller's mode: the cache outlives it, and an
+    # inference tensor used as an index under autograd (a fine-tune after serving) is refused.
+    with torch.inference_mode(False):
+        return _build_gathers(in_f, bs, m, device)
+
+
+def _build_gathers(
+    in_f: int, bs: int, m: int, device: torch.device
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]:
     out = []
     for perm in butterfly_perms(in_f, bs, m):
         if perm is None:
