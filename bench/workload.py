@@ -10,9 +10,13 @@ Issue 14's workload, run in-process against the engine (no HTTP), so the figures
 * ``--adapters`` adapters (32) cycling through one config of every registered type
   (``bench/serve.py``'s ``ALL_TYPES``), and base-model traffic (``--base-share``).
 
-Reported per rate: generated tokens/s, TTFT and inter-token latency p50/p99, KV bytes in use
-against the bytes its real tokens need (``kv_ratio``: 1.0 is no waste; today's left-padded batch
-pays for the longest row), and the prefix-hit rate (the engine has no prefix cache yet: 0).
+Reported per rate and engine: generated tokens/s, TTFT and inter-token latency p50/p99, KV bytes
+in use against the bytes its real tokens need (``kv_ratio``: 1.0 is no waste; the left-padded batch
+pays for the longest row, the paged cache for the last block of each sequence), and the prefix-hit
+rate (full prompt blocks found in the paged cache's prefix cache).
+
+``--engines paged,padded`` runs both engines (two copies of the model) on the same arrivals, rate
+by rate, one after the other: the ratios of one run compare them under the same machine load.
 
     .venv/bin/python bench/workload.py [--rates 0.5,1,2,4] [--requests 24] [--threads 2] [--quick]
 
@@ -39,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.serve import ALL_TYPES, make_adapter  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.loader import load_base_model  # noqa: E402
+from server.engine.paged.generator import PagedGenerator  # noqa: E402
 from server.engine.requests import FinishEvent, SamplingParams, TokenEvent  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
@@ -83,8 +88,13 @@ def make_arrivals(args, rate: float, vocab: int, adapters: list[str], seed: int)
 
 
 def kv_bytes(engine: Engine) -> tuple[int, int]:
-    """(bytes the running batch's KV cache holds, bytes its real tokens need)."""
-    batch = engine.generator._running
+    """(bytes the running sequences' KV cache holds, bytes their real tokens need)."""
+    gen = engine.generator
+    if isinstance(gen, PagedGenerator):
+        per_token = gen._bytes_per_token()
+        real = sum(st.computed for st in gen._state.values())
+        return gen.kv_bytes_in_use(), real * per_token
+    batch = gen._running
     if batch.cache is None or not len(batch):
         return 0, 0
     layers = batch.cache.layers
@@ -133,6 +143,13 @@ def run_rate(engine: Engine, arrivals: list[Arrival]) -> dict:
     return summarise(traces, elapsed, ratios, held_peak)
 
 
+def prefix_counts(engine: Engine) -> tuple[int, int]:
+    gen = engine.generator
+    if not isinstance(gen, PagedGenerator):
+        return 0, 0
+    return gen.pool.stats.hit_blocks, gen.pool.stats.queried_blocks
+
+
 def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -157,7 +174,6 @@ def summarise(traces: list[Trace], elapsed: float, ratios: list[float], held_pea
         "kv_ratio_mean": statistics.mean(ratios) if ratios else None,
         "kv_ratio_max": max(ratios) if ratios else None,
         "kv_bytes_peak": held_peak,
-        "prefix_hit_rate": 0.0,  # no prefix cache in this engine
     }
 
 
@@ -177,25 +193,23 @@ def main() -> None:
     ap.add_argument("--system-prompts", type=int, default=4)
     ap.add_argument("--system-share", type=float, default=0.5)
     ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--engines", default="padded,paged", help="padded and/or paged, comma-separated")
+    ap.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="the paged cache's budget")
+    ap.add_argument("--step-tokens", type=int, default=512, help="the paged engine's tokens per step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="short prompts and outputs, few requests")
     args = ap.parse_args()
     if args.quick:
         args.max_prompt, args.max_output, args.requests, args.rates = 256, 32, 8, "1,4"
     torch.set_num_threads(args.threads)
-    overrides = {"threads": args.threads, "dtype": args.dtype, "max_batch_size": args.max_batch_size}
-    if args.model:
-        overrides["model"] = args.model
-    settings = Settings(**overrides)
-    engine = Engine(load_base_model(settings), settings)
+    kinds = args.engines.split(",")
+    engines = {kind: build_engine(args, kind) for kind in kinds}
+    engine = engines[kinds[0]]
     vocab = engine.base.model.config.vocab_size
-    adapters = []
-    for i in range(args.adapters):
-        family, raw = ALL_TYPES[i % len(ALL_TYPES)]
-        engine.add_adapter(f"w{i}", make_adapter(engine, family, raw, seed=700 + i))
-        adapters.append(f"w{i}")
+    adapters = [f"w{i}" for i in range(args.adapters)]
     warm = make_arrivals(args, 100.0, vocab, adapters, seed=-1)[: len(ALL_TYPES)]
-    run_rate(engine, [Arrival(0.0, a.prompt[:32], 2, a.adapter) for a in warm])  # slots, kernels
+    for e in engines.values():
+        run_rate(e, [Arrival(0.0, a.prompt[:32], 2, a.adapter) for a in warm])  # slots, kernels
     results = {
         "meta": {
             "model": engine.base.name,
@@ -205,28 +219,60 @@ def main() -> None:
             "torch": torch.__version__,
             "machine": platform.machine(),
             "args": vars(args),
-            "engine": "left-padded running batch (server/engine/kv_batch.py)",
+            "engines": {
+                "padded": "left-padded running batch (server/engine/kv_batch.py)",
+                "paged": f"paged KV (server/engine/paged/), {args.step_tokens} tokens per step",
+            },
         },
         "rates": {},
     }
-    head = ("rate", "tok/s", "TTFT p50", "p99", "ITL p50", "p99", "KV ratio", "err")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (6, 7, 9, 7, 8, 7, 9, 4), strict=True)))
+    head = ("rate", "engine", "tok/s", "TTFT p50", "p99", "ITL p50", "p99", "KV ratio", "hits", "err")
+    widths = (6, 7, 7, 9, 7, 8, 7, 9, 5, 4)
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)))
     for k, rate in enumerate(float(r) for r in args.rates.split(",")):
-        row = run_rate(engine, make_arrivals(args, rate, vocab, adapters, seed=args.seed + k))
-        results["rates"][str(rate)] = row
-
-        def ms(v):
-            return f"{v * 1000:7.0f}" if v is not None else "      -"
-
-        print(
-            f"{rate:6.2f} {row['tokens_per_s']:7.1f} {ms(row['ttft_p50_s'])}ms {ms(row['ttft_p99_s'])} "
-            f"{ms(row['itl_p50_s'])}ms {ms(row['itl_p99_s'])} {row['kv_ratio_mean'] or 0:9.2f} "
-            f"{row['errors']:4d}",
-            flush=True,
-        )
+        arrivals = make_arrivals(args, rate, vocab, adapters, seed=args.seed + k)
+        for kind, e in engines.items():
+            hits0, queried0 = prefix_counts(e)
+            row = run_rate(e, arrivals)
+            hits, queried = prefix_counts(e)
+            row["prefix_hit_rate"] = (hits - hits0) / (queried - queried0) if queried > queried0 else 0.0
+            results["rates"].setdefault(str(rate), {})[kind] = row
+            print(
+                f"{rate:6.2f} {kind:>7} {row['tokens_per_s']:7.1f} {ms(row['ttft_p50_s'])}ms "
+                f"{ms(row['ttft_p99_s'])} {ms(row['itl_p50_s'])}ms {ms(row['itl_p99_s'])} "
+                f"{row['kv_ratio_mean'] or 0:9.2f} {row['prefix_hit_rate']:5.2f} {row['errors']:4d}",
+                flush=True,
+            )
     out = Path(__file__).parent / "results" / ("workload-quick.json" if args.quick else "workload.json")
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
+
+
+def ms(v):
+    return f"{v * 1000:7.0f}" if v is not None else "      -"
+
+
+def build_engine(args, kind: str) -> Engine:
+    """An engine of ``kind`` on its own copy of the model, with the bench's adapters registered."""
+    overrides = {
+        "threads": args.threads,
+        "dtype": args.dtype,
+        "max_batch_size": args.max_batch_size,
+        "kv_cache": kind,
+        "kv_cache_bytes": args.kv_cache_bytes,
+    }
+    if kind == "paged":
+        overrides["max_tokens_per_step"] = args.step_tokens
+    if args.model:
+        overrides["model"] = args.model
+    settings = Settings(**overrides)
+    engine = Engine(load_base_model(settings), settings)
+    if kind == "paged" and not isinstance(engine.generator, PagedGenerator):
+        raise SystemExit("the paged cache is off for this model (see the log)")
+    for i in range(args.adapters):
+        family, raw = ALL_TYPES[i % len(ALL_TYPES)]
+        engine.add_adapter(f"w{i}", make_adapter(engine, family, raw, seed=700 + i))
+    return engine
 
 
 if __name__ == "__main__":

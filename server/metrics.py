@@ -289,6 +289,40 @@ def _retrying(read: Callable[[], object], tries: int = 5):
     return None
 
 
+def _kv_families(stats) -> Iterable:
+    """The paged KV cache and its prefix cache (nothing on the padded cache)."""
+    if stats is None:
+        return
+    for name, doc, value in (
+        ("facet_kv_cache_bytes_in_use", "KV cache bytes held by sequences", stats.bytes_in_use),
+        (
+            "facet_kv_cache_capacity_bytes",
+            "KV cache size (kv_cache_bytes rounded to blocks)",
+            stats.capacity_bytes,
+        ),
+        ("facet_prefix_cache_blocks", "KV blocks registered in the prefix cache", stats.cached_blocks),
+    ):
+        g = GaugeMetricFamily(name, doc)
+        g.add_metric([], value)
+        yield g
+    for name, doc, value in (
+        (
+            "facet_prefix_cache_queried_blocks",
+            "Full prompt blocks looked up in the prefix cache",
+            stats.queried_blocks,
+        ),
+        ("facet_prefix_cache_hit_blocks", "Full prompt blocks found in the prefix cache", stats.hit_blocks),
+        (
+            "facet_preemptions",
+            "Sequences preempted (recomputed later) when KV blocks ran out",
+            stats.preemptions,
+        ),
+    ):
+        c = CounterMetricFamily(name, doc)
+        c.add_metric([], value)
+        yield c
+
+
 class _StateCollector(Collector):
     """Gauges and counters read from the runtime at scrape time."""
 
@@ -338,6 +372,7 @@ class _StateCollector(Collector):
 
         if engine is not None:
             yield from self._residency(engine)
+            yield from _kv_families(engine.kv_stats())
         yield from self._routing(engine)
 
         store_bytes = GaugeMetricFamily("facet_store_bytes", "Bytes of adapter weights in the store")

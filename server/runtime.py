@@ -146,8 +146,16 @@ def _metrics_sources(rt: Runtime) -> MetricsSources:
     def store_bytes() -> int | None:
         return None if rt.store is None else rt.store.total_bytes()
 
+    def kv_usage() -> float | None:
+        stats = None if rt.engine is None else rt.engine.kv_stats()
+        return None if stats is None else stats.usage
+
     return MetricsSources(
-        ready=rt.is_ready, engine=lambda: rt.engine, store_bytes=store_bytes, jobs=lambda: rt.jobs
+        ready=rt.is_ready,
+        engine=lambda: rt.engine,
+        store_bytes=store_bytes,
+        jobs=lambda: rt.jobs,
+        kv_usage=kv_usage,
     )
 
 

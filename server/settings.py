@@ -47,6 +47,17 @@ class Settings(BaseSettings):
     merge_after_steps: int = Field(
         4, ge=1, description="whole steps on one adapter before it is served merged"
     )
+    kv_cache: str = Field(
+        "paged",
+        pattern="^(paged|padded)$",
+        description="paged: KV blocks, packed tokens, chunked prefill, prefix cache; padded: the"
+        " left-padded DynamicCache batch (kept for comparison)",
+    )
+    kv_cache_bytes: int = Field(512 << 20, ge=1, description="byte budget of the paged KV cache")
+    kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
+    prefix_caching: bool = Field(
+        True, description="share full KV blocks of equal prefixes (same adapter version)"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
     cpu_kernels: bool = Field(
         True, description="fused C++ kernels for mixed-adapter batches on CPU (built once; torch code if off)"

@@ -88,6 +88,9 @@ async def prompt_ids(rt: Runtime, text: str | None, messages: list[dict] | None,
         raise ApiError(
             422, f"the prompt has {len(ids)} tokens; the model's context is {context} tokens", where
         )
+    refusal = rt.engine.generator.too_long(len(ids), 1)  # e.g. more than the whole KV cache
+    if refusal is not None:
+        raise ApiError(422, refusal, where)
     return ids
 
 

@@ -23,6 +23,8 @@ from .adapted_linear import bind
 from .generator import Generator, hf_forward
 from .kv_batch import growing_cache
 from .loader import BaseModel
+from .paged.build import build_kv, paged_forward
+from .paged.generator import PagedGenerator
 from .policy import StepPlanner
 from .requests import EventSink, GenerationRequest, SamplingParams
 from .residency import Residency
@@ -71,17 +73,34 @@ class Engine:
                 return plain(input_ids, attention_mask, position_ids, past_key_values, adapter_keys, **kw)
 
         max_len = getattr(base.model.config, "max_position_embeddings", None)
-        self.generator = Generator(
-            forward,
-            base.tokenizer,
-            base.eos_token_ids,
+        common = dict(
             max_batch_size=settings.max_batch_size,
             max_tokens_per_step=settings.max_tokens_per_step,
             device=base.device,
             max_seq_len=max_len,
-            cache_factory=lambda: growing_cache(base.model.config),  # no per-step copy of the cache
             housekeeping=self.residency.apply_drops,
         )
+        paged = build_kv(base.model, settings, base.device) if settings.kv_cache == "paged" else None
+        self.generator: Generator
+        if paged is not None:
+            kv, pool = paged
+            self.generator = PagedGenerator(
+                paged_forward(base.model, self.planner, bind),
+                base.tokenizer,
+                base.eos_token_ids,
+                kv=kv,
+                pool=pool,
+                kv_budget_bytes=settings.kv_cache_bytes,
+                **common,
+            )
+        else:
+            self.generator = Generator(
+                forward,
+                base.tokenizer,
+                base.eos_token_ids,
+                cache_factory=lambda: growing_cache(base.model.config),  # no per-step copy of the cache
+                **common,
+            )
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -194,6 +213,8 @@ class Engine:
         """The store deleted or replaced this version: no new request gets it; memory is freed
         once the requests still using it end."""
         self.residency.forget((adapter_id, version))
+        if isinstance(self.generator, PagedGenerator):  # its cached KV blocks never match again
+            self.generator.forget_prefix((adapter_id, version))
         self.generator.wake()
 
     # ---- engine thread ---------------------------------------------------------------------
@@ -213,6 +234,11 @@ class Engine:
         self.generator.wake()
         self._thread.join()
         self._thread = None
+
+    def kv_stats(self):
+        """The paged KV cache's ``KVStats`` (None on the padded cache)."""
+        gen = self.generator
+        return gen.kv_stats() if isinstance(gen, PagedGenerator) else None
 
     def pin(self, adapter_id: str) -> None:
         """Keep every version of ``adapter_id`` resident once loaded (never evicted) until unpinned."""

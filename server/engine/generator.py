@@ -160,12 +160,18 @@ class Generator:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def waiting_adapter_keys(self) -> list[Hashable]:
+        """Adapter keys of the queued requests (any thread)."""
+        with self._cond:
+            return [r.adapter_key for r in self._waiting]
+
     def stalled_for(self) -> float:
         """Seconds the engine has had work but finished no step (0 while idle or progressing)."""
         started = self._step_started
         if started is not None:
             return max(0.0, time.monotonic() - started)
-        if not self._waiting and not len(self._running):
+        if not self._has_work():
             return 0.0
         return max(0.0, time.monotonic() - self._progress)
 
@@ -205,10 +211,10 @@ class Generator:
         for request in requests:
             n = len(request.prompt_token_ids)
             room = 0 if request.params.max_new_tokens == 0 else 1  # scoring alone may fill the context
-            if self.max_seq_len is not None and n + room > self.max_seq_len:
+            msg = self.too_long(n, room)
+            if msg is not None:
                 if reserved:
                     self.unreserve()
-                msg = f"prompt has {n} tokens; the maximum sequence length is {self.max_seq_len}"
                 self._reject(request, "invalid", msg)
             else:
                 fit.append(request)
@@ -220,6 +226,15 @@ class Generator:
             self._waiting.extend(fit)
             self._cond.notify()
 
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or self.num_running > 0
+
+    def too_long(self, n: int, room: int) -> str | None:
+        """Why a prompt of ``n`` tokens (plus ``room`` for a first token) can never run, or None."""
+        if self.max_seq_len is not None and n + room > self.max_seq_len:
+            return f"prompt has {n} tokens; the maximum sequence length is {self.max_seq_len}"
+        return None
+
     def wake(self) -> None:
         """Wake ``run_forever`` (e.g. right after setting its stop event)."""
         with self._cond:
@@ -229,7 +244,7 @@ class Generator:
         """Step until ``stop_event`` is set; sleep on a condition while idle. Aborts leftovers on exit."""
         while not stop_event.is_set():
             with self._cond:
-                while not self._waiting and not len(self._running) and not stop_event.is_set():
+                while not self._has_work() and not stop_event.is_set():
                     self._cond.wait(timeout=self.idle_wait_s)
                     self._progress = time.monotonic()
                     self._housekeeping()
@@ -239,8 +254,7 @@ class Generator:
                 self.step()
             except Exception as exc:  # a bug, not a model error: fail the batch, keep serving
                 log.exception("generator step failed")
-                self._fail(list(self._running.seqs), exc)
-                self._running = self._new_batch()
+                self._fail_running(exc)
         self.abort_all("generator stopped")
 
     def _housekeeping(self) -> None:
@@ -259,8 +273,13 @@ class Generator:
             self._waiting.clear()
         for req in waiting:
             self._reject(req, "aborted", message)
-        self._fail(list(self._running.seqs), RuntimeError(message), "aborted")
+        self._fail_running(RuntimeError(message), "aborted")
+
+    def _fail_running(self, exc: BaseException, kind: ErrorKind | None = None) -> int:
+        """Fail every running sequence and start from an empty batch."""
+        n = self._fail(list(self._running.seqs), exc, kind)
         self._running = self._new_batch()
+        return n
 
     def step(self) -> StepStats:
         """One scheduling iteration (engine thread only)."""
@@ -342,13 +361,17 @@ class Generator:
 
     # ------------------------------------------------------------------------------ internals
 
-    def _drop_cancelled(self) -> int:
+    def _drop_cancelled_waiting(self) -> int:
         with self._cond:
             cancelled = [r for r in self._waiting if r.cancelled]
             if cancelled:
                 self._waiting = deque(r for r in self._waiting if not r.cancelled)
         for req in cancelled:
             req.emit(FinishEvent("cancelled", "", len(req.prompt_token_ids), 0))
+        return len(cancelled)
+
+    def _drop_cancelled(self) -> int:
+        cancelled = self._drop_cancelled_waiting()
         keep = []
         for i, seq in enumerate(self._running.seqs):
             if seq.request.cancelled:
@@ -357,7 +380,7 @@ class Generator:
                 keep.append(i)
         n_running = len(self._running)
         self._running.filter(keep)
-        return len(cancelled) + n_running - len(keep)
+        return cancelled + n_running - len(keep)
 
     def _admit(self) -> list[GenerationRequest]:
         """Pop waiting requests in arrival order while they fit (batch rows and prefill budget)."""
@@ -403,41 +426,52 @@ class Generator:
         end the rows that only score (``max_new_tokens == 0``) and those whose prompt scores are
         unusable or whose scoring raises, each alone. Returns the logits ``[N', V]`` of the rows
         left in ``batch`` and how many ended."""
-        keep = []
-        for i, seq in enumerate(batch.seqs):
-            params = seq.request.params
-            if params.prompt_logprobs is not None:
-                assert full is not None
-                try:
-                    seq.request.emit(score_prompt(full[i], seq.prompt_token_ids, params.prompt_logprobs))
-                except NonFinitePrompt as exc:
-                    self._finish(seq, "error", str(exc), "non_finite")
-                    continue
-                except Exception as exc:
-                    log.exception("scoring the prompt of request %s failed", seq.request.id)
-                    message = f"prompt scoring failed: {type(exc).__name__}: {exc}"
-                    self._finish(seq, "error", message, "request")
-                    continue
-            if params.max_new_tokens == 0:
-                self._finish(seq, "length")
-                continue
-            keep.append(i)
+        keep = [
+            i for i, seq in enumerate(batch.seqs) if self._score_one(seq, None if full is None else full[i])
+        ]
         ended = len(batch) - len(keep)
         if ended:
             batch.filter(keep)
             logits = logits[keep]
         return logits, ended
 
+    def _score_one(self, seq: _Sequence, row_logits: torch.Tensor | None) -> bool:
+        """Send ``seq`` its ``PromptEvent`` if it asked (from its prompt's logits ``[T, V]``); end it
+        when it only scores or its scoring fails. Returns whether it goes on to generate."""
+        params = seq.request.params
+        if params.prompt_logprobs is not None:
+            assert row_logits is not None
+            try:
+                seq.request.emit(score_prompt(row_logits, seq.prompt_token_ids, params.prompt_logprobs))
+            except NonFinitePrompt as exc:
+                self._finish(seq, "error", str(exc), "non_finite")
+                return False
+            except Exception as exc:
+                log.exception("scoring the prompt of request %s failed", seq.request.id)
+                self._finish(seq, "error", f"prompt scoring failed: {type(exc).__name__}: {exc}", "request")
+                return False
+        if params.max_new_tokens == 0:
+            self._finish(seq, "length")
+            return False
+        return True
+
     def _sample_and_emit(self, batch: RunningBatch[_Sequence], logits: torch.Tensor) -> int:
         """Sample a token per row of ``batch``, stream it, drop finished rows; return how many finished.
 
         A row ends with ``"error"`` on its own when its scores are unusable (any NaN or +inf, or no
         finite entry; ``-inf`` alone is a masked token) or when its sampling or text step raises."""
-        seqs = batch.seqs
+        n = len(batch.seqs)
+        keep, token_ids = self._sample_seqs(batch.seqs, logits)
+        batch.set_next_tokens(token_ids)
+        batch.filter(keep)
+        return n - len(keep)
+
+    def _sample_seqs(self, seqs: list[_Sequence], logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """Sample, stream and advance each of ``seqs`` (row ``i`` of ``logits`` ``[B, V]``); returns
+        the indices of the sequences that go on and the sampled ids ``[B]`` (on the device)."""
         usable = (logits < float("inf")).all(dim=-1) & (logits > float("-inf")).any(dim=-1)  # [B]
         params, rngs = [s.request.params for s in seqs], [s.rng for s in seqs]
         out, failed = sample_rows(logits, params, rngs, self.device)
-        batch.set_next_tokens(out.token_ids)
         tokens = torch.where(usable, out.token_ids, -1).tolist()  # host sync; -1 = unusable
         logprobs = out.logprobs.tolist() if out.logprobs is not None else [None] * len(seqs)
         tops = [None] * len(seqs)  # alternatives only when some row asked (SampleOutput.top)
@@ -453,8 +487,7 @@ class Generator:
                 self._finish(seq, "error", f"sampling failed: {failed[i]}", "request")
             elif self._advance_alone(seq, tok, lp, top):
                 keep.append(i)
-        batch.filter(keep)
-        return len(seqs) - len(keep)
+        return keep, out.token_ids
 
     def _advance_alone(self, seq: _Sequence, token: int, logprob: float | None, top=None) -> bool:
         """``_advance``, but an exception (detokeniser, stop strings, the sink) ends this request only."""

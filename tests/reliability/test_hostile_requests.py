@@ -31,6 +31,7 @@ import pytest
 import pytest_asyncio
 
 from server.app import create_app
+from server.engine.paged.generator import PagedGenerator
 from tests.api.conftest import adapter_files, serve, sse_json, upload
 from tests.api.tiny_server import BASE_NAME, build_tiny, tiny_settings
 from tests.metrics.conftest import parse, value
@@ -138,6 +139,26 @@ def poison_rows(forward):
     return poisoned
 
 
+def poison_paged_rows(forward):
+    """``poison_rows`` for the paged engine's forward: NaN scores for the poisoned adapter's decode
+    rows (their packed position is one of the layout's decode rows)."""
+
+    def poisoned(input_ids, position_ids, token_keys, logits_index, layout, also_resident):
+        logits = forward(input_ids, position_ids, token_keys, logits_index, layout, also_resident)
+        decode = set() if layout.decode_rows is None else set(layout.decode_rows.tolist())
+        rows = [
+            j
+            for j, pos in enumerate(logits_index.tolist())
+            if pos in decode and token_keys[pos] is not None and token_keys[pos][0] == POISON
+        ]
+        if rows:
+            logits = logits.clone()
+            logits[rows] = float("nan")
+        return logits
+
+    return poisoned
+
+
 def hold_until_queued(generator, n: int, limit_s: float = 60.0) -> None:
     """The next step waits until ``n`` requests are queued, so that they share one prefill (only
     the batching depends on this; the verdicts hold either way)."""
@@ -162,8 +183,11 @@ async def server(tmp_path, tmp_path_factory):
     engine, store = build_tiny(settings)
     assert engine.base.vocab_size == VOCAB
     generator = engine.generator
-    generator.forward = poison_rows(generator.forward)
-    generator._running = generator._new_batch()  # the (empty) running batch holds the forward too
+    if isinstance(generator, PagedGenerator):
+        generator.forward = poison_paged_rows(generator.forward)
+    else:
+        generator.forward = poison_rows(generator.forward)
+        generator._running = generator._new_batch()  # the (empty) running batch holds the forward too
     app = create_app(settings, engine=engine, store=store)
     async with serve(app, headers={"Authorization": f"Bearer {INFER}"}) as client:
         config, weights = adapter_files(app, "lora", tmp_path_factory.mktemp("poison"), seed=3)
