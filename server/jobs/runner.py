@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from pydantic import ValidationError as PydanticValidationError
@@ -58,6 +58,7 @@ from .jobfiles import LEGACY_STATE, JobFiles
 from .lease import Heartbeat, local_runner_id
 from .memory import TokenBudget
 from .recovery import finished, is_stale, recover_job
+from .spec import JobConflict, JobInvalid, JobQueueFull, JobSpec
 from .state import StateError
 from .train import Hyperparameters, TrainingError, build_config, train_adapter
 
@@ -65,35 +66,8 @@ RESUME_FILE = LEGACY_STATE  # where jobs of the earlier layout kept their state 
 DEFAULT_LEASE_S = 30.0
 
 
-class JobInvalid(ValueError):
-    """The job cannot start; ``where`` names the request field (API: 422)."""
-
-    def __init__(self, where: str, message: str):
-        self.where = where
-        self.message = message
-        super().__init__(f"{where}: {message}")
-
-
 __all__ = ["CANCELLED", "FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "TERMINAL", "JobNotFound"]
-
-
-class JobConflict(RuntimeError):
-    """The job is in a state that does not allow the operation (API: 409)."""
-
-
-class JobQueueFull(RuntimeError):
-    """Too many jobs are waiting (API: 429)."""
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    adapter_id: str
-    method: str
-    training_data: str  # JSONL text
-    config: dict | None = None
-    target_modules: list[str] | str | None = None
-    hyperparameters: dict | None = None
-    validation_data: str | None = None
+__all__ += ["JobConflict", "JobInvalid", "JobQueueFull", "JobRunner", "JobSpec"]
 
 
 class JobRunner:
