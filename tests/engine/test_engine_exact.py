@@ -55,6 +55,21 @@ def test_mixed_batch_equals_each_request_alone_on_merged_model(tiny_llama, merge
     check_mixed_batch(engine, reference, base_requests=2)
 
 
+@pytest.mark.parametrize(
+    "cache",
+    [{"kv_cache": "paged", "kv_block_size": 2}, {"kv_cache": "padded"}],
+    ids=["paged-blocks-of-2", "padded"],
+)
+def test_mixed_batch_on_small_blocks_and_on_the_padded_cache(tiny_llama, cache):
+    """Sequences spanning many blocks (paged), and the left-padded cache kept for comparison."""
+    model, tok = tiny_llama
+    engine, reference = make_engine(model, tok, **cache)
+    assert type(engine.generator).__name__ == (
+        "PagedGenerator" if cache["kv_cache"] == "paged" else "Generator"
+    )
+    check_mixed_batch(engine, reference, base_requests=2)
+
+
 def check_mixed_batch(engine, reference, base_requests: int) -> None:
     """One adapter of every engine case plus ``base_requests`` base-model requests, arriving over
     the first 4 steps with random prompts: each equals its own merged model alone (greedy)."""
