@@ -25,9 +25,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "facet_paged"
 
@@ -102,6 +99,8 @@ def paged_attention(module, query, key, value, attention_mask, dropout: float = 
     ``([1, T, H, D], None)`` like transformers' attention functions."""
     layout = _STEP.get()
     if layout is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -148,11 +147,19 @@ def paged_mask(*args, **kwargs):
     """No mask inside a paged step (the layout says who sees what); SDPA's mask outside one."""
     if _STEP.get() is not None:
         return None
+    from transformers.masking_utils import sdpa_mask
+
     return sdpa_mask(*args, **kwargs)
 
 
 def install(model: torch.nn.Module) -> None:
-    """Register ``facet_paged`` and make ``model`` use it (same results as SDPA outside paged steps)."""
+    """Register ``facet_paged`` and make ``model`` use it (same results as SDPA outside paged steps).
+
+    transformers' modeling utilities are imported here, not at module import: they pull in
+    accelerate (and through it boto3), which a server that never loads a model should not pay for."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
     AttentionInterface.register(NAME, paged_attention)
     AttentionMaskInterface.register(NAME, paged_mask)
     model.config._attn_implementation = NAME

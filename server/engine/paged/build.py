@@ -50,7 +50,9 @@ def probe(model: torch.nn.Module, kv: PagedKV, device: torch.device) -> str | No
         calls.append(module.layer_idx)
         return original(module, *args, **kwargs)
 
-    attention.AttentionInterface.register(attention.NAME, counting)
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(attention.NAME, counting)
     try:
         slots = torch.arange(2, device=device)
         layout = StepLayout(kv, slots, chunks=[attention.Chunk(0, 2, 0, slots)])
@@ -61,7 +63,7 @@ def probe(model: torch.nn.Module, kv: PagedKV, device: torch.device) -> str | No
                 use_cache=False,
             )
     finally:
-        attention.AttentionInterface.register(attention.NAME, original)
+        AttentionInterface.register(attention.NAME, original)
     if sorted(set(calls)) != list(range(layers)):
         return f"its attention bypasses the paged attention ({len(calls)} calls for {layers} layers)"
     return None
