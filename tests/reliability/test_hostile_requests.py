@@ -145,7 +145,7 @@ def poison_paged_rows(forward):
 
     def poisoned(input_ids, position_ids, token_keys, logits_index, layout, also_resident):
         logits = forward(input_ids, position_ids, token_keys, logits_index, layout, also_resident)
-        decode = set() if layout.decode_rows is None else set(layout.decode_rows.tolist())
+        decode = set(range(layout.decodes))
         rows = [
             j
             for j, pos in enumerate(logits_index.tolist())

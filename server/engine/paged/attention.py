@@ -74,7 +74,7 @@ class StepLayout:
 
     kv: PagedKV
     write_slots: torch.Tensor  # [T] slot of each packed token
-    decode_rows: torch.Tensor | None = None  # [B] packed positions of the decode rows
+    decodes: int = 0  # decode rows: packed positions 0 … decodes - 1, one token each
     decode_slots: torch.Tensor | None = None  # [B, L] keys of each decode row (padded with slot 0)
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where a decode row attends
     chunks: list[Chunk] = field(default_factory=list)
@@ -110,22 +110,25 @@ def paged_attention(module, query, key, value, attention_mask, dropout: float = 
     # Phase 1: write the step's keys/values into their slots ([T, H_kv, D]).
     k_store.index_copy_(0, layout.write_slots, key[0].transpose(0, 1).to(k_store.dtype))
     v_store.index_copy_(0, layout.write_slots, value[0].transpose(0, 1).to(v_store.dtype))
-    # Phase 2: each sequence attends to its own slots.
+    # Phase 2: each sequence attends to its own slots. Decode rows are packed first.
     q = query[0]  # [H, T, D]
-    out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [T, H, D]
-    gqa = q.shape[0] != k_store.shape[1]
-    if layout.decode_rows is not None:
-        b, length = layout.decode_slots.shape
-        qd = q.index_select(1, layout.decode_rows).transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+    nd = layout.decodes
+    if nd:
+        length = layout.decode_slots.shape[1]
         flat = layout.decode_slots.reshape(-1)
         kd = (
-            k_store.index_select(0, flat).view(b, length, *k_store.shape[1:]).transpose(1, 2)
+            k_store.index_select(0, flat).view(nd, length, *k_store.shape[1:]).transpose(1, 2)
         )  # [B, H_kv, L, D]
-        vd = v_store.index_select(0, flat).view(b, length, *v_store.shape[1:]).transpose(1, 2)
-        od = F.scaled_dot_product_attention(
-            qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=layout.decode_mask, scale=scaling, enable_gqa=gqa
-        )  # [B, H, 1, D]
-        out.index_copy_(0, layout.decode_rows, od[:, :, 0, :])
+        vd = v_store.index_select(0, flat).view(nd, length, *v_store.shape[1:]).transpose(1, 2)
+        od = decode_attention(
+            q[:, :nd].transpose(0, 1), kd.to(q.dtype), vd.to(q.dtype), layout.decode_mask, scaling
+        )
+        if nd == q.shape[1]:  # a decode-only step
+            return od.unsqueeze(0), None
+    out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [T, H, D]
+    if nd:
+        out[:nd] = od
+    gqa = q.shape[0] != k_store.shape[1]
     for c in layout.chunks:
         qc = q[:, c.start : c.start + c.length].unsqueeze(0)  # [1, H, n, D]
         kc = (
@@ -141,6 +144,27 @@ def paged_attention(module, query, key, value, attention_mask, dropout: float = 
             oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scaling, enable_gqa=gqa)
         out[c.start : c.start + c.length] = oc[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def decode_attention(q, k, v, mask, scale):
+    """One query per row: ``q`` ``[B, H, D]``, ``k``/``v`` ``[B, H_kv, L, D]``, ``mask``
+    ``[B, 1, 1, L]`` (True = attend) or None. Returns ``[B, H, D]``.
+
+    Two batched matmuls and a float32 softmax, the numerics of transformers' eager attention.
+    Measured on this machine (``docs/engine.md``): for a single query per row, torch's CPU SDPA
+    kernel is 2x slower in float32 and ~14x slower in bfloat16 than this (batch 32, 500 keys);
+    a lone bfloat16 row is faster still in float32 (small matmuls)."""
+    b, h, d = q.shape
+    hk, length = k.shape[1], k.shape[2]
+    if b == 1 and q.dtype != torch.float32:  # one row: float32 math is the faster here (and exact)
+        return decode_attention(q.float(), k.float(), v.float(), mask, scale).to(q.dtype)
+    g = h // hk  # query heads per KV head: q head kv * g + j reads KV head kv
+    q = q * (d**-0.5 if scale is None else scale)  # scaling the query: [B, H, D] is the small side
+    scores = torch.matmul(q.view(b, hk, g, d), k.transpose(-1, -2))  # [B, H_kv, g, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.view(b, 1, 1, length), float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v).view(b, h, d)
 
 
 def paged_mask(*args, **kwargs):

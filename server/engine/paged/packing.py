@@ -117,10 +117,11 @@ def pack(work: list[Work], kv: PagedKV, device: torch.device) -> PackedStep:
         # pad with each row's own first slot (written), so no unwritten slot is ever read
         padded = pad_sequence(read_decode, batch_first=True, padding_value=-1)  # [B, L]
         padded = torch.where(padded < 0, padded[:, :1], padded)
-        layout.decode_rows = torch.arange(len(decode), device=device)
+        layout.decodes = len(decode)
         layout.decode_slots = padded.to(device)
-        mask = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
-        layout.decode_mask = mask[:, None, None, :].to(device)
+        if bool((lengths < padded.shape[1]).any()):  # rows of equal length need no mask
+            mask = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
+            layout.decode_mask = mask[:, None, None, :].to(device)
     return PackedStep(
         input_ids=torch.tensor([ids], dtype=torch.long, device=device),
         position_ids=torch.cat(positions)[None].to(device),
