@@ -20,6 +20,7 @@ from server.methods import Adapter
 from server.settings import Settings
 
 from .adapted_linear import bind
+from .batching import BatchingBase
 from .generator import Generator, hf_forward
 from .kv_batch import growing_cache
 from .loader import BaseModel
@@ -81,7 +82,7 @@ class Engine:
             housekeeping=self.residency.apply_drops,
         )
         paged = build_kv(base.model, settings, base.device) if settings.kv_cache == "paged" else None
-        self.generator: Generator
+        self.generator: BatchingBase
         if paged is not None:
             kv, pool = paged
             self.generator = PagedGenerator(

@@ -1,7 +1,7 @@
 """Continuous batching over a paged KV cache: packed tokens, chunked prefill, a prefix cache.
 
-``PagedGenerator`` keeps the request side of ``Generator`` (queue, admission bound, sampling,
-streaming, stop strings, per-request failures) and replaces its step. One ``step()``:
+``PagedGenerator`` adds the paged step to the request side of ``batching.BatchingBase`` (queue,
+admission bound, sampling, streaming, stop strings, per-request failures). One ``step()``:
 
 1. drop cancelled requests and the prefix-cache entries of forgotten adapter versions;
 2. schedule, within ``max_tokens_per_step`` tokens: every running decode row (1 token), then the
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.generator import Generator, StepStats, _Sequence
+from server.engine.batching import BatchingBase, StepStats, _Sequence
 from server.engine.requests import ErrorKind, GenerationRequest, RetryLater
 
 from .attention import PagedKV, StepLayout
@@ -58,7 +58,7 @@ PagedForward = Callable[
 ]
 
 
-class PagedGenerator(Generator):
+class PagedGenerator(BatchingBase):
     def __init__(
         self,
         forward_paged: PagedForward,
@@ -70,7 +70,7 @@ class PagedGenerator(Generator):
         kv_budget_bytes: int | None = None,
         **kwargs,
     ):
-        super().__init__(None, tokenizer, eos_token_ids, **kwargs)
+        super().__init__(tokenizer, eos_token_ids, **kwargs)
         self.forward = forward_paged
         self.kv, self.pool = kv, pool
         self.kv_budget_bytes = kv_budget_bytes
