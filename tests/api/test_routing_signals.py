@@ -67,8 +67,8 @@ async def test_routing_families_follow_loads_and_the_queue(make_app, tmp_path):
         }
         assert value(before, "facet_adapters_max") == 1.0
         assert _loaded(before, "host") == _loaded(before, "device") == ""
-        # The engine reports no KV usage (yet): the family is there, with no sample.
-        assert not any(name == "facet_kv_cache_usage_ratio" for name, _ in before)
+        # The paged KV cache reports its usage: nothing runs, so no block is held.
+        assert value(before, "facet_kv_cache_usage_ratio") == 0.0
 
         for name, seed in (("alpha", 1), ("beta", 2)):
             config, weights = adapter_files(app, "lora", tmp_path / name, seed=seed)
