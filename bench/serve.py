@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--scale-adapters", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every throughput scenario")
     ap.add_argument("--cold-adapters", type=int, default=20, help="first requests timed (p50 reported)")
+    ap.add_argument("--kv-cache", default="paged", help="paged (the default) or padded (the old cache)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--out", type=Path, default=None, help="results file (default bench/results/serve.json)")
     args = ap.parse_args()
@@ -170,6 +171,7 @@ def main() -> None:
         "merge_after_steps": 1,
         "device_adapter_bytes": 1 << 30,
         "dtype": args.dtype,
+        "kv_cache": args.kv_cache,
     }
     if args.model:
         overrides["model"] = args.model
@@ -189,6 +191,7 @@ def main() -> None:
             "device": str(device),
             "dtype": str(engine.base.dtype).removeprefix("torch."),
             "threads": args.threads,
+            "kv_cache": type(engine.generator).__name__,
             "requests": args.requests,
             "new_tokens": args.new_tokens,
             "prompt_tokens": args.prompt_tokens,
