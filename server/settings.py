@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     )
     kv_cache_bytes: int = Field(512 << 20, ge=1, description="byte budget of the paged KV cache")
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
+    prefill_itl_factor: float = Field(
+        2.5,
+        ge=0,
+        description="paged: while sequences decode, a step's prefill chunk is sized so the step takes at"
+        " most this many decode-only steps (measured); 0 = chunks of max_tokens_per_step",
+    )
     prefix_caching: bool = Field(
         True, description="share full KV blocks of equal prefixes (same adapter version)"
     )

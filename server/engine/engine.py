@@ -92,6 +92,7 @@ class Engine:
                 kv=kv,
                 pool=pool,
                 kv_budget_bytes=settings.kv_cache_bytes,
+                prefill_itl_factor=settings.prefill_itl_factor,
                 **common,
             )
         else:

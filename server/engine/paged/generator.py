@@ -5,7 +5,9 @@ admission bound, sampling, streaming, stop strings, per-request failures). One `
 
 1. drop cancelled requests and the prefix-cache entries of forgotten adapter versions;
 2. schedule, within ``max_tokens_per_step`` tokens: every running decode row (1 token), then the
-   unfinished prefills (a chunk each, as the budget allows), then newcomers FIFO, preempted
+   unfinished prefills (a chunk each, as the budget allows; while rows decode, the prefill tokens
+   are also capped by ``pacing.ChunkPacer`` so the step stays within ``prefill_itl_factor``
+   decode steps), then newcomers FIFO, preempted
    sequences first (their first chunk starts after the blocks the prefix cache already holds);
    a decode row that finds no free block preempts the most recently admitted sequence;
 3. run one forward over the packed tokens (``packing.pack``);
@@ -32,6 +34,7 @@ from server.engine.requests import ErrorKind, GenerationRequest, RetryLater
 
 from .attention import PagedKV, StepLayout
 from .blocks import BlockPool
+from .pacing import ChunkPacer
 from .packing import SeqKV, Work, pack, register_full_blocks, tokens_of
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ class PagedGenerator(BatchingBase):
         kv: PagedKV,
         pool: BlockPool,
         kv_budget_bytes: int | None = None,
+        prefill_itl_factor: float = 0.0,
         **kwargs,
     ):
         super().__init__(tokenizer, eos_token_ids, **kwargs)
@@ -80,6 +84,7 @@ class PagedGenerator(BatchingBase):
         self._forget: set[Hashable] = set()
         self._forget_lock = threading.Lock()
         self.preemptions = 0
+        self.pacer = ChunkPacer(prefill_itl_factor)
 
     # ------------------------------------------------------------------------------ public API
 
@@ -183,6 +188,9 @@ class PagedGenerator(BatchingBase):
                 work.append(Work(seq, st, 1))
                 budget -= 1
         budget = max(budget, 0)
+        cap = self.pacer.cap(decoding=bool(work))  # running streams keep their pace
+        if cap is not None:
+            budget = min(budget, cap)
         for seq in list(self._seqs):  # unfinished prefills, as far as budget and blocks allow
             st = self._state[seq]
             need = self._total(seq) - st.computed
@@ -314,6 +322,7 @@ class PagedGenerator(BatchingBase):
         packed = pack(work, self.kv, self.device)
         stepping = {id(w.seq) for w in work}
         others = [s.adapter_key for s in self._seqs if id(s) not in stepping]
+        t0 = time.perf_counter()
         logits = self.forward(
             packed.input_ids,
             packed.position_ids,
@@ -322,6 +331,8 @@ class PagedGenerator(BatchingBase):
             packed.layout,
             others,
         )
+        decode = packed.layout.decodes
+        self.pacer.observe(time.perf_counter() - t0, len(packed.token_keys) - decode, decode)
         if self._admit_cap is not None:
             self._admit_cap *= 2
         return logits, packed
