@@ -62,6 +62,14 @@ PagedForward = Callable[
 
 
 class PagedGenerator(BatchingBase):
+    """The paged step over ``kv`` (the block storage) and ``pool`` (its bookkeeping).
+
+    ``forward_paged`` runs one packed step (see ``PagedForward``; the engine's plans the step's
+    adapters per token first). ``kv_budget_bytes`` is only named in refusals.
+    ``prefill_itl_factor``: see ``pacing.ChunkPacer`` (0 = no pacing). The other keyword
+    arguments are ``BatchingBase``'s.
+    """
+
     def __init__(
         self,
         forward_paged: PagedForward,
