@@ -1,11 +1,17 @@
 """Fused CPU kernels for mixed-batch adapter work, built once with the system C++ compiler.
 
-``load(build_root)`` compiles ``adapters_cpu.cpp`` (torch's C++ extension builder, about 40 s the
-first time on a 2-core machine; later starts load the cached library in well under a second)
+``load(build_root)`` compiles ``adapters_cpu.cpp`` (which includes ``spectral_cpu.cpp``: one
+translation unit; torch's C++ extension builder, about 30 s the first time on a 2-core machine;
+later starts load the cached library in well under a second)
 and returns a ``CpuKernels`` handle, or ``None`` when no compiler is available or the build
 fails: the engine then serves with the plain torch code of ``server/methods`` (same results,
 slower on CPU). The build folder is keyed by the CPU's instruction-set flags, because the code
-is compiled for the machine it runs on (``-march=native``).
+is compiled for the machine it runs on (``-march=native``). An edited source is rebuilt, not a
+stale library loaded: torch's builder runs ninja, which tracks the sources and the files they
+include (compiler depfiles) against the library.
+
+The kernels serve float32 and bfloat16 activations (tables of either dtype), with float32
+arithmetic and accumulation throughout.
 
 Which (family, signature, hook) has a kernel is decided in ``fast.py``.
 """

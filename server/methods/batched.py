@@ -25,7 +25,7 @@ class Group:
     rows: torch.Tensor | None  # [R] long, or None = every row of the batch
     slots: torch.Tensor | None  # [R] long, or None = every row uses entry 0
     # hook -> in-place fused replacement ``f(target, x, group)`` (the engine's CPU kernels,
-    # server/kernels); used only for float32 CPU rows outside autograd.
+    # server/kernels); used only for float32 and bfloat16 CPU rows outside autograd.
     fused: dict[str, Callable] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -46,7 +46,7 @@ def batched_linear(
         return F.linear(x, weight, bias)
     fusable = (
         x2.device.type == "cpu"
-        and x2.dtype == torch.float32
+        and x2.dtype in (torch.float32, torch.bfloat16)
         and x2.is_contiguous()
         and not torch.is_grad_enabled()
     )

@@ -1,0 +1,249 @@
+// The spectral families' CPU kernels (float32 and bfloat16 activations, float32 spectra): SURM
+// circulant and Toeplitz, DCT. Not compiled on its own: adapters_cpu.cpp includes it after its
+// shared helpers (element types, checks, row loops), so the kernels stay one translation unit and
+// one build. Conventions as in adapters_cpu.cpp.
+
+namespace facet {
+
+namespace {
+
+// Complex multiply of interleaved (re, im) arrays: a[i] *= b[i] for m bins.
+template <typename W>
+inline void cmul_(float* a, const W* b, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float br = ld(b[2 * i]), bi = ld(b[2 * i + 1]);
+    const float re = a[2 * i] * br - a[2 * i + 1] * bi;
+    const float im = a[2 * i] * bi + a[2 * i + 1] * br;
+    a[2 * i] = re;
+    a[2 * i + 1] = im;
+  }
+}
+
+// y[row] += v (float32), rounded once in y's dtype.
+template <typename A>
+inline void add_row(A* yr, const float* v, int64_t n) {
+  for (int64_t o = 0; o < n; ++o) st(yr[o], ld(yr[o]) + v[o]);
+}
+
+// The FFT families below work on chunks of rows: a decode step's few rows are one chunk on the
+// calling thread, a prefill's many rows are split over the threads, 64 rows per chunk.
+constexpr int64_t kRowsPerChunk = 64;
+
+template <typename F>
+void for_row_chunks(int64_t n_rows, const F& f) {
+  if (n_rows == 0) return;
+  at::parallel_for(0, n_rows, std::min(n_rows, kRowsPerChunk), [&](int64_t begin, int64_t end) { f(begin, end); });
+}
+
+// torch's CPU FFT is MKL's, which splits even a 6-row transform over every thread: measured on
+// 2 cores, 1.8x slower than one thread. While a chunk runs, MKL is told to use this thread only
+// (a thread-local setting; the base model's GEMMs elsewhere keep all threads). The symbol is
+// weak: torch builds without MKL (e.g. aarch64) simply skip this.
+// (MKL's C API name; the lower-case symbol is its Fortran by-reference twin.)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+struct SingleThreadedFFT {
+  int previous = 0;
+  SingleThreadedFFT() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedFFT() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+// The FFT families come in two halves: the spectrum of the pool's input rows, which sibling
+// projections reading the same activations (q/k/v, gate/up) share (fast.py keeps it for the
+// step), and the per-projection apply. Row k of a spectrum belongs to rows[k]. Spectra are
+// float32 whatever the activations' dtype (the torch code's FFTs are float32 as well).
+
+void check_spectrum(const Tensor& f, const Tensor& rows, int64_t m) {
+  TORCH_CHECK(f.dim() == 3 && f.is_contiguous() && f.scalar_type() == at::kFloat && f.size(0) == rows.numel() &&
+                  f.size(1) == m && f.size(2) == 2, "spectrum does not match the rows");
+}
+
+at::TensorOptions f32(const Tensor& t) { return t.options().dtype(at::kFloat); }
+
+}  // namespace
+
+// rfft of x[rows], each row zero-padded to n (SURM: n = N for circulant, L for Toeplitz).
+Tensor rfft_rows(Tensor x, Tensor rows, int64_t n) {
+  const int64_t* rp = checked_rows(x, rows);
+  const int64_t in_f = x.size(1), m = n / 2 + 1, rcount = rows.numel();
+  TORCH_CHECK(n >= in_f, "FFT length shorter than the row");
+  auto out = torch::empty({rcount, m, 2}, f32(x));
+  with_act_type(x, [&](auto a) {
+    using A = decltype(a);
+    const A* xp = ptr<A>(x);
+    for_row_chunks(rcount, [&](int64_t begin, int64_t end) {
+      SingleThreadedFFT one_thread;
+      const int64_t rc = end - begin;
+      auto buf = torch::zeros({rc, n}, f32(x));
+      float* bp = buf.data_ptr<float>();
+      for (int64_t k = 0; k < rc; ++k) {
+        const A* xr = xp + rp[begin + k] * in_f;
+        for (int64_t i = 0; i < in_f; ++i) bp[k * n + i] = ld(xr[i]);
+      }
+      out.narrow(0, begin, rc).copy_(at::view_as_real(at::fft_rfft(buf, n, 1)));
+    });
+  });
+  return out;
+}
+
+// SURM circulant: y[row] += irfft(f[row] * spec[slot], N)[:out]   (spec [S, N/2+1, 2])
+void circulant_apply_(Tensor y, Tensor f, Tensor rows, Tensor slots, Tensor spec, int64_t n) {
+  const auto [rp, sp] = checked_row_slots(y, rows, slots, spec);
+  const int64_t out_f = y.size(1), m = n / 2 + 1;
+  TORCH_CHECK(spec.dim() == 3 && spec.size(1) == m && spec.size(2) == 2 && n >= out_f,
+              "circulant spectrum has the wrong length: table must be [S, N/2+1, 2], N >= out");
+  check_spectrum(f, rows, m);
+  with_types(y, spec, [&](auto a, auto w) {
+    using A = decltype(a);
+    using W = decltype(w);
+    const W* cp = ptr<W>(spec);
+    A* yp = ptr<A>(y);
+    for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
+      SingleThreadedFFT one_thread;
+      const int64_t rc = end - begin;
+      Tensor prod = f.narrow(0, begin, rc).clone();  // the shared spectrum stays intact
+      float* fp = prod.data_ptr<float>();
+      for (int64_t k = 0; k < rc; ++k) cmul_(fp + k * 2 * m, cp + sp[begin + k] * 2 * m, m);
+      Tensor out = at::fft_irfft(at::view_as_complex(prod), n, 1).contiguous();  // [rc, N]
+      const float* op = out.data_ptr<float>();
+      for (int64_t k = 0; k < rc; ++k) add_row(yp + rp[begin + k] * out_f, op + k * n, out_f);
+    });
+  });
+}
+
+// SURM Toeplitz: y[row] += (T(b) T(a) x[row])[:out], each T(v) applied as the top-left block of a
+// length-L circulant with a real spectrum; ``f`` = rfft_rows(x, rows, L). ``spec [S, 2, L/2+1, 2]``:
+// the real spectra of a and of alpha*b, each value duplicated for the (re, im) pair it scales.
+void toeplitz_apply_(Tensor y, Tensor f, Tensor rows, Tensor slots, Tensor spec, int64_t n, int64_t length) {
+  const auto [rp, sp] = checked_row_slots(y, rows, slots, spec);
+  const int64_t out_f = y.size(1), m = length / 2 + 1;
+  TORCH_CHECK(spec.dim() == 4 && spec.size(1) == 2 && spec.size(2) == m && spec.size(3) == 2 && length >= 2 * n - 1 &&
+                  n >= out_f, "toeplitz spectra have the wrong shape");
+  check_spectrum(f, rows, m);
+  with_types(y, spec, [&](auto a, auto w) {
+    using A = decltype(a);
+    using W = decltype(w);
+    const W* cp = ptr<W>(spec);
+    A* yp = ptr<A>(y);
+    for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
+      SingleThreadedFFT one_thread;
+      const int64_t rc = end - begin;
+      Tensor cur = f.narrow(0, begin, rc).clone();
+      Tensor buf;
+      for (int64_t factor = 0; factor < 2; ++factor) {  // T(a) first, then T(b)
+        if (factor == 1) cur = at::view_as_real(at::fft_rfft(buf, length, 1)).contiguous();
+        float* fp = cur.data_ptr<float>();
+        for (int64_t k = 0; k < rc; ++k) {
+          const W* c = cp + (sp[begin + k] * 2 + factor) * 2 * m;
+          float* fr = fp + k * 2 * m;
+          for (int64_t i = 0; i < 2 * m; ++i) fr[i] *= ld(c[i]);
+        }
+        buf = at::fft_irfft(at::view_as_complex(cur), length, 1).contiguous();  // [rc, L]
+        if (factor == 0) buf.narrow(1, n, length - n).zero_();  // keep T(a) x: the first N entries
+      }
+      const float* op = buf.data_ptr<float>();
+      for (int64_t k = 0; k < rc; ++k) add_row(yp + rp[begin + k] * out_f, op + k * length, out_f);
+    });
+  });
+}
+
+// DCT (sDCTFT): y[row] += alpha z C_out with z[u_j] += c_j (x C_in^T)[v_j], both transforms as
+// length-N real FFTs (Makhoul). Plan tensors (float32): ``perm_in [in]``, ``fwd_in [in/2+1, 2]``
+// (twiddle), ``inv_out [out/2+1, 2]``, ``unperm_out [out]``.
+
+// The twiddled spectrum of x[rows] in Makhoul's order: x_hat[v] sits at flat slot v (see dct.py).
+Tensor dct_spectrum(Tensor x, Tensor rows, Tensor perm_in, Tensor fwd_in) {
+  const int64_t* rp = checked_rows(x, rows);
+  const int64_t in_f = x.size(1), m_in = in_f / 2 + 1, rcount = rows.numel();
+  TORCH_CHECK(perm_in.scalar_type() == at::kLong && perm_in.is_contiguous() && perm_in.numel() == in_f &&
+                  fwd_in.scalar_type() == at::kFloat && fwd_in.is_contiguous() && fwd_in.numel() == 2 * m_in,
+              "dct plan does not match the layer");
+  const int64_t* pin = perm_in.data_ptr<int64_t>();
+  for (int64_t i = 0; i < in_f; ++i) TORCH_CHECK(pin[i] >= 0 && pin[i] < in_f, "dct plan permutation out of range");
+  auto out = torch::empty({rcount, m_in, 2}, f32(x));
+  const float* fwd = fwd_in.data_ptr<float>();
+  with_act_type(x, [&](auto a) {
+    using A = decltype(a);
+    const A* xp = ptr<A>(x);
+    for_row_chunks(rcount, [&](int64_t begin, int64_t end) {
+      SingleThreadedFFT one_thread;
+      const int64_t rc = end - begin;
+      auto buf = torch::empty({rc, in_f}, f32(x));
+      float* bp = buf.data_ptr<float>();
+      for (int64_t k = 0; k < rc; ++k) {
+        const A* xr = xp + rp[begin + k] * in_f;
+        for (int64_t i = 0; i < in_f; ++i) bp[k * in_f + i] = ld(xr[pin[i]]);
+      }
+      Tensor spec = out.narrow(0, begin, rc);
+      spec.copy_(at::view_as_real(at::fft_rfft(buf, c10::nullopt, 1)));
+      float* fp = spec.data_ptr<float>();
+      for (int64_t k = 0; k < rc; ++k) cmul_(fp + k * 2 * m_in, fwd, m_in);
+    });
+  });
+  return out;
+}
+
+// ``pos [S, 2, n]`` = flat spectrum slots of v_j (input) and u_j (output), ``coef [S, n]`` with every
+// per-position constant folded in (see dct.py prepare).
+void dct_apply_(Tensor y, Tensor spec, Tensor rows, Tensor slots, Tensor pos, Tensor coef, Tensor inv_out,
+                Tensor unperm_out) {
+  const auto [rp, sp] = checked_row_slots(y, rows, slots, coef);
+  TORCH_CHECK(coef.dim() == 2, "dct coefficients: table must be [S, n]");
+  const int64_t out_f = y.size(1), npos = coef.size(1), m_out = out_f / 2 + 1;
+  TORCH_CHECK(spec.dim() == 3, "dct spectrum: [R, in/2+1, 2]");
+  const int64_t m_in = spec.size(1);
+  check_spectrum(spec, rows, m_in);
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.size(0) == coef.size(0) &&
+                  pos.size(1) == 2 && pos.size(2) == npos, "dct positions: contiguous int64 [S, 2, n]");
+  TORCH_CHECK(unperm_out.scalar_type() == at::kLong && unperm_out.is_contiguous() && unperm_out.numel() == out_f &&
+                  inv_out.scalar_type() == at::kFloat && inv_out.is_contiguous() && inv_out.numel() == 2 * m_out,
+              "dct plan does not match the layer");
+  const int64_t* unp = unperm_out.data_ptr<int64_t>();
+  for (int64_t o = 0; o < out_f; ++o) TORCH_CHECK(unp[o] >= 0 && unp[o] < out_f, "dct plan permutation out of range");
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t k = 0; k < rows.numel(); ++k) {
+    const int64_t* pk = pp + sp[k] * 2 * npos;
+    for (int64_t j = 0; j < npos; ++j)
+      TORCH_CHECK(pk[j] >= 0 && pk[j] < 2 * m_in && pk[npos + j] >= 0 && pk[npos + j] < 2 * m_out,
+                  "dct position out of range");
+  }
+  const float* fp = spec.data_ptr<float>();
+  const float* inv = inv_out.data_ptr<float>();
+  with_types(y, coef, [&](auto a, auto w) {
+    using A = decltype(a);
+    using W = decltype(w);
+    const W* cp = ptr<W>(coef);
+    A* yp = ptr<A>(y);
+    for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
+      SingleThreadedFFT one_thread;
+      const int64_t rc = end - begin;
+      // z[u_j] += c_j x_hat[v_j] in the output spectrum's slots, then the inverse twiddle.
+      auto outs = torch::zeros({rc, m_out, 2}, f32(y));
+      float* op = outs.data_ptr<float>();
+      for (int64_t k = 0; k < rc; ++k) {
+        const int64_t slot = sp[begin + k];
+        const int64_t* pv = pp + slot * 2 * npos;
+        const int64_t* pu = pv + npos;
+        const W* c = cp + slot * npos;
+        const float* src = fp + (begin + k) * 2 * m_in;
+        float* dst = op + k * 2 * m_out;
+        for (int64_t j = 0; j < npos; ++j) dst[pu[j]] += ld(c[j]) * src[pv[j]];
+        cmul_(dst, inv, m_out);
+      }
+      // irfft, back to natural order, added to y.
+      Tensor back = at::fft_irfft(at::view_as_complex(outs), out_f, 1).contiguous();  // [rc, out]
+      const float* bk = back.data_ptr<float>();
+      for (int64_t k = 0; k < rc; ++k) {
+        A* yr = yp + rp[begin + k] * out_f;
+        const float* br = bk + k * out_f;
+        for (int64_t o = 0; o < out_f; ++o) st(yr[o], ld(yr[o]) + br[unp[o]]);
+      }
+    });
+  });
+}
+
+}  // namespace facet
