@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     kv_cache_bytes: int = Field(512 << 20, ge=1, description="byte budget of the paged KV cache")
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
     prefill_itl_factor: float = Field(
-        2.5,
+        2.0,
         ge=0,
         description="paged: while sequences decode, a step's prefill chunk is sized so the step takes at"
         " most this many decode-only steps (measured); 0 = chunks of max_tokens_per_step",
