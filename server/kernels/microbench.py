@@ -1,0 +1,140 @@
+"""``python -m server.kernels.microbench``: what one pool's adapter work costs per projection.
+
+For each family config of ``bench/serve.py``'s per-family mix and each SmolLM2-135M projection
+shape, one group of slot-pool rows goes through ``batched_linear`` in a 32-row step: with the
+families' torch code, with the fused kernels, and (bf16 only) with the float32 kernels on rows
+upcast to float32 and float32 copies of the tables, the result cast back (the "upcast" candidate
+for bf16, kept here because it was measured against the bf16 kernels). Printed: microseconds
+above the bare base GEMM (best of many short runs; a loaded machine inflates every column alike).
+
+``--lora``: 8 LoRA r8 slots on all 32 rows instead of the mix (issue 13's PEFT LoRA scenario),
+and a masked "segmented GEMM pair" in torch (``x Aᵀ`` for every slot's factors at once, masked to
+each row's slot, then ``· Bt``) for comparison with the kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from server import kernels
+from server.kernels.fast import SharedSpectra, fast_op
+from server.methods import Group, batched_linear, get_method, stack_prepared
+from server.settings import Settings
+
+MIX = [
+    ("lora", {"r": 8, "lora_alpha": 16}),
+    ("hut", {"r": 1}),
+    ("ether", {"variant": "etherplus", "side": "auto", "n_blocks": 4}),
+    ("dct", {"n_frequency": 700}),
+    ("surm", {"variant": "circulant"}),
+    ("surm", {"variant": "kronecker", "kron_factor": 32}),
+]
+SHAPES = {"q": (576, 576), "k": (192, 576), "gate": (1536, 576), "down": (576, 1536)}
+STEP_ROWS = 32
+
+
+def make_group(family, raw, shape, dtype, n_rows, n_slots, seed=0):
+    """A group of ``n_rows`` of the step's rows over ``n_slots`` random adapters (tables in ``dtype``)."""
+    out_f, in_f = shape
+    method = get_method(family)
+    cfg = method.parse_config({"peft_type": method.peft_type, "target_modules": ["m"], **raw})
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    prepared = []
+    for _ in range(n_slots):
+        out = method.prepare(cfg, method.init_params(cfg, w, "random", g), w)
+        prepared.append(
+            {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in out.items()}
+        )
+    rows = torch.randperm(STEP_ROWS, generator=g)[:n_rows].sort().values
+    slots = torch.randint(0, n_slots, (n_rows,), generator=g)
+    sig = method.signature(cfg, out_f, in_f)
+    return Group(method, sig, stack_prepared(prepared), rows, slots), w.to(dtype)
+
+
+def best_us(f, reps=10, trials=60) -> float:
+    for _ in range(reps):
+        f()
+    best = float("inf")
+    for _ in range(trials):
+        t = time.perf_counter()
+        for _ in range(reps):
+            f()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best * 1e6
+
+
+def with_kernels(k, g: Group, upcast: bool = False) -> Group:
+    out = Group(g.method, g.sig, g.table, g.rows, g.slots)
+    t32 = {n: (t.float() if t.is_floating_point() else t) for n, t in g.table.items()}
+    for hook in out.hooks:
+        f = fast_op(k, g.method, g.sig, hook, SharedSpectra())
+        if f is None:
+            continue
+        if upcast:  # float32 kernels on upcast rows and tables, result cast back
+            g32 = Group(g.method, g.sig, t32, g.rows, g.slots)
+
+            def f(target, x, _g, f32=f, g32=g32):
+                t = target.float()
+                f32(t, t if x is target else x.float(), g32)
+                target.copy_(t)
+
+        out.fused[hook] = f
+    return out
+
+
+def lora_segmented(x, y, g: Group):
+    """x·Aᵀ over every slot's factors, masked to the row's slot, then ·Bt: one GEMM pair."""
+    a, bt = g.table["A"], g.table["Bt"]
+    n_slots, r, in_f = a.shape
+    a_cat, bt_cat = a.reshape(n_slots * r, in_f), bt.reshape(n_slots * r, -1)
+    mask = (torch.arange(n_slots).repeat_interleave(r)[None] == g.slots[:, None]).to(x.dtype)
+
+    def run():
+        h = (x.index_select(0, g.rows) @ a_cat.T) * mask
+        y.index_add_(0, g.rows, h @ bt_cat)
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lora", action="store_true", help="8 LoRA r8 slots on all 32 rows")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    k = kernels.load(Settings().kernels_build_dir)
+    if k is None:
+        raise SystemExit("the kernels cannot be built here")
+    configs = MIX[:1] if args.lora else MIX
+    n_rows, n_slots = (STEP_ROWS, 8) if args.lora else (6, 6)
+    print(f"{n_rows} of {STEP_ROWS} rows, {n_slots} slots, {args.threads} thread(s): us above the base GEMM")
+    for family, raw in configs:
+        for name, shape in SHAPES.items():
+            cols = {}
+            for dtype in (torch.float32, torch.bfloat16):
+                g, w = make_group(family, raw, shape, dtype, n_rows, n_slots)
+                x = torch.randn(STEP_ROWS, shape[1]).to(dtype)
+                d = "fp32" if dtype == torch.float32 else "bf16"
+                with torch.inference_mode():
+                    base = best_us(lambda w=w, x=x: F.linear(x, w))
+                    cols[f"{d} base GEMM"] = base
+                    runs = {"torch": g, "kernels": with_kernels(k, g)}
+                    if dtype == torch.bfloat16:
+                        runs["upcast"] = with_kernels(k, g, upcast=True)
+                    for what, grp in runs.items():
+                        step = lambda x=x, w=w, grp=grp: batched_linear(x, w, None, [grp])  # noqa: E731
+                        cols[f"{d} {what}"] = best_us(step) - base
+                    if args.lora:
+                        y = F.linear(x, w)
+                        cols[f"{d} seg-GEMM"] = best_us(lora_segmented(x, y, g))
+            label = f"{family}:{raw.get('variant', '')}"[:16]
+            print(f"{label:16s} {name:5s} " + "  ".join(f"{c} {v:6.1f}" for c, v in cols.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
