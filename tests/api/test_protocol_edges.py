@@ -210,8 +210,14 @@ def _multipart(fields: list[tuple[str, str | None, bytes]]) -> tuple[bytes, str]
 
 
 def test_a_lone_surrogate_in_an_uploaded_file_is_422_naming_the_line_and_nothing_is_stored(conn, served):
-    files_dir = served[2] / "files"
-    stored_before = sorted(p.name for p in files_dir.iterdir()) if files_dir.exists() else []
+    objects = served[2] / "adapters" / "files"  # the local blob store's training-file objects
+
+    def stored() -> list[str]:
+        return sorted(p.name for p in objects.iterdir()) if objects.exists() else []
+
+    stored_before = stored()
+    status, _, listing = conn.request("GET", "/files")
+    listed_before = json.loads(listing)["data"]
     chat = [{"role": "user", "content": "t1"}, {"role": "assistant", "content": LONE}]
     jsonl = f"{json.dumps({'prompt': 't1', 'completion': 't2'})}\n{json.dumps({'messages': chat})}".encode()
     body, ctype = _multipart([("purpose", None, b"fine-tune"), ("file", "train.jsonl", jsonl)])
@@ -220,9 +226,18 @@ def test_a_lone_surrogate_in_an_uploaded_file_is_422_naming_the_line_and_nothing
     conn.sock.sendall(conn.h11.send(h11.Data(data=body)) + conn.h11.send(h11.EndOfMessage()))
     status, _, answer = conn.response()
     assert_error(status, answer, 422, "body.file", "line 2", "messages[1].content", "lone surrogate")
-    assert sorted(p.name for p in files_dir.iterdir()) == stored_before
+    assert stored() == stored_before
     status, _, listing = conn.request("GET", "/files")
-    assert status == 200 and len(json.loads(listing)["data"]) == len(stored_before) // 2
+    assert status == 200 and json.loads(listing)["data"] == listed_before
+    good = json.dumps({"prompt": "t1", "completion": "t2"}).encode()  # the check can see a stored file
+    body, ctype = _multipart([("purpose", None, b"fine-tune"), ("file", "ok.jsonl", good)])
+    conn.send_head(
+        "POST", "/files", [("Authorization", A["Authorization"]), ("Content-Type", ctype)], len(body)
+    )
+    conn.sock.sendall(conn.h11.send(h11.Data(data=body)) + conn.h11.send(h11.EndOfMessage()))
+    status, _, answer = conn.response()
+    assert status == 201, answer
+    assert len(stored()) == len(stored_before) + 1
     assert_still_serving(conn)
 
 
