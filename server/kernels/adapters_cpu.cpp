@@ -305,19 +305,34 @@ void kronecker_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor ab, in
       const W* a = tp + sp[k] * (in_f + out_f);  // [f, in/f]
       const W* b = a + in_f;                      // [out/f, f]
       A* yr = yp + rp[k] * out_f;
-      std::vector<float> t(f * f), acc(out_f);  // t[q, r] = sum_s X[q, s] A[r, s]
-      for (int64_t q = 0; q < f; ++q)
-        for (int64_t r = 0; r < f; ++r) {
-          float s = 0.f;
-          for (int64_t s2 = 0; s2 < ia; ++s2) s += ld(xr[q * ia + s2]) * ld(a[r * ia + s2]);
-          t[q * f + r] = s;
+      // Per-thread scratch, reused across rows and calls: widened A transposed (at[s, r]), the
+      // products t[q, r] = sum_s X[q, s] A[r, s] and the output row in float32. Both products run
+      // their inner loop over f contiguous values (vectorised) instead of short dot products.
+      thread_local std::vector<float> scratch;
+      scratch.resize(in_f + f * f + out_f);
+      float* __restrict__ at = scratch.data();
+      float* __restrict__ t = at + in_f;
+      float* __restrict__ acc = t + f * f;
+      for (int64_t r = 0; r < f; ++r)
+        for (int64_t s2 = 0; s2 < ia; ++s2) at[s2 * f + r] = ld(a[r * ia + s2]);
+      for (int64_t q = 0; q < f; ++q) {
+        float* __restrict__ tq = t + q * f;
+        for (int64_t r = 0; r < f; ++r) tq[r] = 0.f;
+        for (int64_t s2 = 0; s2 < ia; ++s2) {
+          const float xv = ld(xr[q * ia + s2]);
+          const float* __restrict__ as = at + s2 * f;
+          for (int64_t r = 0; r < f; ++r) tq[r] += xv * as[r];
         }
+      }
       for (int64_t o = 0; o < out_f; ++o) acc[o] = ld(yr[o]);
-      for (int64_t p = 0; p < ob; ++p)
+      for (int64_t p = 0; p < ob; ++p) {
+        float* __restrict__ ap = acc + p * f;
         for (int64_t q = 0; q < f; ++q) {
           const float bpq = ld(b[p * f + q]);
-          for (int64_t r = 0; r < f; ++r) acc[p * f + r] += bpq * t[q * f + r];
+          const float* __restrict__ tq = t + q * f;
+          for (int64_t r = 0; r < f; ++r) ap[r] += bpq * tq[r];
         }
+      }
       for (int64_t o = 0; o < out_f; ++o) st(yr[o], acc[o]);
     });
   });
