@@ -23,6 +23,7 @@ import uvicorn
 from server import log_limit
 from server.app import create_app, on_startup_failure
 from server.connections import uvicorn_config
+from server.engine import threads
 from server.runtime import Runtime
 from server.settings import settings_from_cli
 
@@ -83,6 +84,8 @@ class DrainingServer(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> int:
     settings = settings_from_cli(argv)
+    threads.configure(settings.threads)
+    threads.serial()  # the event loop's thread: torch parallelism is the engine thread's alone
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log_limit.install(logging.getLogger())  # no flood of tracebacks when descriptors run out
     app = create_app(settings)

@@ -19,11 +19,13 @@ import gc
 import logging
 import queue
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from adapters_store.store import AdapterStore
+from server.engine import threads
 from server.engine.engine import Engine
 from server.engine.loader import dtype_name
 from server.engine.requests import FinishEvent, SamplingParams
@@ -110,6 +112,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Blocking work (loading, uploads, tokenising) runs in these threads, serially in torch:
+        # only the engine thread may hold an OpenMP pool (server/engine/threads.py).
+        executor = ThreadPoolExecutor(thread_name_prefix="facet-io", initializer=threads.serial)
+        asyncio.get_running_loop().set_default_executor(executor)
         startup = asyncio.create_task(_start(runtime))
         try:
             yield

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from server.methods import Adapter
 from server.settings import Settings
 
+from . import threads
 from .adapted_linear import bind
 from .batching import BatchingBase
 from .generator import Generator, hf_forward
@@ -224,10 +225,13 @@ class Engine:
         if self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(
-            target=self.generator.run_forever, args=(self._stop,), daemon=True, name="facet-engine"
-        )
+        self._thread = threading.Thread(target=self._run, daemon=True, name="facet-engine")
         self._thread.start()
+
+    def _run(self) -> None:
+        """The engine thread: the one long-lived thread with intra-op parallelism (``threads``)."""
+        threads.parallel()
+        self.generator.run_forever(self._stop)
 
     def stop(self) -> None:
         if self._thread is None:

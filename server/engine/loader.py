@@ -11,6 +11,7 @@ from torch import nn
 
 from server.settings import DEFAULT_MODEL, Settings
 
+from . import threads
 from .adapted_linear import AdaptedLinear, wrap_linears
 from .model_cache import provision_default_model
 
@@ -97,7 +98,8 @@ def load_base_model(settings: Settings) -> BaseModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = pick_device_dtype(settings)
-    if settings.threads:
+    if settings.threads:  # the engine thread's count (``threads``); this thread too (in-process use)
+        threads.configure(settings.threads)
         torch.set_num_threads(settings.threads)
     source = settings.model
     if source == DEFAULT_MODEL:

@@ -49,6 +49,7 @@ from adapters_store import objects as store_objects
 from adapters_store.errors import StoreError, Unavailable
 from adapters_store.ids import check_new_id, is_valid_id
 from adapters_store.objects import ObjectStore
+from server.engine import threads
 from server.engine.loader import BaseModel
 from server.methods import Adapter, AdapterError
 
@@ -348,6 +349,7 @@ class JobRunner:
         self.db.close()
 
     def _loop(self) -> None:
+        threads.serial()  # claims and bookkeeping only; training runs in its own thread
         while not self._stop.is_set():
             try:
                 if time.monotonic() >= self._next_recovery:
@@ -393,8 +395,8 @@ class JobRunner:
             on_cancel=lambda: self._cancel.add(job_id),
         )
         try:
-            with beat:
-                self._train_claimed(job_id)
+            with beat:  # in a thread of its own: its OpenMP pool ends with the job (engine/threads.py)
+                threads.run_parallel(self._train_claimed, job_id, name="facet-finetune-job")
         finally:
             self._active.discard(job_id)
             self._lost.discard(job_id)
