@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.engine import generator as generator_module  # noqa: E402
+from server.engine import batching as generator_module  # noqa: E402  (sample_rows lives there)
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.loader import dtype_name, load_base_model  # noqa: E402
 from server.engine.requests import (  # noqa: E402
