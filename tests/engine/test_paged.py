@@ -239,3 +239,18 @@ def test_prefill_is_paced_to_the_decode_step_while_rows_decode(tiny_llama):
     assert sum(p for p, _ in chunks) == 150
     (_, toks_l), (_, toks_s) = _drain(engine, [long, short])
     assert_greedy_matches([t.token_id for t in toks_l], merged_copy(reference, None), _prompt(150, 2), 3)
+
+
+def test_no_unwritten_slot_is_ever_read(tiny_llama):
+    """The cache starts uninitialised: NaN in every slot must never reach a result (decode rows of
+    different lengths are padded, prefixes are shared and reused)."""
+    engine, reference = _engine(tiny_llama, kv_cache_bytes=2 * 2 * 2 * 8 * 4 * 4 * 100)  # 100 blocks of 4
+    for t in engine.generator.kv.keys + engine.generator.kv.values:
+        t.fill_(float("nan"))
+    prompts = [_prompt(n, n) for n in (3, 9, 17, 9)] + [_prompt(9, 9) + [5, 6]]  # a shared prefix
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    for _ in range(2):  # the second round reuses cached blocks of the first
+        outs = _drain(engine, [engine.submit(p, params) for p in prompts])
+        for p, (fin, toks) in zip(prompts, outs, strict=True):
+            assert fin.finish_reason == "length", fin.error
+            assert_greedy_matches([t.token_id for t in toks], merged_copy(reference, None), p, 6)

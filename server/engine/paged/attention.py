@@ -45,11 +45,14 @@ class PagedKV:
         slots = num_blocks * block_size
         self.block_size = block_size
         self.num_blocks = num_blocks
+        # Uninitialised: a slot is read only after it was written (a step writes its tokens before
+        # any read, decode rows are padded with their own first slot), so the cache's pages are
+        # touched as sequences fill them, not all at start-up.
         self.keys = [
-            torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
+            torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
         ]
         self.values = [
-            torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
+            torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
         ]
 
     @staticmethod
