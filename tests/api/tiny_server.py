@@ -30,6 +30,7 @@ DEFAULTS = {
     "max_batch_size": 8,
     "device_adapter_bytes": 64 << 20,
     "host_adapter_bytes": 64 << 20,
+    "kv_cache_bytes": 16 << 20,  # 64k tokens of the tiny model: plenty, and small for many apps per run
 }
 
 

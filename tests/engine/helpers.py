@@ -32,7 +32,13 @@ def make_engine(model, tokenizer, **overrides) -> tuple[Engine, torch.nn.Module]
     base = wrap_model("tiny", model, tokenizer, TARGETS)
     # dtype pinned: the exactness tests are float32 whatever `auto` would pick on this CPU.
     settings = Settings(
-        **{"dtype": "float32", "max_batch_size": 16, "device_adapter_bytes": 64 << 20, **overrides}
+        **{
+            "dtype": "float32",
+            "max_batch_size": 16,
+            "device_adapter_bytes": 64 << 20,
+            "kv_cache_bytes": 16 << 20,  # 64k tokens of the tiny model
+            **overrides,
+        }
     )
     return Engine(base, settings), reference
 
