@@ -7,6 +7,11 @@ upcast to float32 and float32 copies of the tables, the result cast back (the "u
 for bf16, kept here because it was measured against the bf16 kernels). Printed: microseconds
 above the bare base GEMM (best of many short runs; a loaded machine inflates every column alike).
 
+``--engine``: whole decode steps of the default model (32 requests, 32-token prompts), no adapter
+and three mixes (the 5 families, the 10 configs, 8 LoRA r8 over 32 requests), each mix with the
+kernels and with the torch code, interleaved round by round; the median step times and
+``base step / scenario step`` (the tokens/s ratio vs no adapter).
+
 ``--lora``: 8 LoRA r8 slots on all 32 rows instead of the mix (issue 13's PEFT LoRA scenario),
 and a masked "segmented GEMM pair" in torch (``x Aᵀ`` for every slot's factors at once, masked to
 each row's slot, then ``· Bt``) for comparison with the kernel.
@@ -15,7 +20,9 @@ each row's slot, then ``· Bt``) for comparison with the kernel.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -105,8 +112,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lora", action="store_true", help="8 LoRA r8 slots on all 32 rows")
+    ap.add_argument("--engine", action="store_true", help="whole decode steps, kernels on vs off")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--out", type=Path, default=None, help="--engine: write the results here (JSON)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.engine:
+        res = engine_ab(args.threads, args.rounds, args.new_tokens, args.dtype)
+        print(json.dumps(res["base_step_over_scenario"], indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=2))
+        return
     k = kernels.load(Settings().kernels_build_dir)
     if k is None:
         raise SystemExit("the kernels cannot be built here")
@@ -134,6 +152,91 @@ def main() -> None:
                         cols[f"{d} seg-GEMM"] = best_us(lora_segmented(x, y, g))
             label = f"{family}:{raw.get('variant', '')}"[:16]
             print(f"{label:16s} {name:5s} " + "  ".join(f"{c} {v:6.1f}" for c, v in cols.items()), flush=True)
+
+
+# ---- --engine: whole decode steps, kernels on and off in one process --------------------------------
+PER_FAMILY = [MIX[0], MIX[1], MIX[2], ("dct", {"n_frequency": 700}), ("surm", {"variant": "circulant"})]
+TEN_CONFIGS = [  # bench/serve.py's MIX: every config variant served on the fly
+    ("lora", {"r": 8, "lora_alpha": 16}),
+    ("hut", {"r": 1}),
+    ("hut", {"r": 1, "use_scale_shift": True}),
+    ("ether", {"variant": "ether", "side": "auto", "n_blocks": 4}),
+    ("ether", {"variant": "etherplus", "side": "auto", "n_blocks": 4}),
+    ("ether", {"variant": "etherplus", "side": "both", "n_blocks": 4}),
+    ("dct", {"n_frequency": 700}),
+    ("surm", {"variant": "circulant"}),
+    ("surm", {"variant": "toeplitz"}),
+    ("surm", {"variant": "kronecker", "kron_factor": 32}),
+]
+
+
+def engine_ab(threads: int, rounds: int, new_tokens: int, dtype: str) -> dict:
+    """Median decode-step time of 32 requests: no adapter, and each mix with the kernels and with
+    the torch code, interleaved round by round (a drifting machine hits every scenario alike)."""
+    from server.engine.engine import Engine
+    from server.engine.loader import load_base_model
+    from server.engine.requests import SamplingParams
+    from server.methods import Adapter
+
+    settings = Settings(
+        threads=threads, max_batch_size=64, merged_cache_bytes=0, device_adapter_bytes=1 << 30, dtype=dtype
+    )
+    engine = Engine(load_base_model(settings), settings)
+    k = engine.planner.kernels
+    if k is None:
+        raise SystemExit("the kernels cannot be built here")
+    weights = {p: m.base.weight.float() for p, m in engine.base.modules.items()}
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    def add(name, family, raw, seed):
+        method = get_method(family)
+        cfg = method.parse_config({"peft_type": method.peft_type, "target_modules": targets, **raw})
+        g = torch.Generator().manual_seed(seed)
+        mods = {p: method.init_module_params(cfg, p, w, "random", g) for p, w in weights.items()}
+        engine.add_adapter(name, Adapter(method, cfg, mods, dict(engine.base.module_shapes)))
+        return name
+
+    mixes = {
+        "per_family": [add(f"f{i}", *PER_FAMILY[i % 5], 300 + i) for i in range(32)],
+        "ten_configs": [add(f"t{i}", *TEN_CONFIGS[i % 10], i) for i in range(32)],
+        "lora8": [add(f"l{i % 8}", *MIX[0], 900 + i % 8) if i < 8 else f"l{i % 8}" for i in range(32)],
+    }
+    prompts = [[100 + (7 * i + j) % 5000 for j in range(32)] for i in range(32)]
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+
+    def step_ms(adapters, kernels_on: bool) -> float:
+        engine.planner.kernels = k if kernels_on else None
+        for p, a in zip(prompts, adapters, strict=True):
+            engine.submit(p, params, a)
+        times, n = [], 0
+        while engine.generator.num_running or engine.generator.num_waiting:
+            t = time.perf_counter()
+            engine.generator.step()
+            n += 1
+            if n > 2:  # decode steps only (the first steps prefill)
+                times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2] * 1e3
+
+    scenarios = {"base": ([None] * 32, True)}
+    for name, ids in mixes.items():
+        scenarios[f"{name} kernels"] = (ids, True)
+        scenarios[f"{name} torch"] = (ids, False)
+    for ids, on in scenarios.values():  # warm-up: install slots, first calls
+        step_ms(ids, on)
+    runs: dict[str, list[float]] = {s: [] for s in scenarios}
+    for r in range(rounds):
+        for s, (ids, on) in scenarios.items():
+            runs[s].append(step_ms(ids, on))
+        print(f"round {r + 1}: " + "  ".join(f"{s} {v[-1]:.1f}" for s, v in runs.items()), flush=True)
+    engine.planner.kernels = k
+    med = {s: sorted(v)[len(v) // 2] for s, v in runs.items()}
+    return {
+        "dtype": str(engine.base.dtype).removeprefix("torch."),
+        "threads": threads,
+        "step_ms_median": med,
+        "step_ms_rounds": runs,
+        "base_step_over_scenario": {s: med["base"] / v for s, v in med.items()},
+    }
 
 
 if __name__ == "__main__":
