@@ -98,9 +98,9 @@ def load_base_model(settings: Settings) -> BaseModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = pick_device_dtype(settings)
-    if settings.threads:  # the engine thread's count (``threads``); this thread too (in-process use)
-        threads.configure(settings.threads)
-        torch.set_num_threads(settings.threads)
+    # The engine thread's intra-op threads (``threads``). Not this thread's: a loading thread that
+    # went parallel would keep an OpenMP pool beside the engine thread's and throttle both.
+    threads.configure(settings.threads)
     source = settings.model
     if source == DEFAULT_MODEL:
         source = str(provision_default_model(settings.model_cache_dir))
