@@ -1,7 +1,8 @@
 """Serving in bfloat16 (what ``--dtype auto`` picks on CUDA and on CPUs with bf16 matrix math).
 
-The fused CPU kernels are float32-only, so bf16 rows take each family's torch code. Exactness
-stays a float32 matter (test_engine_exact.py); here bf16 is held to tolerances:
+On CPU, bf16 rows go through the fused kernels where a family has one (float32 arithmetic, one
+rounding on write-back; ``tests/methods/test_kernels_bf16.py``) and the torch code otherwise.
+Exactness stays a float32 matter (test_engine_exact.py); here bf16 is held to tolerances:
 
 * Method level, every (family, config) case in one mixed batch: the batched bf16 output against a
   bf16 dense reference (the merged ``W'`` rounded to bf16, one GEMM). Both are compared with the
