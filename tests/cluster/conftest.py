@@ -27,10 +27,12 @@ from server.engine.loader import wrap_model  # noqa: E402
 from server.settings import Settings  # noqa: E402
 from tests.api.conftest import adapter_files  # noqa: E402
 from tests.api.tiny_server import BASE_NAME, TARGETS, tiny_settings  # noqa: E402
+from tests.cluster.tiny_factory import STEP_DELAY_ENV  # noqa: E402
 from tests.conftest import make_tiny_llama, make_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 FACTORY = "tests.cluster.tiny_factory:tiny_app"
+
 # The tiny cluster runs with API keys: the clients send the admin one unless a test says otherwise.
 ADMIN_KEY, INFER_KEY = "cluster-admin-key", "cluster-infer-key"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -79,7 +81,9 @@ def ray_cluster_of(
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         _temp_dir=ray_tmp,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},  # the workers import tests.cluster
+        # the workers import tests.cluster; each engine step of the tiny replicas takes >= 10 ms, so
+        # a long stream is still running when its client's disconnect reaches the replica
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), STEP_DELAY_ENV: "0.01"}},
         logging_level="warning",
     )
     try:
