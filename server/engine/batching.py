@@ -276,6 +276,13 @@ class BatchingBase:
             self._step_started = None
             self._progress = time.monotonic()
 
+    def _publish(self, stats: StepStats) -> StepStats:
+        """Hand a step's stats, with the queue waits of its first admissions, to the observers."""
+        stats.queue_seconds, self._queue_seconds = self._queue_seconds, []
+        for observe in self.observers:
+            observe(stats)
+        return stats
+
     def _drop_cancelled_waiting(self) -> int:
         with self._cond:
             cancelled = [r for r in self._waiting if r.cancelled]

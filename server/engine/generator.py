@@ -148,12 +148,8 @@ class Generator(BatchingBase):
             finished=finished,
             num_running=len(self._running),
             num_waiting=len(self._waiting),
-            queue_seconds=self._queue_seconds,
         )
-        self._queue_seconds = []
-        for observe in self.observers:
-            observe(stats)
-        return stats
+        return self._publish(stats)
 
     def _drop_cancelled(self) -> int:
         cancelled = self._drop_cancelled_waiting()

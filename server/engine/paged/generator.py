@@ -157,12 +157,8 @@ class PagedGenerator(BatchingBase):
             finished=finished,
             num_running=len(self._seqs),
             num_waiting=self.num_waiting,
-            queue_seconds=self._queue_seconds,
         )
-        self._queue_seconds = []
-        for observe in self.observers:
-            observe(stats)
-        return stats
+        return self._publish(stats)
 
     # ---- phase 1: housekeeping -----------------------------------------------------------
 
