@@ -12,13 +12,10 @@ race on ``CREATE TABLE``. psycopg is imported only when this backend is chosen.
 from __future__ import annotations
 
 import json
-import queue
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from .errors import Unavailable
 from .index import _COLUMNS, QUARANTINED, Row, _row
+from .pgpool import PgPool
 
 _SCHEMA_LOCK = 0x46616365  # "Face": pg_advisory_xact_lock key for schema creation
 
@@ -54,12 +51,8 @@ _POOL_SIZE = 8
 
 class PostgresIndex:
     def __init__(self, dsn: str, connect_timeout_s: int = 10):
-        import psycopg  # lazily: the embedded default never imports it
-
-        self._psycopg = psycopg
-        self.dsn = dsn
-        self.connect_timeout_s = connect_timeout_s
-        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._pool = PgPool(dsn, "the adapter index", _POOL_SIZE, connect_timeout_s)
+        self._psycopg = self._pool.psycopg
 
     def open(self) -> None:
         with self._transaction() as cur:
@@ -68,39 +61,11 @@ class PostgresIndex:
             cur.execute(f"SELECT {_COLUMNS} FROM adapters LIMIT 1")
 
     def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
+        self._pool.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator:
-        """One transaction on a pooled connection. A lost connection (server down, network) is
-        ``Unavailable`` (503), never mistaken for damage; a full disk stays ``DiskFull``."""
-        pg = self._psycopg
-        try:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = pg.connect(self.dsn, autocommit=True, connect_timeout=self.connect_timeout_s)
-        except pg.OperationalError as e:
-            raise Unavailable("index", "the adapter index (PostgreSQL) is unreachable; retry") from e
-        ok = False
-        try:
-            with conn.transaction(), conn.cursor() as cur:
-                yield cur
-            ok = True
-        except pg.OperationalError as e:
-            if isinstance(e, pg.errors.DiskFull):
-                raise
-            raise Unavailable("index", "the adapter index (PostgreSQL) failed; retry") from e
-        finally:
-            idle = conn.info.transaction_status == self._psycopg.pq.TransactionStatus.IDLE
-            if ok and idle and not conn.closed and self._idle.qsize() < _POOL_SIZE:
-                self._idle.put(conn)
-            else:
-                conn.close()
+    def _transaction(self):
+        """One transaction on a pooled connection (``pgpool.PgPool``)."""
+        return self._pool.transaction()
 
     # ---- reads -------------------------------------------------------------------------------
     def get(self, adapter_id: str) -> Row | None:

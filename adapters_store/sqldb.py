@@ -10,7 +10,7 @@ either backend:
 * ``PostgresDB``: a libpq DSN (the same ``store_index_url`` as the adapter index), connections
   from a small per-process pool, one transaction per call. ``?`` becomes ``%s``; REAL and INTEGER
   columns become DOUBLE PRECISION and BIGINT. A lost connection is ``Unavailable`` (503,
-  ``where="index"``), as in ``index_pg.py``.
+  ``where="index"``), as for the adapter index (``pgpool.PgPool``, shared by both).
 
 Rows come back as dicts. ``open_db(url, sqlite_path)`` picks the backend from the URL
 (``None``/``"sqlite"`` or ``postgresql://...``); psycopg is imported only for PostgreSQL.
@@ -18,7 +18,6 @@ Rows come back as dicts. ``open_db(url, sqlite_path)`` picks the backend from th
 
 from __future__ import annotations
 
-import queue
 import re
 import sqlite3
 import zlib
@@ -27,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import Unavailable
+from .pgpool import PgPool
 
 _POOL_SIZE = 4
 _PG_TYPES = {"REAL": "DOUBLE PRECISION", "INTEGER": "BIGINT"}
@@ -115,43 +114,18 @@ class PostgresDB:
     dialect = "postgres"
 
     def __init__(self, dsn: str, connect_timeout_s: int = 10):
-        import psycopg  # lazily: the embedded default never imports it
-        from psycopg.rows import dict_row
+        from psycopg.rows import dict_row  # lazily: the embedded default never imports psycopg
 
-        self._psycopg = psycopg
+        self._pool = PgPool(dsn, "the index", _POOL_SIZE, connect_timeout_s)
         self._dict_row = dict_row
-        self.dsn = dsn
-        self.connect_timeout_s = connect_timeout_s
-        self._idle: queue.LifoQueue = queue.LifoQueue()
 
     @contextmanager
     def transaction(self, write: bool = False) -> Iterator[Cursor]:
-        """One transaction on a pooled connection; a broken connection is closed, not pooled."""
-        pg = self._psycopg
-        try:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = pg.connect(self.dsn, autocommit=True, connect_timeout=self.connect_timeout_s)
-        except pg.OperationalError as e:
-            raise Unavailable("index", "the index (PostgreSQL) is unreachable; retry") from e
-        ok = False
-        try:
-            with conn.transaction(), conn.cursor(row_factory=self._dict_row) as cur:
-                if not write:
-                    cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # one snapshot
-                yield Cursor(cur, postgres=True)
-            ok = True
-        except pg.OperationalError as e:
-            if isinstance(e, pg.errors.DiskFull):
-                raise
-            raise Unavailable("index", "the index (PostgreSQL) failed; retry") from e
-        finally:
-            idle = conn.info.transaction_status == pg.pq.TransactionStatus.IDLE
-            if ok and idle and not conn.closed and self._idle.qsize() < _POOL_SIZE:
-                self._idle.put(conn)
-            else:
-                conn.close()
+        """One transaction on a pooled connection (``pgpool.PgPool``); readers see one snapshot."""
+        with self._pool.transaction(row_factory=self._dict_row) as cur:
+            if not write:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            yield Cursor(cur, postgres=True)
 
     def create(self, schema: str, lock_key: str) -> None:
         """Create the tables under a transaction-level advisory lock, so replicas that open at
@@ -177,11 +151,7 @@ class PostgresDB:
         cur.execute(f"SELECT 1 FROM {table} WHERE {key_column} = ? FOR UPDATE", (key,))
 
     def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
+        self._pool.close()
 
 
 SqlDB = SqliteDB | PostgresDB
