@@ -44,28 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.loader import load_base_model  # noqa: E402
 from server.engine.requests import SamplingParams, TokenEvent  # noqa: E402
+from server.kernels.microbench import PER_FAMILY, TEN_CONFIGS  # noqa: E402
 from server.methods import Adapter, available_methods, get_method  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Every family, default-ish configs; HUT rank>1 is served merged by policy, so it is left out of
-# the on-the-fly mix and reported by the merged scenario instead.
-MIX = [
-    ("lora", {"r": 8, "lora_alpha": 16}),
-    ("hut", {"r": 1}),
-    ("hut", {"r": 1, "use_scale_shift": True}),
-    ("ether", {"variant": "ether", "side": "auto", "n_blocks": 4}),
-    ("ether", {"variant": "etherplus", "side": "auto", "n_blocks": 4}),
-    ("ether", {"variant": "etherplus", "side": "both", "n_blocks": 4}),
-    ("dct", {"n_frequency": 700}),
-    ("surm", {"variant": "circulant"}),
-    ("surm", {"variant": "toeplitz"}),
-    ("surm", {"variant": "kronecker", "kron_factor": 32}),
-]
-
-
-# One default config per family (5 slot pools per layer): LoRA r8, HUT r1, ETHER+ auto, DCT, SURM circulant.
-MIX_PER_FAMILY = [MIX[0], MIX[1], MIX[4], MIX[6], MIX[7]]
+# The 10 configs served on the fly and the 5 families in default configs (shared with
+# server/kernels/microbench.py's --engine scenarios).
+MIX, MIX_PER_FAMILY = TEN_CONFIGS, PER_FAMILY
 # One config of every registered type, SmolLM2 sizes (hidden 576, k/v 192, MLP 1536).
 ALL_TYPES = [
     ("lora", {"r": 8, "lora_alpha": 16}),
