@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.serve import ALL_TYPES, make_adapter  # noqa: E402
+from bench.workload import pct  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.loader import load_base_model  # noqa: E402
 from server.engine.requests import SamplingParams, TokenEvent  # noqa: E402
@@ -44,11 +45,6 @@ def build(args, kind: str) -> Engine:
     family, raw = ALL_TYPES[0]
     engine.add_adapter("a", make_adapter(engine, family, raw, seed=5))
     return engine
-
-
-def pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
 def long_prompt(engine: Engine, args, rng: random.Random) -> dict:
