@@ -259,6 +259,8 @@ def cluster_stack(args) -> Iterator[Stack]:
             bucket = new_bucket(endpoint)
             env = store_env(endpoint, bucket, dsn)
             store = "S3 (moto_server, loopback) + PostgreSQL (loopback)"
+        elif args.start_cluster:
+            store = "embedded (SQLite + local files, one data_dir shared by the replicas)"
         if not args.start_cluster:
             yield Stack(args.url, s3_endpoint=endpoint, s3_bucket=bucket, store=store)
             return
