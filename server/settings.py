@@ -61,6 +61,13 @@ class Settings(BaseSettings):
         description="paged: while sequences decode, a step's prefill chunk is sized so the step takes at"
         " most this many decode-only steps (measured); 0 = chunks of max_tokens_per_step",
     )
+    static_decode: str = Field(
+        "off",
+        pattern="^(off|eager|compiled)$",
+        description="paged: decode-only steps of base-model rows run over bucketed batch sizes and"
+        " static buffers (eager), also through torch.compile (compiled; every bucket compiles at"
+        " start-up); off: packed shapes (measured faster here, docs/engine.md)",
+    )
     prefix_caching: bool = Field(
         True, description="share full KV blocks of equal prefixes (same adapter version)"
     )

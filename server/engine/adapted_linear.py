@@ -142,6 +142,8 @@ class AdaptedLinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # only base-only static decode steps are compiled
+            return self.base(x)  # (paged/static.py); a graph cannot read the context variable
         binding = _BINDING.get()
         if binding is None:
             return self.base(x)

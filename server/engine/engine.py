@@ -27,6 +27,7 @@ from .kv_batch import growing_cache
 from .loader import BaseModel
 from .paged.build import build_kv, paged_forward
 from .paged.generator import PagedGenerator
+from .paged.static import StaticDecode
 from .policy import StepPlanner
 from .requests import EventSink, GenerationRequest, SamplingParams
 from .residency import Residency
@@ -83,11 +84,18 @@ class Engine:
             housekeeping=self.residency.apply_drops,
         )
         paged = build_kv(base.model, settings, base.device) if settings.kv_cache == "paged" else None
+        self.static_decode: StaticDecode | None = None  # base-only decode steps in static shapes
         self.generator: BatchingBase
         if paged is not None:
             kv, pool = paged
+            static = self.static_decode
+            if settings.static_decode != "off":
+                compiled = settings.static_decode == "compiled"
+                static = StaticDecode(base.model, kv, settings.max_batch_size, base.device, compile=compiled)
+                static.warm_up()
+                self.static_decode = static
             self.generator = PagedGenerator(
-                paged_forward(base.model, self.planner, bind),
+                paged_forward(base.model, self.planner, bind, static),
                 base.tokenizer,
                 base.eos_token_ids,
                 kv=kv,

@@ -45,14 +45,17 @@ class PagedKV:
         slots = num_blocks * block_size
         self.block_size = block_size
         self.num_blocks = num_blocks
+        # One slot past the blocks: where padding rows of a static decode step (``static.py``)
+        # write and read. No block contains it, so no sequence ever sees what lands there.
+        self.scratch_slot = slots
         # Uninitialised: a slot is read only after it was written (a step writes its tokens before
         # any read, decode rows are padded with their own first slot), so the cache's pages are
         # touched as sequences fill them, not all at start-up.
         self.keys = [
-            torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
+            torch.empty(slots + 1, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
         ]
         self.values = [
-            torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
+            torch.empty(slots + 1, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
         ]
 
     @staticmethod
@@ -99,7 +102,12 @@ def paged_attention(module, query, key, value, attention_mask, dropout: float = 
     """``facet_paged``: paged attention inside a bound step, transformers' SDPA outside one.
 
     ``query`` ``[1, H, T, D]``, ``key``/``value`` ``[1, H_kv, T, D]`` (rotary applied). Returns
-    ``([1, T, H, D], None)`` like transformers' attention functions."""
+    ``([1, T, H, D], None)`` like transformers' attention functions. A static decode step
+    (``static.py``) passes its layout as the ``facet_static`` keyword instead: a compiled graph
+    cannot read a context variable."""
+    static = kwargs.get("facet_static")
+    if static is not None:
+        return static_decode(module, query, key, value, static, scaling)
     layout = _STEP.get()
     if layout is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -149,6 +157,19 @@ def paged_attention(module, query, key, value, attention_mask, dropout: float = 
     return out.unsqueeze(0), None
 
 
+def static_decode(module, query, key, value, static, scaling):
+    """A static decode step: write each row's key/value, then one batched decode attention."""
+    k_store, v_store = static.kv.keys[module.layer_idx], static.kv.values[module.layer_idx]
+    k_store.index_copy_(0, static.write_slots, key[0].transpose(0, 1).to(k_store.dtype))
+    v_store.index_copy_(0, static.write_slots, value[0].transpose(0, 1).to(v_store.dtype))
+    rows, length = static.slots.shape
+    flat = static.slots.reshape(-1)
+    kd = k_store.index_select(0, flat).view(rows, length, *k_store.shape[1:]).transpose(1, 2)
+    vd = v_store.index_select(0, flat).view(rows, length, *v_store.shape[1:]).transpose(1, 2)
+    q = query[0].transpose(0, 1)  # [B, H, D]
+    return decode_attention(q, kd.to(q.dtype), vd.to(q.dtype), static.mask, scaling).unsqueeze(0), None
+
+
 def decode_attention(q, k, v, mask, scale):
     """One query per row: ``q`` ``[B, H, D]``, ``k``/``v`` ``[B, H_kv, L, D]``, ``mask``
     ``[B, 1, 1, L]`` (True = attend) or None. Returns ``[B, H, D]``.
@@ -171,8 +192,9 @@ def decode_attention(q, k, v, mask, scale):
 
 
 def paged_mask(*args, **kwargs):
-    """No mask inside a paged step (the layout says who sees what); SDPA's mask outside one."""
-    if _STEP.get() is not None:
+    """No mask inside a paged step (the layout says who sees what); SDPA's mask outside one. A
+    compiled graph is always a static decode step (``static.py``), which needs no mask either."""
+    if torch.compiler.is_compiling() or _STEP.get() is not None:
         return None
     from transformers.masking_utils import sdpa_mask
 

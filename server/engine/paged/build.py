@@ -13,6 +13,7 @@ from server.settings import Settings
 from . import attention
 from .attention import PagedKV, StepLayout, paged_step
 from .blocks import BlockPool
+from .static import StaticDecode
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +99,15 @@ def build_kv(
     return kv, BlockPool(num_blocks, bs, prefix_caching=settings.prefix_caching)
 
 
-def paged_forward(model: torch.nn.Module, planner, bind):
-    """The ``PagedForward`` of the engine: plan the step's adapters per token, then run the model."""
+def paged_forward(model: torch.nn.Module, planner, bind, static: StaticDecode | None = None):
+    """The ``PagedForward`` of the engine: plan the step's adapters per token, then run the model
+    (a base-only decode step through ``static``'s bucketed shapes when there is one)."""
     keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def forward(input_ids, position_ids, token_keys: list[Hashable], logits_index, layout, also_resident):
         binding = planner.plan(token_keys, 1, also_resident=also_resident)
+        if static is not None and static.eligible(binding, layout, input_ids.shape[1]):
+            return static.run(input_ids, position_ids, layout, logits_index)
         extra = {"logits_to_keep": logits_index} if keeps else {}
         with torch.inference_mode(), bind(binding), paged_step(layout):
             logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits[0]
