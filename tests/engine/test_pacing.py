@@ -1,35 +1,87 @@
-"""Prefill chunks paced to the decode step: the cap follows the measured costs."""
+"""Prefill chunks paced to the decode step: the allowance follows the measured costs, and a chunk's
+cost grows with its context (its attention), so chunks shrink as a long prompt advances."""
 
 from __future__ import annotations
+
+import pytest
 
 from server.engine.paged.pacing import ChunkPacer
 
 
-def test_no_cap_until_both_costs_are_known_and_none_without_decoding_rows():
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1e-12)
+
+
+def test_no_allowance_until_both_costs_are_known_and_none_without_decoding_rows():
     pacer = ChunkPacer(factor=3.0)
-    assert pacer.cap(decoding=True) is None
-    pacer.observe(0.040, prefill_tokens=0, decode_rows=8)  # a decode-only step: 40 ms
-    assert pacer.cap(decoding=True) is None  # no prefill measured yet
-    pacer.observe(0.040 + 0.002 * 100, prefill_tokens=100, decode_rows=8)  # 2 ms per prefill token
-    assert pacer.cap(decoding=False) is None  # nobody to slow down
-    assert pacer.cap(decoding=True) == 40  # (3 - 1) x 40 ms / 2 ms
+    assert pacer.allowance(decoding=True).seconds is None
+    pacer.observe(0.040, [], decode_rows=8)  # a decode-only step: 40 ms
+    assert pacer.allowance(decoding=True).seconds is None  # no prefill measured yet
+    pacer.observe(0.040 + 0.002 * 100, [(100, 0)], decode_rows=8)  # 2 ms per prefill token
+    assert pacer.allowance(decoding=False).seconds is None  # nobody to slow down
+    allowance = pacer.allowance(decoding=True)
+    assert _close(allowance.seconds, 0.080)  # (3 - 1) x 40 ms
+    assert allowance.limit(1000, context=0) == 40  # 80 ms / 2 ms per token (one fit: no key term)
 
 
-def test_cap_has_a_floor_and_factor_zero_turns_it_off():
-    pacer = ChunkPacer(factor=1.5, min_chunk=16)
-    pacer.observe(0.010, 0, 4)
-    pacer.observe(0.010 + 0.001 * 50, 50, 4)
-    assert pacer.cap(True) == 16  # 0.5 x 10 ms / 1 ms = 5, raised to the floor
+def test_factor_zero_turns_pacing_off():
     off = ChunkPacer(factor=0.0)
-    off.observe(0.010, 0, 4)
-    off.observe(0.060, 50, 4)
-    assert off.cap(True) is None
+    off.observe(0.010, [], 4)
+    off.observe(0.060, [(50, 0)], 4)
+    assert off.allowance(True).limit(4096, 0) == 4096
 
 
-def test_estimates_are_moving_averages():
+def test_the_first_chunk_gets_the_floor_and_later_ones_only_what_is_left():
+    pacer = ChunkPacer(factor=1.5, min_chunk=16)
+    pacer.observe(0.010, [], 4)
+    pacer.observe(0.010 + 0.001 * 50, [(50, 0)], 4)  # 1 ms per token
+    allowance = pacer.allowance(True)  # 5 ms of prefill
+    first = allowance.limit(100, 0)
+    assert first == 16  # 5 tokens' worth, raised to the floor so the prompt advances
+    allowance.spend(first, 0)
+    assert allowance.limit(100, 0) == 0  # the allowance is spent: no second chunk this step
+    assert allowance.limit(3, 0) == 0
+
+
+def test_the_fit_separates_the_three_rates_and_long_contexts_get_shorter_chunks():
+    token_s, pair_s, context_s = 2e-4, 1e-7, 5e-6  # per token, per query-key pair, per context token
+    pacer = ChunkPacer(factor=2.0)
+    pacer.observe(0.030, [], 8)
+    context = 0
+    for n in (64, 48, 40, 32, 24, 64, 16, 12, 40, 8, 30, 20):  # a long prompt going in
+        seconds = n * token_s + n * (context + (n + 1) / 2) * pair_s + context * context_s
+        pacer.observe(0.030 + seconds, [(n, context)], 8)
+        context += n * 10  # (other steps of the prompt in between)
+    assert pacer.token_s == pytest.approx(token_s, rel=1e-6)
+    assert pacer.pair_s == pytest.approx(pair_s, rel=1e-6)
+    assert pacer.context_s == pytest.approx(context_s, rel=1e-6)
+    near, far = pacer.allowance(True).limit(10_000, 0), pacer.allowance(True).limit(10_000, 4000)
+    assert far < near / 2  # the same 30 ms buys far fewer tokens at the end of the prompt
+    for c, n in ((0, near), (4000, far)):  # each is the longest chunk within the allowance
+        assert pacer.cost(n, c) <= 0.030 < pacer.cost(n + 1, c)
+
+
+def test_a_context_whose_read_alone_exceeds_the_allowance_gets_the_floor():
+    pacer = ChunkPacer(factor=2.0, min_chunk=4)
+    pacer.decode_s, pacer.token_s, pacer.context_s = 0.030, 1e-4, 1e-5  # 40 ms to read 4,000 tokens
+    allowance = pacer.allowance(True)
+    assert pacer.tokens_within(0.030, 4000) == 0
+    assert allowance.limit(500, 4000) == 4  # the prompt still advances
+
+
+def test_chunks_at_one_context_fall_back_to_a_per_token_rate():
+    pacer = ChunkPacer(factor=2.0)
+    pacer.observe(0.020, [], 2)
+    for n in (32, 32, 32):  # collinear observations: the key term cannot be told apart
+        pacer.observe(0.020 + 0.003 * n, [(n, 0)], 2)
+    assert pacer.pair_s == 0.0 and pacer.context_s == 0.0
+    assert pacer.token_s == pytest.approx(0.003, rel=1e-9)
+
+
+def test_decode_estimate_is_a_moving_average():
     pacer = ChunkPacer(factor=2.0, alpha=0.5)
-    pacer.observe(0.020, 0, 1)
-    pacer.observe(0.040, 0, 1)
-    assert abs(pacer.decode_s - 0.030) < 1e-12
-    pacer.observe(0.100, 100, 0)  # no decode rows: the whole forward is the prefill's
-    assert abs(pacer.token_s - 0.001) < 1e-12
+    pacer.observe(0.020, [], 1)
+    pacer.observe(0.040, [], 1)
+    assert _close(pacer.decode_s, 0.030)
+    pacer.observe(0.100, [(100, 0)], 0)  # no decode rows: the whole forward is the prefill's
+    assert _close(pacer.token_s, 0.001)

@@ -224,19 +224,26 @@ def test_cancelled_and_failed_sequences_give_their_blocks_back(tiny_llama):
 def test_prefill_is_paced_to_the_decode_step_while_rows_decode(tiny_llama):
     engine, reference = _engine(tiny_llama, max_tokens_per_step=4096, prefill_itl_factor=3.0)
     gen = engine.generator
-    short = engine.submit(_prompt(5, 1), SamplingParams(max_new_tokens=4, temperature=0))
+    short = engine.submit(_prompt(5, 1), SamplingParams(max_new_tokens=6, temperature=0))
     gen.step()
-    gen.pacer.decode_s, gen.pacer.token_s, gen.pacer.alpha = 0.010, 0.001, 0.0  # frozen estimates
-    assert gen.pacer.cap(decoding=True) == 20  # (3 - 1) x 10 ms / 1 ms
+    pacer = gen.pacer  # frozen estimates: 10 ms a decode step, 1 ms a token, 10 us a query-key pair
+    pacer.decode_s, pacer.token_s, pacer.pair_s, pacer.context_s = 0.010, 0.001, 1e-5, 0.0
+    pacer.observe = lambda *args, **kwargs: None
     long = engine.submit(_prompt(150, 2), SamplingParams(max_new_tokens=3, temperature=0))
     chunks = []
     while gen.num_running or gen.num_waiting:
         stats = gen.step()
         if stats.prefill_tokens:
             chunks.append((stats.prefill_tokens, stats.decode_tokens))
-    assert all(p <= 20 for p, d in chunks if d)  # paced while the short stream decodes
-    assert any(p > 20 for p, d in chunks if not d)  # the rest in one piece once it is done
     assert sum(p for p, _ in chunks) == 150
+    paced = [p for p, d in chunks if d]  # while the short stream decodes
+    assert len(paced) >= 3
+    context = 0
+    for n in paced:  # each the longest chunk within (3 - 1) x 10 ms at its context
+        assert pacer.cost(n, context) <= 0.020 < pacer.cost(n + 1, context), (n, context)
+        context += n
+    assert paced == sorted(paced, reverse=True) and paced[-1] < paced[0]  # shorter as it advances
+    assert any(p > paced[0] for p, d in chunks if not d)  # the rest in one piece once it is done
     (_, toks_l), (_, toks_s) = _drain(engine, [long, short])
     assert_greedy_matches([t.token_id for t in toks_l], merged_copy(reference, None), _prompt(150, 2), 3)
 

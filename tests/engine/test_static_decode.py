@@ -89,7 +89,9 @@ def test_padding_rows_touch_only_the_scratch_slot(tiny_llama):
     engine, _ = _engine(tiny_llama, static_decode="eager")
     kv = engine.generator.kv
     for layer in kv.keys + kv.values:
-        layer[: kv.scratch_slot].fill_(float("nan"))  # a read of any unwritten block slot shows
+        layer[:, : kv.scratch_slot].fill_(
+            float("nan")
+        )  # [H_kv, slots, D]  # a read of any unwritten block slot shows
     jobs = [
         (_prompt(4 + i, i), SamplingParams(max_new_tokens=6, temperature=0, logprobs=True), None)
         for i in range(3)

@@ -34,7 +34,7 @@ from server.engine.requests import ErrorKind, GenerationRequest, RetryLater
 
 from .attention import PagedKV, StepLayout
 from .blocks import BlockPool
-from .pacing import ChunkPacer
+from .pacing import ChunkPacer, StepAllowance
 from .packing import SeqKV, Work, pack, register_full_blocks, tokens_of
 
 log = logging.getLogger(__name__)
@@ -192,26 +192,28 @@ class PagedGenerator(BatchingBase):
                 work.append(Work(seq, st, 1))
                 budget -= 1
         budget = max(budget, 0)
-        cap = self.pacer.cap(decoding=bool(work))  # running streams keep their pace
-        if cap is not None:
-            budget = min(budget, cap)
+        allowance = self.pacer.allowance(decoding=bool(work))  # running streams keep their pace
         for seq in list(self._seqs):  # unfinished prefills, as far as budget and blocks allow
             st = self._state[seq]
             need = self._total(seq) - st.computed
             if need > 1 and budget > 0:
-                n = self._grow_upto(st, min(need, budget))
+                n = self._grow_upto(st, min(budget, allowance.limit(need, st.computed)))
                 if n > 0:
+                    allowance.spend(n, st.computed)
                     work.append(Work(seq, st, n, logits_all=self._scoring(seq, st)))
                     budget -= n
         for w in work:  # before admitting: a newcomer with the same prefix may read these blocks
             registered += register_full_blocks(self.pool, w.seq, w.state, w.state.computed + w.n)
-        newcomers = self._admit_paged(budget, work, registered)
+        newcomers = self._admit_paged(budget, allowance, work, registered)
         if not work and self._seqs:  # every running prefill is out of blocks: make room
             self._preempt(self._seqs[-1], work)
         return work, newcomers, registered
 
-    def _admit_paged(self, budget: int, work: list[Work], registered: list[int]) -> list[_Sequence]:
-        """Newcomers FIFO (preempted ones first) while rows, budget and blocks allow."""
+    def _admit_paged(
+        self, budget: int, allowance: StepAllowance, work: list[Work], registered: list[int]
+    ) -> list[_Sequence]:
+        """Newcomers FIFO (preempted ones first) while rows, budget, the pacing allowance and
+        blocks allow."""
         room = self.max_batch_size - len(self._seqs)
         if self._admit_cap is not None:
             room = min(room, self._admit_cap)
@@ -223,11 +225,13 @@ class PagedGenerator(BatchingBase):
             st = self._state.setdefault(seq, SeqKV())
             if st.computed == 0 and not self._scoring(seq, st):
                 self._match_prefix(seq, st)
-            n = self._grow_upto(st, min(self._total(seq) - st.computed, budget))
-            if n <= 0:  # no block left: back to the head of the line
+            n = min(budget, allowance.limit(self._total(seq) - st.computed, st.computed))
+            n = self._grow_upto(st, n) if n > 0 else 0
+            if n <= 0:  # no block or no allowance left: back to the head of the line
                 self._reset(st)
                 self._preempted.appendleft(seq)
                 break
+            allowance.spend(n, st.computed)
             self._seqs.append(seq)
             work.append(Work(seq, st, n, logits_all=self._scoring(seq, st)))
             # register now: a later newcomer of this step with the same prefix reads these blocks
@@ -335,8 +339,8 @@ class PagedGenerator(BatchingBase):
             packed.layout,
             others,
         )
-        decode = packed.layout.decodes
-        self.pacer.observe(time.perf_counter() - t0, len(packed.token_keys) - decode, decode)
+        chunks = [(c.length, c.context) for c in packed.layout.chunks]
+        self.pacer.observe(time.perf_counter() - t0, chunks, packed.layout.decodes)
         if self._admit_cap is not None:
             self._admit_cap *= 2
         return logits, packed
@@ -426,5 +430,5 @@ class PagedGenerator(BatchingBase):
         return self.pool.num_in_use * self.pool.block_size * self._bytes_per_token()
 
     def _bytes_per_token(self) -> int:
-        k = self.kv.keys[0]
-        return 2 * len(self.kv.keys) * k.shape[1] * k.shape[2] * k.element_size()
+        k = self.kv.keys[0]  # [H_kv, slots, D]
+        return 2 * len(self.kv.keys) * k.shape[0] * k.shape[2] * k.element_size()
