@@ -119,6 +119,9 @@ def apply_top_k_top_p(
 
 def sample(logits: torch.Tensor, st: SamplingTensors) -> SampleOutput:
     """Pick one token per row of ``logits`` ``[B, V]`` according to ``st``."""
+    if st.bias is None and not st.sampled_rows and not st.want_logprobs:
+        # all greedy: the argmax in the model's dtype is that of its float32 copy (the cast is exact)
+        return SampleOutput(token_ids=logits.argmax(dim=-1), logprobs=None, top=None)
     logits = raw = logits.float()
     if st.bias is not None:  # a new tensor: log-probabilities stay those of the raw scores
         logits = logits.index_put(st.bias[:2], st.bias[2], accumulate=True)
