@@ -119,9 +119,8 @@ def apply_top_k_top_p(
 
 def sample(logits: torch.Tensor, st: SamplingTensors) -> SampleOutput:
     """Pick one token per row of ``logits`` ``[B, V]`` according to ``st``."""
-    if st.bias is None and not st.sampled_rows and not st.want_logprobs:
-        # all greedy: the argmax in the model's dtype is that of its float32 copy (the cast is exact)
-        return SampleOutput(token_ids=logits.argmax(dim=-1), logprobs=None, top=None)
+    # float32 first, also for greedy rows: torch's CPU argmax over bfloat16 is 5x slower than the
+    # cast plus a float32 argmax (measured: [32, 49152], 5.1 vs 1.0 ms on one thread)
     logits = raw = logits.float()
     if st.bias is not None:  # a new tensor: log-probabilities stay those of the raw scores
         logits = logits.index_put(st.bias[:2], st.bias[2], accumulate=True)
