@@ -117,7 +117,7 @@ def ms(seconds: float | None) -> float | None:
 
 
 def p50(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
+    return round(statistics.median(values), 2) if values else None
 
 
 # ---- cold ---------------------------------------------------------------------------------------
