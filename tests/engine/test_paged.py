@@ -261,3 +261,28 @@ def test_no_unwritten_slot_is_ever_read(tiny_llama):
         for p, (fin, toks) in zip(prompts, outs, strict=True):
             assert fin.finish_reason == "length", fin.error
             assert_greedy_matches([t.token_id for t in toks], merged_copy(reference, None), p, 6)
+
+
+@pytest.mark.parametrize("max_new", [0, 3])
+def test_a_scored_prompt_whose_last_chunk_is_one_token_is_scored_whole(tiny_llama, max_new):
+    """17 prompt tokens in chunks of 16 leave one: that token is still part of the prompt's
+    scoring (every position's logits), not a decode row."""
+    from server.engine.requests import PromptEvent
+
+    prompt = _prompt(17, 4)
+    params = SamplingParams(max_new_tokens=max_new, temperature=0, prompt_logprobs=0)
+    scored = {}
+    for budget in (4096, 16):  # one shot / a 16-token chunk then a 1-token one
+        engine, _ = _engine(tiny_llama, max_tokens_per_step=budget)
+        req = engine.submit(prompt, params)
+        gen = engine.generator
+        while gen.num_running or gen.num_waiting:
+            gen.step()
+        events = req.sink.drain()
+        assert isinstance(events[-1], FinishEvent) and events[-1].finish_reason == "length", events[-1]
+        (prompt_event,) = [e for e in events if isinstance(e, PromptEvent)]
+        assert len(prompt_event.logprobs) == 17 and prompt_event.logprobs[0] is None
+        scored[budget] = prompt_event.logprobs[1:]
+        gen.pool.check()
+        assert gen.pool.num_in_use == 0
+    assert max(abs(a - b) for a, b in zip(scored[4096], scored[16], strict=True)) <= TIE_MARGIN * 8

@@ -186,8 +186,9 @@ class PagedGenerator(BatchingBase):
         registered: list[int] = []
         for seq in list(self._seqs):  # decode rows: each needs one slot, preempting if it must
             st = self._state[seq]
-            if seq not in self._seqs or self._total(seq) - st.computed != 1:
-                continue  # preempted by an earlier row, or still prefilling
+            if seq not in self._seqs or self._total(seq) - st.computed != 1 or self._scoring(seq, st):
+                continue  # preempted by an earlier row, or still prefilling (a scored prompt's
+                # last token is prefill: its logits belong to the prompt's scores)
             if self._grow_or_preempt(seq, st, st.computed + 1, work):
                 work.append(Work(seq, st, 1))
                 budget -= 1
@@ -196,7 +197,7 @@ class PagedGenerator(BatchingBase):
         for seq in list(self._seqs):  # unfinished prefills, as far as budget and blocks allow
             st = self._state[seq]
             need = self._total(seq) - st.computed
-            if need > 1 and budget > 0:
+            if budget > 0 and (need > 1 or (need == 1 and self._scoring(seq, st))):
                 n = self._grow_upto(st, min(budget, allowance.limit(need, st.computed)))
                 if n > 0:
                     allowance.spend(n, st.computed)
