@@ -88,14 +88,14 @@ class Engine:
         self.generator: BatchingBase
         if paged is not None:
             kv, pool = paged
-            static = self.static_decode
             if settings.static_decode != "off":
                 compiled = settings.static_decode == "compiled"
-                static = StaticDecode(base.model, kv, settings.max_batch_size, base.device, compile=compiled)
-                static.warm_up()
-                self.static_decode = static
+                self.static_decode = StaticDecode(
+                    base.model, kv, settings.max_batch_size, base.device, compile=compiled
+                )
+                self.static_decode.warm_up()
             self.generator = PagedGenerator(
-                paged_forward(base.model, self.planner, bind, static),
+                paged_forward(base.model, self.planner, bind, self.static_decode),
                 base.tokenizer,
                 base.eos_token_ids,
                 kv=kv,

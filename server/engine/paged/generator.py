@@ -432,4 +432,4 @@ class PagedGenerator(BatchingBase):
 
     def _bytes_per_token(self) -> int:
         k = self.kv.keys[0]  # [H_kv, slots, D]
-        return 2 * len(self.kv.keys) * k.shape[0] * k.shape[2] * k.element_size()
+        return PagedKV.bytes_per_token(len(self.kv.keys), k.shape[0], k.shape[2], k.dtype)
