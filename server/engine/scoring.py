@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from server.engine.requests import LOGPROB_FLOOR, PromptEvent
-from server.engine.sampling import row_top_logprobs
+from server.engine.sampling import row_top_logprobs, usable_rows
 
 
 class NonFinitePrompt(ValueError):
@@ -30,7 +30,7 @@ def score_prompt(row_logits: torch.Tensor, token_ids: Sequence[int], k: int) -> 
     with the ``k`` best alternatives per position for ``k > 0``. Raises ``NonFinitePrompt``."""
     n = len(token_ids)
     scored = row_logits[row_logits.shape[0] - n : row_logits.shape[0] - 1]  # [n - 1, V]
-    usable = (scored < float("inf")).all(dim=-1) & (scored > float("-inf")).any(dim=-1)  # [n - 1]
+    usable = usable_rows(scored)  # [n - 1]
     if not bool(usable.all()):
         raise NonFinitePrompt(int((~usable).long().argmax()) + 2)
     ids = tuple(int(t) for t in token_ids)
