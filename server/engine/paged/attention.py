@@ -148,13 +148,18 @@ def paged_attention(module, query, key, value, attention_mask, dropout: float = 
         kc, vc = kc.unsqueeze(0), vc.unsqueeze(0)
         if c.context == 0:
             oc = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scaling, enable_gqa=gqa)
-        else:  # query i (absolute position context + i) sees keys 0 … context + i
-            cols = torch.arange(c.context + c.length, device=q.device)
-            rows = torch.arange(c.length, device=q.device)[:, None] + c.context
-            mask = cols[None, :] <= rows  # [n, ctx + n]
+        else:
+            mask = causal_after(c.context, c.length, q.device)
             oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scaling, enable_gqa=gqa)
         out[c.start : c.start + c.length] = oc[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def causal_after(context: int, n: int, device) -> torch.Tensor:
+    """``[n, context + n]``, True where a chunk's query ``i`` (absolute position ``context + i``)
+    attends: keys ``0 … context + i``."""
+    cols = torch.arange(context + n, device=device)
+    return cols[None, :] <= torch.arange(n, device=device)[:, None] + context
 
 
 def write_kv(k_store, v_store, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -207,9 +212,7 @@ def chunk_attention(q, k, v, context: int, scale):
     g = h // hk
     q = q * (d**-0.5 if scale is None else scale)
     scores = torch.matmul(q.reshape(hk, g * n, d), k.transpose(1, 2))  # [H_kv, g·n, L]
-    cols = torch.arange(length, device=q.device)
-    rows = torch.arange(n, device=q.device)[:, None] + context  # query i sits at context + i
-    scores = scores.view(hk, g, n, length).masked_fill_(cols[None, :] > rows, float("-inf"))
+    scores = scores.view(hk, g, n, length).masked_fill_(~causal_after(context, n, q.device), float("-inf"))
     probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
     out = torch.matmul(probs.view(hk, g * n, length), v)  # [H_kv, g·n, D]
     return out.view(h, n, d).transpose(0, 1)
