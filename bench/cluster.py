@@ -47,6 +47,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.*, bench.*: run from anywhere
 
+from tests.api.processes import wait_ready  # noqa: E402
 from tests.engine.helpers import random_adapter  # noqa: E402
 
 TINY_FACTORY = "tests.cluster.tiny_factory:tiny_app_on_configured_store"
@@ -215,7 +216,7 @@ def cluster_process(args, env: dict[str, str]) -> Iterator[tuple[str, int, Path]
         proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
     stack = Stack(f"http://127.0.0.1:{port}", cluster_pid=proc.pid)
     try:
-        wait_ready(stack.url, proc, log)
+        wait_ready(stack.url, READY_TIMEOUT_S, alive=lambda: proc.poll() is None, log=log)
         yield stack.url, proc.pid, log
     finally:
         stack.descendants()
@@ -229,20 +230,6 @@ def cluster_process(args, env: dict[str, str]) -> Iterator[tuple[str, int, Path]
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(work, ignore_errors=True)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the cluster exited (rc={proc.returncode}); {log}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise SystemExit(f"the cluster did not become ready in {READY_TIMEOUT_S:.0f} s; see {log}")
 
 
 @contextlib.contextmanager

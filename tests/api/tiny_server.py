@@ -9,6 +9,7 @@ to inject the same engine and store into ``create_app``.
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 import uvicorn
@@ -56,6 +57,20 @@ def build_tiny(settings: Settings) -> tuple[Engine, AdapterStore]:
 def create_tiny_app(settings: Settings):
     engine, store = build_tiny(settings)
     return create_app(settings, engine=engine, store=store)
+
+
+def delay_steps(app, seconds: float):
+    """Make every engine step of ``app`` sleep ``seconds`` first (the tiny model steps in about a
+    millisecond: tests that must act between two tokens slow it down). Returns ``app``."""
+    generator = app.state.runtime.engine.generator
+    step = generator.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    generator.step = slow_step
+    return app
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import time
 
 from server.settings import Settings
-from tests.api.tiny_server import create_tiny_app
+from tests.api.tiny_server import create_tiny_app, delay_steps
 
 # Seconds each engine step of a test replica sleeps first (unset: none). The tiny model steps in
 # about a millisecond, faster than a client's disconnect travels through the ingress to its replica.
@@ -16,16 +15,7 @@ STEP_DELAY_ENV = "TINY_REPLICA_STEP_DELAY_S"
 def tiny_app(settings: Settings):
     app = create_tiny_app(settings)
     delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
-    if delay > 0:
-        generator = app.state.runtime.engine.generator
-        step = generator.step
-
-        def paced_step():
-            time.sleep(delay)
-            return step()
-
-        generator.step = paced_step
-    return app
+    return delay_steps(app, delay) if delay > 0 else app
 
 
 def tiny_app_on_configured_store(settings: Settings):

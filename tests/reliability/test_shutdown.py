@@ -291,22 +291,13 @@ def test_dead_engine_thread_turns_ready_503_while_health_stays_200(tmp_path):
 def main(argv: list[str]) -> int:
     """``server.__main__.main`` on the tiny app, every engine step delayed by ``--step-delay`` s."""
     import server.__main__ as entry
-    from tests.api.tiny_server import create_tiny_app, tiny_settings
+    from tests.api.tiny_server import create_tiny_app, delay_steps, tiny_settings
 
     i = argv.index("--step-delay")
     delay, argv = float(argv[i + 1]), argv[:i] + argv[i + 2 :]
 
     def slow_tiny_app(settings):
-        app = create_tiny_app(tiny_settings(**settings.model_dump(exclude_unset=True)))
-        generator = app.state.runtime.engine.generator
-        step = generator.step
-
-        def slow_step():
-            time.sleep(delay)
-            return step()
-
-        generator.step = slow_step
-        return app
+        return delay_steps(create_tiny_app(tiny_settings(**settings.model_dump(exclude_unset=True))), delay)
 
     entry.create_app = slow_tiny_app
     return entry.main(argv)
