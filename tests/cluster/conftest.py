@@ -27,7 +27,7 @@ from server.engine.loader import wrap_model  # noqa: E402
 from server.settings import Settings  # noqa: E402
 from tests.api.conftest import adapter_files  # noqa: E402
 from tests.api.tiny_server import BASE_NAME, TARGETS, tiny_settings  # noqa: E402
-from tests.cluster.tiny_factory import STEP_DELAY_ENV  # noqa: E402
+from tests.cluster.tiny_factory import HOLD_FILE_ENV, STEP_DELAY_ENV  # noqa: E402
 from tests.conftest import make_tiny_llama, make_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +44,7 @@ class Cluster:
     settings: Settings
     cluster: ClusterSettings
     client: httpx.Client
+    hold_file: Path  # exists: a replica holds a stream's steps until it is cancelled (tiny_factory)
 
     @property
     def engine(self):
@@ -76,14 +77,15 @@ def ray_cluster_of(
 ) -> Iterator[Cluster]:
     """Ray on 2 CPUs and loopback, temporary folders, the application deployed; all stopped after."""
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must be
+    hold_file = data_dir / "hold-streams"  # created by a test, read by the replicas (tiny_factory)
+    # the workers import tests.cluster; each engine step of the tiny replicas takes >= 10 ms
+    env_vars = {"PYTHONPATH": str(REPO), STEP_DELAY_ENV: "0.01", HOLD_FILE_ENV: str(hold_file)}
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         _temp_dir=ray_tmp,
-        # the workers import tests.cluster; each engine step of the tiny replicas takes >= 10 ms, so
-        # a long stream is still running when its client's disconnect reaches the replica
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), STEP_DELAY_ENV: "0.01"}},
+        runtime_env={"env_vars": env_vars},
         logging_level="warning",
     )
     try:
@@ -91,7 +93,7 @@ def ray_cluster_of(
         url = f"http://127.0.0.1:{settings.port}"
         headers = ADMIN if settings.api_keys else None
         with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
-            yield Cluster(url, settings, cluster, client)
+            yield Cluster(url, settings, cluster, client, hold_file)
     finally:
         try:
             serve.shutdown()

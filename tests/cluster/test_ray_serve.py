@@ -250,22 +250,26 @@ def _cancelled(metrics_text: bytes) -> float:
 
 
 def test_client_disconnect_cancels_the_replicas_generation(ray_cluster: Cluster):
-    """A stream closed after its first token ends as ``cancelled`` on the replica that served it
-    (a generation of 240 tokens could also win the race and finish: three tries)."""
+    """A stream closed after its first token ends as ``cancelled`` on the replica that served it.
+    The hold file makes that replica wait for a cancel after the first token, so the stream
+    cannot win the race by finishing first (tiny_factory.hold_until_cancelled)."""
     c = ray_cluster
     body = {**PROMPT, "adapter": None, "max_new_tokens": 240, "stream": True}
-    for _ in range(3):
-        before = {r: _cancelled(data) for r, (_, data) in on_both_replicas(c, "GET", "/metrics").items()}
+    before = {r: _cancelled(data) for r, (_, data) in on_both_replicas(c, "GET", "/metrics").items()}
+    c.hold_file.touch()
+    try:
         with c.client.stream("POST", "/generate", json=body) as stream:
             replica = stream.headers[REPLICA]
             next(line for line in stream.iter_lines() if line.startswith("data: "))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             seen, _, data = replica_call(c, "GET", "/metrics")
             if seen == replica and _cancelled(data) > before[replica]:
                 return
             time.sleep(0.1)
-    raise AssertionError("no disconnected stream was cancelled on its replica")
+    finally:
+        c.hold_file.unlink()
+    raise AssertionError("the disconnected stream was not cancelled on its replica")
 
 
 def test_killed_replica_recovers_without_losing_adapters(ray_cluster: Cluster, make_adapter):

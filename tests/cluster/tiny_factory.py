@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 from server.settings import Settings
 from tests.api.tiny_server import create_tiny_app, delay_steps
@@ -10,12 +12,43 @@ from tests.api.tiny_server import create_tiny_app, delay_steps
 # Seconds each engine step of a test replica sleeps first (unset: none). The tiny model steps in
 # about a millisecond, faster than a client's disconnect travels through the ingress to its replica.
 STEP_DELAY_ENV = "TINY_REPLICA_STEP_DELAY_S"
+# A file path: while that file exists, a replica whose running sequences have produced a token
+# holds its engine steps until one of its requests is cancelled (at most HOLD_LIMIT_S). A test
+# that disconnects a stream thereby knows the stream cannot finish before the cancel arrives.
+HOLD_FILE_ENV = "TINY_REPLICA_HOLD_FILE"
+HOLD_LIMIT_S = 60.0
 
 
 def tiny_app(settings: Settings):
     app = create_tiny_app(settings)
     delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
-    return delay_steps(app, delay) if delay > 0 else app
+    app = delay_steps(app, delay) if delay > 0 else app
+    hold_file = os.environ.get(HOLD_FILE_ENV)
+    return hold_until_cancelled(app, Path(hold_file)) if hold_file else app
+
+
+def hold_until_cancelled(app, hold_file: Path):
+    """Wrap the engine step: while ``hold_file`` exists and a running sequence has a token, wait
+    for a cancel (or HOLD_LIMIT_S) before stepping."""
+    generator = app.state.runtime.engine.generator
+    step = generator.step
+
+    def running() -> list:
+        return [*generator._seqs, *generator._preempted]
+
+    def held_step():
+        deadline = time.monotonic() + HOLD_LIMIT_S
+        while (
+            hold_file.exists()
+            and any(s.generated for s in running())
+            and not any(s.request.cancelled for s in running())
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.005)
+        return step()
+
+    generator.step = held_step
+    return app
 
 
 def tiny_app_on_configured_store(settings: Settings):
