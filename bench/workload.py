@@ -17,6 +17,8 @@ rate (full prompt blocks found in the paged cache's prefix cache).
 
 ``--engines paged,padded`` runs both engines (two copies of the model) on the same arrivals, rate
 by rate, one after the other: the ratios of one run compare them under the same machine load.
+``paged-share<K>`` is the paged engine with ``prefill_max_share`` K (``paged``: the default), so
+pacing policies can be compared in one run too.
 
     .venv/bin/python bench/workload.py [--rates 0.5,1,2,4] [--requests 24] [--threads 2] [--quick]
 
@@ -193,11 +195,14 @@ def main() -> None:
     ap.add_argument("--system-prompts", type=int, default=4)
     ap.add_argument("--system-share", type=float, default=0.5)
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--engines", default="padded,paged", help="padded and/or paged, comma-separated")
+    ap.add_argument(
+        "--engines", default="padded,paged", help="padded, paged and/or paged-share<K>, comma-separated"
+    )
     ap.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="the paged cache's budget")
     ap.add_argument("--step-tokens", type=int, default=512, help="the paged engine's tokens per step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="short prompts and outputs, few requests")
+    ap.add_argument("--out", default=None, help="results file name under bench/results/")
     args = ap.parse_args()
     if args.quick:
         args.max_prompt, args.max_output, args.requests, args.rates = 256, 32, 8, "1,4"
@@ -222,12 +227,13 @@ def main() -> None:
             "engines": {
                 "padded": "left-padded running batch (server/engine/kv_batch.py)",
                 "paged": f"paged KV (server/engine/paged/), {args.step_tokens} tokens per step",
+                "paged-share<K>": "the paged engine with prefill_max_share K",
             },
         },
         "rates": {},
     }
     head = ("rate", "engine", "tok/s", "TTFT p50", "p99", "ITL p50", "p99", "KV ratio", "hits", "err")
-    widths = (6, 7, 7, 9, 7, 8, 7, 9, 5, 4)
+    widths = (6, 13, 7, 9, 7, 8, 7, 9, 5, 4)
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)))
     for k, rate in enumerate(float(r) for r in args.rates.split(",")):
         arrivals = make_arrivals(args, rate, vocab, adapters, seed=args.seed + k)
@@ -238,12 +244,13 @@ def main() -> None:
             row["prefix_hit_rate"] = (hits - hits0) / (queried - queried0) if queried > queried0 else 0.0
             results["rates"].setdefault(str(rate), {})[kind] = row
             print(
-                f"{rate:6.2f} {kind:>7} {row['tokens_per_s']:7.1f} {ms(row['ttft_p50_s'])}ms "
+                f"{rate:6.2f} {kind:>13} {row['tokens_per_s']:7.1f} {ms(row['ttft_p50_s'])}ms "
                 f"{ms(row['ttft_p99_s'])} {ms(row['itl_p50_s'])}ms {ms(row['itl_p99_s'])} "
                 f"{row['kv_ratio_mean'] or 0:9.2f} {row['prefix_hit_rate']:5.2f} {row['errors']:4d}",
                 flush=True,
             )
-    out = Path(__file__).parent / "results" / ("workload-quick.json" if args.quick else "workload.json")
+    name = args.out or ("workload-quick.json" if args.quick else "workload.json")
+    out = Path(__file__).parent / "results" / name
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
 
@@ -254,20 +261,23 @@ def ms(v):
 
 def build_engine(args, kind: str) -> Engine:
     """An engine of ``kind`` on its own copy of the model, with the bench's adapters registered."""
+    cache, _, share = kind.partition("-share")
     overrides = {
         "threads": args.threads,
         "dtype": args.dtype,
         "max_batch_size": args.max_batch_size,
-        "kv_cache": kind,
+        "kv_cache": cache,
         "kv_cache_bytes": args.kv_cache_bytes,
     }
-    if kind == "paged":
+    if cache == "paged":
         overrides["max_tokens_per_step"] = args.step_tokens
+        if share:
+            overrides["prefill_max_share"] = int(share)
     if args.model:
         overrides["model"] = args.model
     settings = Settings(**overrides)
     engine = Engine(load_base_model(settings), settings)
-    if kind == "paged" and not isinstance(engine.generator, PagedGenerator):
+    if cache == "paged" and not isinstance(engine.generator, PagedGenerator):
         raise SystemExit("the paged cache is off for this model (see the log)")
     for i in range(args.adapters):
         family, raw = ALL_TYPES[i % len(ALL_TYPES)]

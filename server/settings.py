@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         description="paged: while sequences decode, a step's prefill chunk is sized so the step takes at"
         " most this many decode-only steps (measured); 0 = chunks of max_tokens_per_step",
     )
+    prefill_max_share: int = Field(
+        4,
+        ge=1,
+        description="paged: with k prompts waiting or part prefilled, a step's prefill allowance is"
+        " min(k, this) times prefill_itl_factor's (1 = one prompt's share whatever the queue)",
+    )
     static_decode: str = Field(
         "off",
         pattern="^(off|eager|compiled)$",

@@ -102,6 +102,7 @@ class Engine:
                 pool=pool,
                 kv_budget_bytes=settings.kv_cache_bytes,
                 prefill_itl_factor=settings.prefill_itl_factor,
+                prefill_max_share=settings.prefill_max_share,
                 **common,
             )
         else:

@@ -85,3 +85,16 @@ def test_decode_estimate_is_a_moving_average():
     assert _close(pacer.decode_s, 0.030)
     pacer.observe(0.100, [(100, 0)], 0)  # no decode rows: the whole forward is the prefill's
     assert _close(pacer.token_s, 0.001)
+
+
+def test_the_allowance_grows_with_the_prompts_in_line_up_to_max_share():
+    pacer = ChunkPacer(factor=2.0, max_share=3)
+    pacer.observe(0.040, [], decode_rows=2)
+    pacer.observe(0.040 + 0.002 * 100, [(100, 0)], decode_rows=2)
+    one = pacer.allowance(True, prompts=1).seconds
+    assert _close(one, 0.040)  # (2 - 1) x 40 ms
+    assert _close(pacer.allowance(True, prompts=0).seconds, one)  # no prompt: as one
+    assert _close(pacer.allowance(True, prompts=2).seconds, 2 * one)
+    assert _close(pacer.allowance(True, prompts=9).seconds, 3 * one)  # capped
+    assert pacer.allowance(False, prompts=9).seconds is None
+    assert _close(ChunkPacer(2.0, max_share=1, decode_s=0.04, token_s=0.002).allowance(True, 9).seconds, one)

@@ -248,6 +248,30 @@ def test_prefill_is_paced_to_the_decode_step_while_rows_decode(tiny_llama):
     assert_greedy_matches([t.token_id for t in toks_l], merged_copy(reference, None), _prompt(150, 2), 3)
 
 
+@pytest.mark.parametrize("max_share", [1, 4])
+def test_prompts_in_line_share_a_larger_allowance(tiny_llama, max_share):
+    """Two prompts waiting beside a decoding stream get two shares of the allowance (at most
+    ``prefill_max_share``); the tokens stay those of one-shot prefill."""
+    engine, reference = _engine(
+        tiny_llama, max_tokens_per_step=4096, prefill_itl_factor=3.0, prefill_max_share=max_share
+    )
+    gen = engine.generator
+    short = engine.submit(_prompt(5, 1), SamplingParams(max_new_tokens=8, temperature=0))
+    gen.step()
+    pacer = gen.pacer  # frozen estimates, as above
+    pacer.decode_s, pacer.token_s, pacer.pair_s, pacer.context_s = 0.010, 0.001, 1e-5, 0.0
+    pacer.observe = lambda *args, **kwargs: None
+    longs = [engine.submit(_prompt(150, s), SamplingParams(max_new_tokens=2, temperature=0)) for s in (2, 3)]
+    stats = gen.step()
+    shares = min(2, max_share)
+    assert stats.decode_tokens == 1
+    assert stats.prefill_tokens == pacer.tokens_within(shares * 0.020, 0)  # all to the first in line
+    outs = _drain(engine, [*longs, short])
+    for seed, (_, toks) in zip((2, 3), outs, strict=False):
+        ids = [t.token_id for t in toks]
+        assert_greedy_matches(ids, merged_copy(reference, None), _prompt(150, seed), 2)
+
+
 def test_no_unwritten_slot_is_ever_read(tiny_llama):
     """The cache starts uninitialised: NaN in every slot must never reach a result (decode rows of
     different lengths are padded, prefixes are shared and reused)."""

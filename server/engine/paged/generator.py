@@ -66,7 +66,8 @@ class PagedGenerator(BatchingBase):
 
     ``forward_paged`` runs one packed step (see ``PagedForward``; the engine's plans the step's
     adapters per token first). ``kv_budget_bytes`` is only named in refusals.
-    ``prefill_itl_factor``: see ``pacing.ChunkPacer`` (0 = no pacing). The other keyword
+    ``prefill_itl_factor``, ``prefill_max_share``: see ``pacing.ChunkPacer`` (factor 0 = no
+    pacing). The other keyword
     arguments are ``BatchingBase``'s.
     """
 
@@ -80,6 +81,7 @@ class PagedGenerator(BatchingBase):
         pool: BlockPool,
         kv_budget_bytes: int | None = None,
         prefill_itl_factor: float = 0.0,
+        prefill_max_share: int = 1,
         **kwargs,
     ):
         super().__init__(tokenizer, eos_token_ids, **kwargs)
@@ -92,7 +94,7 @@ class PagedGenerator(BatchingBase):
         self._forget: set[Hashable] = set()
         self._forget_lock = threading.Lock()
         self.preemptions = 0
-        self.pacer = ChunkPacer(prefill_itl_factor)
+        self.pacer = ChunkPacer(prefill_itl_factor, max_share=prefill_max_share)
 
     # ------------------------------------------------------------------------------ public API
 
@@ -184,6 +186,7 @@ class PagedGenerator(BatchingBase):
         budget = self.max_tokens_per_step
         work: list[Work] = []
         registered: list[int] = []
+        decoding: set[_Sequence] = set()
         for seq in list(self._seqs):  # decode rows: each needs one slot, preempting if it must
             st = self._state[seq]
             if seq not in self._seqs or self._total(seq) - st.computed != 1 or self._scoring(seq, st):
@@ -191,9 +194,11 @@ class PagedGenerator(BatchingBase):
                 # last token is prefill: its logits belong to the prompt's scores)
             if self._grow_or_preempt(seq, st, st.computed + 1, work):
                 work.append(Work(seq, st, 1))
+                decoding.add(seq)
                 budget -= 1
         budget = max(budget, 0)
-        allowance = self.pacer.allowance(decoding=bool(work))  # running streams keep their pace
+        prompts = self.num_waiting + sum(1 for seq in self._seqs if seq not in decoding)
+        allowance = self.pacer.allowance(bool(work), prompts)  # running streams keep their pace
         for seq in list(self._seqs):  # unfinished prefills, as far as budget and blocks allow
             st = self._state[seq]
             need = self._total(seq) - st.computed

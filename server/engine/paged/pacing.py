@@ -7,6 +7,12 @@ sequences decode it gives each step an *allowance*: prefill may add at most ``fa
 decode-only steps to it. With no sequence decoding there is nobody to slow down and there is no
 allowance (the whole ``max_tokens_per_step``).
 
+Requests waiting for their first token are users too. When several prompts are waiting or part
+prefilled, the allowance is that many times larger, up to ``max_share`` times: a queue of prompts
+then drains instead of growing while one or two streams decode at full pace (one prompt at a time
+gets ``factor - 1`` decode steps per step, as before). Running streams pay for it with a longer
+step, at most ``1 + max_share * (factor - 1)`` decode-only steps.
+
 What a chunk costs depends on its context, not only on its length. Each of its ``n`` tokens runs
 through the linear layers (``token_s`` each; the step already streams the weights for its decode
 rows), attends to the ``context`` keys before the chunk and to the chunk's own earlier tokens
@@ -43,6 +49,7 @@ def _pairs(n: int, context: int) -> float:
 class ChunkPacer:
     factor: float  # a step with prefill costs at most this many decode-only steps; 0 = no pacing
     min_chunk: int = 4  # the first chunk of a paced step gets at least this many tokens
+    max_share: int = 1  # the allowance grows with the prompts in line, up to this many times
     alpha: float = 0.25  # weight of the newest decode-only measurement
     fit_alpha: float = 0.1  # weight of the newest prefill measurement in the fit
     decode_s: float | None = None  # a decode-only forward
@@ -96,12 +103,13 @@ class ChunkPacer:
         # pair_s / 2 · n² + lin · n = seconds
         return int((-lin + math.sqrt(lin * lin + 2 * self.pair_s * seconds)) / self.pair_s)
 
-    def allowance(self, decoding: bool) -> StepAllowance:
-        """This step's prefill allowance (unlimited: nothing decodes, pacing is off, or a cost is
-        not known yet)."""
+    def allowance(self, decoding: bool, prompts: int = 1) -> StepAllowance:
+        """This step's prefill allowance while ``prompts`` prompts wait or are part prefilled
+        (unlimited: nothing decodes, pacing is off, or a cost is not known yet)."""
         if not decoding or self.factor <= 0 or self.decode_s is None or self.token_s is None:
             return StepAllowance(self, None)
-        return StepAllowance(self, (self.factor - 1.0) * self.decode_s)
+        share = min(max(prompts, 1), max(self.max_share, 1))
+        return StepAllowance(self, share * (self.factor - 1.0) * self.decode_s)
 
 
 def _fit(xx: list[list[float]], xy: list[float]) -> tuple[float, float, float]:
