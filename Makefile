@@ -54,7 +54,8 @@ tools:
 	  echo "prometheus not installed: tests/metrics/test_prometheus.py will be skipped"
 
 test: $(STAMP) lint model tools
-	$(BIN)/python -m pytest -q
+	# the 15 slowest tests are listed at the end (on a 2-core machine the suite takes 10-20 minutes)
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP) model
 	$(BIN)/python bench/methods.py

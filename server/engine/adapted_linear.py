@@ -15,6 +15,7 @@ nothing on the layers is ever mutated ("no active adapter").
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from server.kernels.fast import SharedSpectra, fast_op
 from server.methods import AdapterMethod, Group, MethodConfig, adapted_forward, batched_linear
+from server.methods.batched import fusable
 
 from .slots import SlotPool
 
@@ -62,6 +64,7 @@ class ServeBinding(StepBinding):
     kernels: object | None = None
     _groups: dict[str, list[Group]] = field(default_factory=dict, repr=False)
     _spectra: SharedSpectra = field(default_factory=SharedSpectra, repr=False)
+    _runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def _groups_of(self, path: str) -> list[Group]:
         groups = self._groups.get(path)
@@ -80,13 +83,26 @@ class ServeBinding(StepBinding):
         return groups
 
     def apply(self, path: str, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        run = self._runs.get(path)
+        if run is None:
+            run = self._runs[path] = self._run_for(path, base)
+        return run(x)
+
+    def _run_for(self, path: str, base: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What ``apply`` does on ``path`` for this binding, decided once (a binding is reused
+        across decode steps, and a step calls every projection once per layer)."""
         if len(self.merged) == 1 and self.merged[0].rows is None and not self.pools:
             w = self.merged[0].weights.get(path)  # the whole step is one merged adapter
-            return base(x) if w is None else F.linear(x, w[0], w[1])
+            return base if w is None else lambda x: F.linear(x, w[0], w[1])
         groups = self._groups_of(path)
         merged = [m for m in self.merged if path in m.weights]
         if not groups and not merged:
-            return base(x)
+            return base
+        if not merged and all(g.hooks == {"delta"} and "delta" in g.fused for g in groups):
+            return _fused_deltas(base, groups)  # LoRA-like pools with kernels: the lean path
+        return lambda x: self._batched(path, x, base, groups, merged)
+
+    def _batched(self, path, x, base, groups: list[Group], merged: list[MergedRows]) -> torch.Tensor:
         y = batched_linear(x, base.weight, base.bias, groups)
         if merged:
             x2 = x.reshape(-1, x.shape[-1])
@@ -96,6 +112,25 @@ class ServeBinding(StepBinding):
                 y2 = y2.index_copy(0, m.rows, F.linear(x2.index_select(0, m.rows), w, b))
             y = y2.reshape(y.shape)
         return y
+
+
+def _fused_deltas(base: nn.Linear, groups: list[Group]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The base GEMM, then each group's fused delta kernel in place: ``batched_linear``'s work for
+    groups that only add a delta, without its per-call dispatch. Rows the kernels do not take
+    (autograd, another dtype or device) go through ``batched_linear``."""
+    weight, bias = base.weight, base.bias
+    ops = [(g.fused["delta"], g) for g in groups]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if not fusable(x2):
+            return batched_linear(x, weight, bias, groups)
+        y = F.linear(x2, weight, bias)
+        for f, g in ops:
+            f(y, x2, g)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    return run
 
 
 @dataclass

@@ -36,6 +36,16 @@ def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return t if rows is None else t.index_select(0, rows)
 
 
+def fusable(x2: torch.Tensor) -> bool:
+    """Whether the fused CPU kernels may take these ``[N, in]`` rows (serving, not training)."""
+    return (
+        x2.device.type == "cpu"
+        and x2.dtype in (torch.float32, torch.bfloat16)
+        and x2.is_contiguous()
+        and not torch.is_grad_enabled()
+    )
+
+
 def batched_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: Sequence[Group]
 ) -> torch.Tensor:
@@ -44,15 +54,10 @@ def batched_linear(
     x2 = x.reshape(-1, shape[-1])
     if not groups:
         return F.linear(x, weight, bias)
-    fusable = (
-        x2.device.type == "cpu"
-        and x2.dtype in (torch.float32, torch.bfloat16)
-        and x2.is_contiguous()
-        and not torch.is_grad_enabled()
-    )
+    kernels_ok = fusable(x2)
 
     def fused(g: Group, hook: str) -> Callable | None:
-        return g.fused.get(hook) if fusable and g.rows is not None else None
+        return g.fused.get(hook) if kernels_ok and g.rows is not None else None
 
     xin = x2
     for g in groups:

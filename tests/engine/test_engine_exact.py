@@ -88,6 +88,38 @@ def check_mixed_batch(engine, reference, base_requests: int) -> None:
         assert_greedy_matches(outs[i], model_i, prompt, 6, f"request {i} adapter {adapter_id}")
 
 
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler: no kernels")
+def test_lora_only_steps_take_the_lean_kernel_path_and_match(tiny_llama, monkeypatch):
+    """Steps whose only pools are LoRA's run the base GEMM plus the fused deltas without
+    batched_linear's dispatch (adapted_linear._fused_deltas); each request still equals its own
+    merged model alone."""
+    from server.engine import adapted_linear
+
+    built = []
+    lean = adapted_linear._fused_deltas
+    monkeypatch.setattr(
+        adapted_linear, "_fused_deltas", lambda base, groups: built.append(1) or lean(base, groups)
+    )
+    model, tok = tiny_llama
+    engine, reference = make_engine(model, tok, merged_cache_bytes=0, cpu_kernels=True)
+    assert engine.planner.kernels is not None
+    shapes = engine.base.module_shapes
+    weights = {p: m.base.weight for p, m in engine.base.modules.items()}
+    adapters = {
+        f"l{i}": random_adapter("lora", {"r": 4, "lora_alpha": 8}, shapes, weights, seed=40 + i)
+        for i in range(3)
+    }
+    for name, adapter in adapters.items():
+        engine.add_adapter(name, adapter)
+    rng = random.Random(1)
+    plan = [(0, [rng.randrange(1, 128) for _ in range(5 + i)], a) for i, a in enumerate([*adapters, None])]
+    outs = _run(engine, plan, max_new=6)
+    assert built, "no step took the lean path"
+    for i, (_, prompt, adapter_id) in enumerate(plan):
+        model_i = merged_copy(reference, adapters.get(adapter_id))
+        assert_greedy_matches(outs[i], model_i, prompt, 6, f"request {i} adapter {adapter_id}")
+
+
 def test_single_hot_adapter_served_merged_matches(tiny_llama):
     model, tok = tiny_llama
     engine, reference = make_engine(model, tok, merged_cache_bytes=1 << 30, merge_after_steps=2)
