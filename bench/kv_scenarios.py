@@ -10,7 +10,7 @@
 
     .venv/bin/python bench/kv_scenarios.py [--threads 2] [--step-tokens 256]
 
-Writes bench/results/kv-scenarios.json.
+Writes bench/results/kv-scenarios.json (``--out``: another name there).
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--step-tokens", type=int, default=256)
     ap.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    ap.add_argument("--out", default="kv-scenarios.json", help="results file name under bench/results/")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = {"meta": {"args": vars(args), "torch": torch.__version__, "machine": platform.machine()}}
@@ -151,7 +152,7 @@ def main() -> None:
             flush=True,
         )
         del engine
-    out = Path(__file__).parent / "results" / "kv-scenarios.json"
+    out = Path(__file__).parent / "results" / args.out
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
 

@@ -1,0 +1,130 @@
+"""What a LoRA-only decode step costs above the base step, and how much of it is dispatch.
+
+32 requests over 8 LoRA r8 adapters on the 7 projections (the default model, in-process), median
+decode step of each scenario, the scenarios interleaved round by round:
+
+  base      no adapter
+  lean      the kernels through ServeBinding's lean path (base GEMM + fused deltas)
+  generic   the kernels through batched_linear's general dispatch (the path before the lean one)
+  noop      the lean path with the kernel calls doing nothing (what is left is dispatch)
+  torch     the families' torch code
+
+    .venv/bin/python bench/lora_dispatch.py [--threads 2] [--rounds 5]
+
+Writes bench/results/lora-dispatch.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.engine import adapted_linear  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.loader import load_base_model  # noqa: E402
+from server.engine.requests import SamplingParams  # noqa: E402
+from server.kernels.microbench import MIX  # noqa: E402
+from server.methods import Adapter, get_method  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LEAN = adapted_linear.ServeBinding._run_for
+
+
+def _generic(self, path, base):
+    groups = self._groups_of(path)
+    merged = [m for m in self.merged if path in m.weights]
+    return lambda x: self._batched(path, x, base, groups, merged)
+
+
+class _Kernels:
+    """The kernels module, its in-place ops optionally doing nothing."""
+
+    def __init__(self, k, noop: bool):
+        self.k, self.noop = k, noop
+
+    def __getattr__(self, name):
+        if self.noop and name.endswith("_"):
+            return lambda *args, **kwargs: None
+        return getattr(self.k, name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    settings = Settings(
+        threads=args.threads, max_batch_size=64, merged_cache_bytes=0, device_adapter_bytes=1 << 30
+    )
+    engine = Engine(load_base_model(settings), settings)
+    k = engine.planner.kernels
+    if k is None:
+        raise SystemExit("the kernels cannot be built here")
+    weights = {p: m.base.weight.float() for p, m in engine.base.modules.items()}
+    method = get_method("lora")
+    cfg = method.parse_config({"peft_type": method.peft_type, "target_modules": TARGETS, **MIX[0][1]})
+    for i in range(8):
+        g = torch.Generator().manual_seed(900 + i)
+        mods = {p: method.init_module_params(cfg, p, w, "random", g) for p, w in weights.items()}
+        engine.add_adapter(f"l{i}", Adapter(method, cfg, mods, dict(engine.base.module_shapes)))
+    ids = [f"l{i % 8}" for i in range(32)]
+    prompts = [[100 + (7 * i + j) % 5000 for j in range(32)] for i in range(32)]
+    params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    scenarios = {
+        "base": ([None] * 32, k, LEAN),
+        "lean": (ids, k, LEAN),
+        "generic": (ids, _Kernels(k, False), _generic),
+        "noop": (ids, _Kernels(k, True), LEAN),
+        "torch": (ids, None, LEAN),
+    }
+
+    def step_ms(adapters, kernels, run_for) -> float:
+        engine.planner.kernels = kernels
+        adapted_linear.ServeBinding._run_for = run_for
+        for p, a in zip(prompts, adapters, strict=True):
+            engine.submit(p, params, a)
+        times, n = [], 0
+        while engine.generator.num_running or engine.generator.num_waiting:
+            t = time.perf_counter()
+            engine.generator.step()
+            n += 1
+            if n > 2:  # decode steps only
+                times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2] * 1e3
+
+    try:
+        for s in scenarios.values():  # warm-up: slots, first calls
+            step_ms(*s)
+        runs: dict[str, list[float]] = {name: [] for name in scenarios}
+        for r in range(args.rounds):
+            for name, s in scenarios.items():
+                runs[name].append(step_ms(*s))
+            print(f"round {r + 1}: " + "  ".join(f"{n} {v[-1]:.1f}" for n, v in runs.items()), flush=True)
+    finally:
+        adapted_linear.ServeBinding._run_for = LEAN
+    med = {n: sorted(v)[len(v) // 2] for n, v in runs.items()}
+    result = {
+        "dtype": str(engine.base.dtype).removeprefix("torch."),
+        "threads": args.threads,
+        "step_ms_median": med,
+        "step_ms_rounds": runs,
+        "base_step_over_scenario": {n: med["base"] / v for n, v in med.items()},
+    }
+    print(f"{'scenario':>8} {'step ms':>8} {'base/step':>9}")
+    for n, v in med.items():
+        print(f"{n:>8} {v:8.1f} {med['base'] / v:9.3f}")
+    out = Path(__file__).parent / "results" / "lora-dispatch.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
