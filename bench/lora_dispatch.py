@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from server.engine import adapted_linear  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.loader import load_base_model  # noqa: E402
 from server.engine.requests import SamplingParams  # noqa: E402
-from server.kernels.microbench import MIX  # noqa: E402
+from server.kernels.microbench import MIX, median_decode_step_ms  # noqa: E402
 from server.methods import Adapter, get_method  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
@@ -89,16 +88,7 @@ def main() -> None:
     def step_ms(adapters, kernels, run_for) -> float:
         engine.planner.kernels = kernels
         adapted_linear.ServeBinding._run_for = run_for
-        for p, a in zip(prompts, adapters, strict=True):
-            engine.submit(p, params, a)
-        times, n = [], 0
-        while engine.generator.num_running or engine.generator.num_waiting:
-            t = time.perf_counter()
-            engine.generator.step()
-            n += 1
-            if n > 2:  # decode steps only
-                times.append(time.perf_counter() - t)
-        return sorted(times)[len(times) // 2] * 1e3
+        return median_decode_step_ms(engine, prompts, adapters, params)
 
     try:
         for s in scenarios.values():  # warm-up: slots, first calls

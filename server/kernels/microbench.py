@@ -173,6 +173,21 @@ TEN_CONFIGS = [
 ]
 
 
+def median_decode_step_ms(engine, prompts, adapters, params) -> float:
+    """Submit one request per prompt (its adapter id or None), run the engine dry, and return the
+    median step time in ms of the decode steps (the first two steps prefill)."""
+    for p, a in zip(prompts, adapters, strict=True):
+        engine.submit(p, params, a)
+    times, n = [], 0
+    while engine.generator.num_running or engine.generator.num_waiting:
+        t = time.perf_counter()
+        engine.generator.step()
+        n += 1
+        if n > 2:
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
 def engine_ab(threads: int, rounds: int, new_tokens: int, dtype: str) -> dict:
     """Median decode-step time of 32 requests: no adapter, and each mix with the kernels and with
     the torch code, interleaved round by round (a drifting machine hits every scenario alike)."""
@@ -209,16 +224,7 @@ def engine_ab(threads: int, rounds: int, new_tokens: int, dtype: str) -> dict:
 
     def step_ms(adapters, kernels_on: bool) -> float:
         engine.planner.kernels = k if kernels_on else None
-        for p, a in zip(prompts, adapters, strict=True):
-            engine.submit(p, params, a)
-        times, n = [], 0
-        while engine.generator.num_running or engine.generator.num_waiting:
-            t = time.perf_counter()
-            engine.generator.step()
-            n += 1
-            if n > 2:  # decode steps only (the first steps prefill)
-                times.append(time.perf_counter() - t)
-        return sorted(times)[len(times) // 2] * 1e3
+        return median_decode_step_ms(engine, prompts, adapters, params)
 
     scenarios = {"base": ([None] * 32, True)}
     for name, ids in mixes.items():

@@ -67,8 +67,7 @@ class PagedGenerator(BatchingBase):
     ``forward_paged`` runs one packed step (see ``PagedForward``; the engine's plans the step's
     adapters per token first). ``kv_budget_bytes`` is only named in refusals.
     ``prefill_itl_factor``, ``prefill_max_share``: see ``pacing.ChunkPacer`` (factor 0 = no
-    pacing). The other keyword
-    arguments are ``BatchingBase``'s.
+    pacing). The other keyword arguments are ``BatchingBase``'s.
     """
 
     def __init__(
