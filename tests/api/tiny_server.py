@@ -59,18 +59,23 @@ def create_tiny_app(settings: Settings):
     return create_app(settings, engine=engine, store=store)
 
 
-def delay_steps(app, seconds: float):
-    """Make every engine step of ``app`` sleep ``seconds`` first (the tiny model steps in about a
-    millisecond: tests that must act between two tokens slow it down). Returns ``app``."""
+def before_each_step(app, hook):
+    """Call ``hook(generator)`` before every engine step of ``app``. Returns ``app``."""
     generator = app.state.runtime.engine.generator
     step = generator.step
 
-    def slow_step():
-        time.sleep(seconds)
+    def hooked_step():
+        hook(generator)
         return step()
 
-    generator.step = slow_step
+    generator.step = hooked_step
     return app
+
+
+def delay_steps(app, seconds: float):
+    """Make every engine step of ``app`` sleep ``seconds`` first (the tiny model steps in about a
+    millisecond: tests that must act between two tokens slow it down). Returns ``app``."""
+    return before_each_step(app, lambda _generator: time.sleep(seconds))
 
 
 def main(argv: list[str] | None = None) -> None:

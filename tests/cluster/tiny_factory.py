@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from server.settings import Settings
-from tests.api.tiny_server import create_tiny_app, delay_steps
+from tests.api.tiny_server import before_each_step, create_tiny_app, delay_steps
 
 # Seconds each engine step of a test replica sleeps first (unset: none). The tiny model steps in
 # about a millisecond, faster than a client's disconnect travels through the ingress to its replica.
@@ -28,15 +28,13 @@ def tiny_app(settings: Settings):
 
 
 def hold_until_cancelled(app, hold_file: Path):
-    """Wrap the engine step: while ``hold_file`` exists and a running sequence has a token, wait
-    for a cancel (or HOLD_LIMIT_S) before stepping."""
-    generator = app.state.runtime.engine.generator
-    step = generator.step
+    """Before each engine step: while ``hold_file`` exists and a running sequence has a token,
+    wait for a cancel (or HOLD_LIMIT_S)."""
 
-    def running() -> list:
-        return [*generator._seqs, *generator._preempted]
+    def hold(generator) -> None:
+        def running() -> list:
+            return [*generator._seqs, *generator._preempted]
 
-    def held_step():
         deadline = time.monotonic() + HOLD_LIMIT_S
         while (
             hold_file.exists()
@@ -45,10 +43,8 @@ def hold_until_cancelled(app, hold_file: Path):
             and time.monotonic() < deadline
         ):
             time.sleep(0.005)
-        return step()
 
-    generator.step = held_step
-    return app
+    return before_each_step(app, hold)
 
 
 def tiny_app_on_configured_store(settings: Settings):

@@ -82,10 +82,28 @@ def check_mixed_batch(engine, reference, base_requests: int) -> None:
     rng = random.Random(0)
     ids = [None] * base_requests + list(adapters)
     plan = [(rng.randrange(4), [rng.randrange(1, 128) for _ in range(rng.randrange(2, 9))], a) for a in ids]
-    outs = _run(engine, plan, max_new=6)
+    _assert_each_alone(engine, reference, adapters, plan, max_new=6)
+
+
+def _add_loras(engine, prefix: str, n: int, seed: int) -> dict:
+    """Register ``n`` random LoRA r4 adapters ``{prefix}0..``; returns id -> adapter."""
+    shapes = engine.base.module_shapes
+    weights = {p: m.base.weight for p, m in engine.base.modules.items()}
+    adapters = {
+        f"{prefix}{i}": random_adapter("lora", {"r": 4, "lora_alpha": 8}, shapes, weights, seed=seed + i)
+        for i in range(n)
+    }
+    for name, adapter in adapters.items():
+        engine.add_adapter(name, adapter)
+    return adapters
+
+
+def _assert_each_alone(engine, reference, adapters: dict, plan, max_new: int) -> None:
+    """Run ``plan`` (see ``_run``) greedily: each request equals its own merged model alone."""
+    outs = _run(engine, plan, max_new=max_new)
     for i, (_, prompt, adapter_id) in enumerate(plan):
         model_i = merged_copy(reference, adapters.get(adapter_id))
-        assert_greedy_matches(outs[i], model_i, prompt, 6, f"request {i} adapter {adapter_id}")
+        assert_greedy_matches(outs[i], model_i, prompt, max_new, f"request {i} adapter {adapter_id}")
 
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler: no kernels")
@@ -103,21 +121,11 @@ def test_lora_only_steps_take_the_lean_kernel_path_and_match(tiny_llama, monkeyp
     model, tok = tiny_llama
     engine, reference = make_engine(model, tok, merged_cache_bytes=0, cpu_kernels=True)
     assert engine.planner.kernels is not None
-    shapes = engine.base.module_shapes
-    weights = {p: m.base.weight for p, m in engine.base.modules.items()}
-    adapters = {
-        f"l{i}": random_adapter("lora", {"r": 4, "lora_alpha": 8}, shapes, weights, seed=40 + i)
-        for i in range(3)
-    }
-    for name, adapter in adapters.items():
-        engine.add_adapter(name, adapter)
+    adapters = _add_loras(engine, "l", 3, seed=40)
     rng = random.Random(1)
     plan = [(0, [rng.randrange(1, 128) for _ in range(5 + i)], a) for i, a in enumerate([*adapters, None])]
-    outs = _run(engine, plan, max_new=6)
+    _assert_each_alone(engine, reference, adapters, plan, max_new=6)
     assert built, "no step took the lean path"
-    for i, (_, prompt, adapter_id) in enumerate(plan):
-        model_i = merged_copy(reference, adapters.get(adapter_id))
-        assert_greedy_matches(outs[i], model_i, prompt, 6, f"request {i} adapter {adapter_id}")
 
 
 def test_single_hot_adapter_served_merged_matches(tiny_llama):
@@ -139,14 +147,7 @@ def test_more_adapters_than_the_device_budget_all_complete(tiny_llama):
     """A step never needs more device room than the budget: admission backs off instead of failing."""
     model, tok = tiny_llama
     engine, reference = make_engine(model, tok)
-    shapes = engine.base.module_shapes
-    weights = {p: m.base.weight for p, m in engine.base.modules.items()}
-    adapters = {
-        f"b{i}": random_adapter("lora", {"r": 4, "lora_alpha": 8}, shapes, weights, seed=50 + i)
-        for i in range(8)
-    }
-    for name, a in adapters.items():
-        engine.add_adapter(name, a)
+    adapters = _add_loras(engine, "b", 8, seed=50)
     engine.residency.device_entry(("b0", 1))
     per_adapter = engine.residency.device_used
     engine.residency.device_bytes = 2 * per_adapter

@@ -266,8 +266,8 @@ def test_prompts_in_line_share_a_larger_allowance(tiny_llama, max_share):
     shares = min(2, max_share)
     assert stats.decode_tokens == 1
     assert stats.prefill_tokens == pacer.tokens_within(shares * 0.020, 0)  # all to the first in line
-    outs = _drain(engine, [*longs, short])
-    for seed, (_, toks) in zip((2, 3), outs, strict=False):
+    *outs, _ = _drain(engine, [*longs, short])
+    for seed, (_, toks) in zip((2, 3), outs, strict=True):
         ids = [t.token_id for t in toks]
         assert_greedy_matches(ids, merged_copy(reference, None), _prompt(150, seed), 2)
 

@@ -185,7 +185,6 @@ class PagedGenerator(BatchingBase):
         budget = self.max_tokens_per_step
         work: list[Work] = []
         registered: list[int] = []
-        decoding: set[_Sequence] = set()
         for seq in list(self._seqs):  # decode rows: each needs one slot, preempting if it must
             st = self._state[seq]
             if seq not in self._seqs or self._total(seq) - st.computed != 1 or self._scoring(seq, st):
@@ -193,10 +192,9 @@ class PagedGenerator(BatchingBase):
                 # last token is prefill: its logits belong to the prompt's scores)
             if self._grow_or_preempt(seq, st, st.computed + 1, work):
                 work.append(Work(seq, st, 1))
-                decoding.add(seq)
                 budget -= 1
         budget = max(budget, 0)
-        prompts = self.num_waiting + sum(1 for seq in self._seqs if seq not in decoding)
+        prompts = self.num_waiting + len(self._seqs) - len(work)  # work: this step's decode rows
         allowance = self.pacer.allowance(bool(work), prompts)  # running streams keep their pace
         for seq in list(self._seqs):  # unfinished prefills, as far as budget and blocks allow
             st = self._state[seq]
