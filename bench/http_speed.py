@@ -12,9 +12,9 @@
 3. The single-stream floor: the weight bytes read per decode step / the memory bandwidth measured
    here (a large tensor copy).
 
-    .venv/bin/python bench/http_speed.py [--rounds 3] [--threads 2]
+    .venv/bin/python bench/http_speed.py [--rounds 3] [--threads 2] [--out NAME.json]
 
-Writes bench/results/http-speed.json.
+Writes bench/results/http-speed.json (or NAME.json).
 """
 
 from __future__ import annotations
@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--out", default="http-speed.json", help="file name under bench/results/")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -217,7 +218,7 @@ def main() -> None:
         f"fp32 batch 32 | 8 LoRA r8 {http['lora32_tok_s']:.1f} tok/s = {ratios['lora32_vs_base32']:.2f}x",
         flush=True,
     )
-    out = Path(__file__).parent / "results" / "http-speed.json"
+    out = Path(__file__).parent / "results" / args.out
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
 

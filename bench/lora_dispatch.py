@@ -5,13 +5,15 @@ decode step of each scenario, the scenarios interleaved round by round:
 
   base      no adapter
   lean      the kernels through ServeBinding's lean path (base GEMM + fused deltas)
+  portable  the same with the hand-vectorised kernels off (``set_simd_(False)``; only where the
+            build has some, e.g. AVX-512-BF16 for bf16 LoRA)
   generic   the kernels through batched_linear's general dispatch (the path before the lean one)
   noop      the lean path with the kernel calls doing nothing (what is left is dispatch)
   torch     the families' torch code
 
-    .venv/bin/python bench/lora_dispatch.py [--threads 2] [--rounds 5]
+    .venv/bin/python bench/lora_dispatch.py [--threads 2] [--rounds 5] [--out NAME.json]
 
-Writes bench/results/lora-dispatch.json.
+Writes bench/results/lora-dispatch.json (or NAME.json).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", default="lora-dispatch.json", help="file name under bench/results/")
     args = ap.parse_args()
     settings = Settings(
         threads=args.threads, max_batch_size=64, merged_cache_bytes=0, device_adapter_bytes=1 << 30
@@ -84,10 +87,13 @@ def main() -> None:
         "noop": (ids, _Kernels(k, True), LEAN),
         "torch": (ids, None, LEAN),
     }
+    if k.simd_paths:
+        scenarios["portable"] = (ids, k, LEAN, False)
 
-    def step_ms(adapters, kernels, run_for) -> float:
+    def step_ms(adapters, kernels, run_for, simd: bool = True) -> float:
         engine.planner.kernels = kernels
         adapted_linear.ServeBinding._run_for = run_for
+        k.set_simd_(simd)
         return median_decode_step_ms(engine, prompts, adapters, params)
 
     try:
@@ -100,10 +106,12 @@ def main() -> None:
             print(f"round {r + 1}: " + "  ".join(f"{n} {v[-1]:.1f}" for n, v in runs.items()), flush=True)
     finally:
         adapted_linear.ServeBinding._run_for = LEAN
+        k.set_simd_(True)
     med = {n: sorted(v)[len(v) // 2] for n, v in runs.items()}
     result = {
         "dtype": str(engine.base.dtype).removeprefix("torch."),
         "threads": args.threads,
+        "simd_paths": list(k.simd_paths),
         "step_ms_median": med,
         "step_ms_rounds": runs,
         "base_step_over_scenario": {n: med["base"] / v for n, v in med.items()},
@@ -111,7 +119,7 @@ def main() -> None:
     print(f"{'scenario':>8} {'step ms':>8} {'base/step':>9}")
     for n, v in med.items():
         print(f"{n:>8} {v:8.1f} {med['base'] / v:9.3f}")
-    out = Path(__file__).parent / "results" / "lora-dispatch.json"
+    out = Path(__file__).parent / "results" / args.out
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 

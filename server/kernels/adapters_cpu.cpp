@@ -21,7 +21,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -194,6 +196,21 @@ void reflect_rows_(Tensor z, Tensor rows, Tensor slots, Tensor t) {
   });
 }
 
+// Hand-vectorised paths (lora_avx512.cpp) are used where the build has their instructions and this
+// switch is on (the default); tests turn it off to check the portable code on the same machine.
+inline std::atomic<bool>& simd_switch() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+inline bool simd_enabled() { return simd_switch().load(std::memory_order_relaxed); }
+bool set_simd_(bool on) { return simd_switch().exchange(on); }
+
+}  // namespace facet
+
+#include "lora_avx512.cpp"
+
+namespace facet {
+
 // ---- LoRA -------------------------------------------------------------------------------------------
 // All of the pool's rows in one call, grouped by slot: rows of one slot go through the slot's
 // factors together, up to kLoraBlock rows at a time, so each factor row is read (and widened) once
@@ -226,6 +243,12 @@ void lora_block(const A* const* xs, A* const* ys, const W* ar, const W* br, int6
   }
   for (int c = 0; c < C; ++c)
     for (int64_t o = 0; o < out_f; ++o) st(ys[c][o], acc[c * out_f + o]);
+}
+
+// Asks for ``bytes`` from ``p`` on into the cache, one request per 64-byte line (a hint only).
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
 // LoRA: y[row] += (A[slot] x[row]) Bt[slot]   (A [S, r, in], Bt [S, r, out], scaling folded in)
@@ -271,6 +294,24 @@ void lora_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor a, Tensor b
         const int64_t slot = sp[order[first]];
         const W* ar = ap + slot * r * in_f;
         const W* br = bp + slot * r * out_f;
+        if (blk + 1 < end) {  // the next block's factors, fetched from memory while this one runs
+          const int64_t next = sp[order[starts[blk + 1]]];
+          if (next != slot) {
+            prefetch(ap + next * r * in_f, r * in_f * int64_t(sizeof(W)));
+            prefetch(bp + next * r * out_f, r * out_f * int64_t(sizeof(W)));
+          }
+        }
+        if constexpr (std::is_same_v<A, bf16> && std::is_same_v<W, bf16>) {
+          if (kHaveLoraAvx512 && simd_enabled()) {
+            switch (count) {
+              case 4: lora_block_bf16<4>(xs, ys, ar, br, r, in_f, out_f, h.data()); break;
+              case 3: lora_block_bf16<3>(xs, ys, ar, br, r, in_f, out_f, h.data()); break;
+              case 2: lora_block_bf16<2>(xs, ys, ar, br, r, in_f, out_f, h.data()); break;
+              default: lora_block_bf16<1>(xs, ys, ar, br, r, in_f, out_f, h.data()); break;
+            }
+            continue;
+          }
+        }
         switch (count) {
           case 4: lora_block<4>(xs, ys, ar, br, r, in_f, out_f, h.data(), acc.data()); break;
           case 3: lora_block<3>(xs, ys, ar, br, r, in_f, out_f, h.data(), acc.data()); break;
@@ -353,6 +394,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_shift_rows_", &scale_shift_rows_, "HUT r1 output scale and shift (in place)", release());
   m.def("reflect_rows_", &reflect_rows_, "ETHER / ETHER+ block reflections (in place)", release());
   m.def("lora_add_", &lora_add_, "LoRA delta added to y (in place)", release());
+  m.def("set_simd_", &set_simd_, "hand-vectorised paths on (True, the default) or off; returns the previous");
+  py::list simd;  // the hand-vectorised paths this build has
+  if (kHaveLoraAvx512) simd.append("lora_avx512");
+  m.attr("simd_paths") = py::tuple(simd);
   m.def("rfft_rows", &rfft_rows, "rfft of the given rows, zero-padded to n", release());
   m.def("circulant_apply_", &circulant_apply_, "SURM circulant delta added to y (in place)", release());
   m.def("toeplitz_apply_", &toeplitz_apply_, "SURM Toeplitz delta added to y (in place)", release());

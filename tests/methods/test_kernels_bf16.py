@@ -9,8 +9,10 @@ of that size; an orthogonal or diagonal transform keeps it) plus the float32 acc
 ``K · eps32 · S`` over the reduction length ``K``. The adapters' effect is checked to stand well
 above that bound, so the test can tell a served adapter (or the right slot) from a wrong one.
 
-No instruction-set specific code is involved: the kernels are plain C++ the compiler vectorises
-for the machine, so a CPU without AVX-512-BF16 runs the same source.
+The kernels are plain C++ the compiler vectorises for the machine, so a CPU without AVX-512-BF16
+runs the same source, except LoRA's bf16 block, which has a hand-vectorised AVX-512-BF16 path
+where the build has those instructions; ``test_kernels_simd.py`` holds it and the portable code
+to the same bound on one machine.
 """
 
 from __future__ import annotations

@@ -1,0 +1,117 @@
+"""The hand-vectorised kernel paths (``simd_paths`` of the built module) and the portable code they
+replace, on the same inputs and the same machine.
+
+Today that is LoRA's bf16 block kernel for AVX-512-BF16 (``server/kernels/lora_avx512.cpp``).
+A build without those instructions has no such path (``simd_paths`` is empty) and ``lora_add_``
+runs the portable code whatever the switch says; the checks below then hold it alone. Either way
+both settings of the switch are held to the float64 result of the same bf16 inputs within the
+bound of ``test_kernels_bf16.py``: one bf16 rounding of the result and the float32 accumulation
+over the reduction length, per value.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from server import kernels
+
+EPS16 = torch.finfo(torch.bfloat16).eps
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module")
+def k():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    from server.settings import Settings
+
+    module = kernels.load(Settings().kernels_build_dir)
+    assert module is not None, "a C++ compiler is present, so the kernels must build"
+    yield module
+    module.set_simd_(True)
+
+
+def _lora_add(k, simd: bool, y, *args):
+    before = k.set_simd_(simd)
+    try:
+        out = y.clone()
+        k.lora_add_(out, *args)
+        return out
+    finally:
+        k.set_simd_(before)
+
+
+def _case(in_f, out_f, r, n_rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    total, n_slots = n_rows + 5, 6
+    x = torch.randn(total, in_f, generator=g).bfloat16()
+    y = torch.randn(total, out_f, generator=g).bfloat16()
+    a = torch.randn(n_slots, r, in_f, generator=g).bfloat16()
+    bt = (torch.randn(n_slots, r, out_f, generator=g) / (r * in_f) ** 0.5).bfloat16()
+    rows = torch.randperm(total, generator=g)[:n_rows]  # unordered; 5 rows of no adapter
+    # slots repeated 1 to 6 times: blocks of 1-4 rows, and a slot split over two blocks
+    slots = torch.tensor([i % n_slots for i in range(n_rows)])[torch.randperm(n_rows, generator=g)]
+    return x, y, a, bt, rows, slots
+
+
+# Widths on and off the 32 (input) and 16 (output) lanes of the vector path, the model's own
+# shapes, ranks off its 4-row step, and row counts giving every block size.
+SHAPES = [(15, 7), (32, 16), (33, 17), (64, 48), (576, 192), (1536, 576), (576, 1536)]
+
+
+@pytest.mark.parametrize("in_f,out_f", SHAPES, ids=[f"{i}to{o}" for i, o in SHAPES])
+@pytest.mark.parametrize("r", [1, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("n_rows", [1, 9, 23])
+def test_lora_bf16_both_paths_match_the_exact_result(k, in_f, out_f, r, n_rows):
+    x, y, a, bt, rows, slots = _case(in_f, out_f, r, n_rows, seed=in_f * 1000 + r * 10 + n_rows)
+    x64, a64, bt64 = x.double(), a.double(), bt.double()
+    exact = y.double().clone()
+    exact[rows] += torch.einsum("ri,rji,rjo->ro", x64[rows], a64[slots], bt64[slots])
+    # per element: the float32 accumulation over the values summed (|y| + |x| |A|ᵀ |Bt|), then
+    # one rounding to bf16 (half an ulp of the value)
+    summed = y.double().abs().clone()
+    summed[rows] += torch.einsum("ri,rji,rjo->ro", x64[rows].abs(), a64[slots].abs(), bt64[slots].abs())
+    accumulated = (in_f + r + 1) * EPS32 * summed
+    bound = EPS16 / 2 * (exact.abs() + accumulated) + accumulated
+    results = {simd: _lora_add(k, simd, y, x, rows, slots, a, bt) for simd in (True, False)}
+    others = torch.ones(y.shape[0], dtype=torch.bool)
+    others[rows] = False
+    for simd, got in results.items():
+        over = (got.double() - exact).abs() - bound
+        assert float(over.max()) <= 0, f"simd={simd}: {int((over > 0).sum())} values outside the bound"
+        assert torch.equal(got[others], y[others]), "rows of no adapter are left alone"
+    # the adapter moves most of its rows' values by far more than the bound
+    moved = ((exact - y.double()).abs() > 4 * bound)[rows]
+    assert float(moved.double().mean()) > 0.5
+
+
+def test_lora_bf16_rounds_like_the_portable_path(k):
+    """Both paths round the float32 result to nearest even; infinities stay, NaN stays NaN."""
+    x, y, a, bt, rows, slots = _case(64, 40, 4, 8, seed=3)
+    bt.zero_()  # y + 0: the output is y's own bits, specials included
+    y[rows[0], :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    on = _lora_add(k, True, y, x, rows, slots, a, bt)
+    off = _lora_add(k, False, y, x, rows, slots, a, bt)
+    nan = off.isnan()
+    assert int(nan.sum()) == 1 and torch.equal(on.isnan(), nan)
+    assert torch.equal(on.view(torch.int16)[~nan], off.view(torch.int16)[~nan])
+    assert torch.equal(off.view(torch.int16)[~nan], y.view(torch.int16)[~nan])
+    # a nonzero delta: halfway cases in the float32 sum round as the portable path rounds them
+    bt2 = torch.full_like(bt, 2.0**-9)
+    x2 = torch.ones_like(x)
+    a2 = torch.full_like(a, 2.0**-6)
+    on = _lora_add(k, True, y, x2, rows, slots, a2, bt2)
+    off = _lora_add(k, False, y, x2, rows, slots, a2, bt2)
+    assert torch.equal(on.isnan(), off.isnan())
+    keep = ~off.isnan()
+    assert torch.equal(on.view(torch.int16)[keep], off.view(torch.int16)[keep])
+
+
+def test_the_switch_reports_and_restores(k):
+    assert isinstance(k.simd_paths, tuple)
+    before = k.set_simd_(False)
+    assert before is True
+    assert k.set_simd_(True) is False
