@@ -98,8 +98,8 @@ class ServeBinding(StepBinding):
         merged = [m for m in self.merged if path in m.weights]
         if not groups and not merged:
             return base
-        if not merged and all(g.hooks == {"delta"} and "delta" in g.fused for g in groups):
-            return _fused_deltas(base, groups)  # LoRA-like pools with kernels: the lean path
+        if not merged and all(h in g.fused for g in groups for h in g.hooks):
+            return _fused_plan(base, groups)  # every hook has a kernel: the lean path
         return lambda x: self._batched(path, x, base, groups, merged)
 
     def _batched(self, path, x, base, groups: list[Group], merged: list[MergedRows]) -> torch.Tensor:
@@ -114,20 +114,31 @@ class ServeBinding(StepBinding):
         return y
 
 
-def _fused_deltas(base: nn.Linear, groups: list[Group]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The base GEMM, then each group's fused delta kernel in place: ``batched_linear``'s work for
-    groups that only add a delta, without its per-call dispatch. Rows the kernels do not take
-    (autograd, another dtype or device) go through ``batched_linear``."""
+def _fused_plan(base: nn.Linear, groups: list[Group]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``batched_linear``'s work for groups whose every hook has a fused kernel, in its order and
+    without its per-call dispatch: the input-side kernels on a copy of the rows, the base GEMM
+    (with the bias unless an output-side transform follows), the output-side kernels, the deltas.
+    Rows the kernels do not take (autograd, another dtype or device) go through ``batched_linear``."""
     weight, bias = base.weight, base.bias
-    ops = [(g.fused["delta"], g) for g in groups]
+    pres = [(g.fused["pre"], g) for g in groups if "pre" in g.hooks]
+    posts = [(g.fused["post"], g) for g in groups if "post" in g.hooks]
+    deltas = [(g.fused["delta"], g) for g in groups if "delta" in g.hooks]
+    gemm_bias = None if posts else bias
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if not fusable(x2):
             return batched_linear(x, weight, bias, groups)
-        y = F.linear(x2, weight, bias)
-        for f, g in ops:
+        xin = x2.clone() if pres else x2
+        for f, g in pres:
+            f(xin, x2, g)
+        y = F.linear(xin, weight, gemm_bias)
+        for f, g in posts:
             f(y, x2, g)
+        for f, g in deltas:
+            f(y, x2, g)
+        if posts and bias is not None:
+            y = y + bias
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     return run

@@ -245,12 +245,6 @@ void lora_block(const A* const* xs, A* const* ys, const W* ar, const W* br, int6
     for (int64_t o = 0; o < out_f; ++o) st(ys[c][o], acc[c * out_f + o]);
 }
 
-// Asks for ``bytes`` from ``p`` on into the cache, one request per 64-byte line (a hint only).
-inline void prefetch(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
-}
-
 // LoRA: y[row] += (A[slot] x[row]) Bt[slot]   (A [S, r, in], Bt [S, r, out], scaling folded in)
 void lora_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor a, Tensor bt) {
   const auto [rp, sp] = checked_row_slots(y, rows, slots, a);
@@ -294,13 +288,6 @@ void lora_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor a, Tensor b
         const int64_t slot = sp[order[first]];
         const W* ar = ap + slot * r * in_f;
         const W* br = bp + slot * r * out_f;
-        if (blk + 1 < end) {  // the next block's factors, fetched from memory while this one runs
-          const int64_t next = sp[order[starts[blk + 1]]];
-          if (next != slot) {
-            prefetch(ap + next * r * in_f, r * in_f * int64_t(sizeof(W)));
-            prefetch(bp + next * r * out_f, r * out_f * int64_t(sizeof(W)));
-          }
-        }
         if constexpr (std::is_same_v<A, bf16> && std::is_same_v<W, bf16>) {
           if (kHaveLoraAvx512 && simd_enabled()) {
             switch (count) {

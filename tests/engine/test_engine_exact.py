@@ -16,6 +16,18 @@ from .helpers import assert_greedy_matches, make_engine, merged_copy, random_ada
 ENGINE_CASES = [
     (c.family, {**c.config, **({"n_blocks": 2} if "n_blocks" in c.config else {})}) for c in CASES
 ]
+ENGINE_CASE_IDS = [c.id for c in CASES]
+# The five families' configs that have a fused kernel for every hook (HUT rank > 1 is served merged).
+KERNEL_CASE_IDS = {
+    "lora-r4",
+    "hut-r1",
+    "ether-in-1",
+    "etherplus-both-4",
+    "dct-n20",
+    "surm-circulant",
+    "surm-toeplitz",
+    "surm-kronecker-4",
+}
 
 
 def _run(engine, plan, max_new):
@@ -70,13 +82,16 @@ def test_mixed_batch_on_small_blocks_and_on_the_padded_cache(tiny_llama, cache):
     check_mixed_batch(engine, reference, base_requests=2)
 
 
-def check_mixed_batch(engine, reference, base_requests: int) -> None:
-    """One adapter of every engine case plus ``base_requests`` base-model requests, arriving over
-    the first 4 steps with random prompts: each equals its own merged model alone (greedy)."""
+def check_mixed_batch(engine, reference, base_requests: int, only: set[str] | None = None) -> None:
+    """One adapter of every engine case (or of the case ids in ``only``) plus ``base_requests``
+    base-model requests, arriving over the first 4 steps with random prompts: each equals its own
+    merged model alone (greedy)."""
     shapes = engine.base.module_shapes
     weights = {p: m.base.weight for p, m in engine.base.modules.items()}
     adapters = {}
     for i, (family, cfg) in enumerate(ENGINE_CASES):
+        if only is not None and ENGINE_CASE_IDS[i] not in only:
+            continue
         adapters[f"a{i}"] = random_adapter(family, cfg, shapes, weights, seed=10 + i)
         engine.add_adapter(f"a{i}", adapters[f"a{i}"])
     rng = random.Random(0)
@@ -107,16 +122,19 @@ def _assert_each_alone(engine, reference, adapters: dict, plan, max_new: int) ->
 
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler: no kernels")
-def test_lora_only_steps_take_the_lean_kernel_path_and_match(tiny_llama, monkeypatch):
-    """Steps whose only pools are LoRA's run the base GEMM plus the fused deltas without
-    batched_linear's dispatch (adapted_linear._fused_deltas); each request still equals its own
+def test_steps_whose_hooks_all_have_kernels_take_the_lean_path_and_match(tiny_llama, monkeypatch):
+    """Projections whose pools all have fused kernels for every hook (LoRA's delta; HUT's, ETHER's,
+    DCT's and SURM's hooks in a mixed step) run the kernels around the base GEMM without
+    batched_linear's dispatch (adapted_linear._fused_plan); each request still equals its own
     merged model alone."""
     from server.engine import adapted_linear
 
     built = []
-    lean = adapted_linear._fused_deltas
+    lean = adapted_linear._fused_plan
     monkeypatch.setattr(
-        adapted_linear, "_fused_deltas", lambda base, groups: built.append(1) or lean(base, groups)
+        adapted_linear,
+        "_fused_plan",
+        lambda base, groups: built.append({g.method.name for g in groups}) or lean(base, groups),
     )
     model, tok = tiny_llama
     engine, reference = make_engine(model, tok, merged_cache_bytes=0, cpu_kernels=True)
@@ -125,7 +143,13 @@ def test_lora_only_steps_take_the_lean_kernel_path_and_match(tiny_llama, monkeyp
     rng = random.Random(1)
     plan = [(0, [rng.randrange(1, 128) for _ in range(5 + i)], a) for i, a in enumerate([*adapters, None])]
     _assert_each_alone(engine, reference, adapters, plan, max_new=6)
-    assert built, "no step took the lean path"
+    assert built and set().union(*built) == {"lora"}, "the LoRA-only steps took the lean path"
+    built.clear()
+    assert KERNEL_CASE_IDS <= set(ENGINE_CASE_IDS)
+    check_mixed_batch(engine, reference, base_requests=2, only=KERNEL_CASE_IDS)
+    families = set().union(*built)
+    assert {"hut", "ether", "dct", "surm"} <= families, f"mixed steps took the lean path with {families}"
+    assert any(len(b) > 1 for b in built), "a projection with several families' pools took it"
 
 
 def test_single_hot_adapter_served_merged_matches(tiny_llama):

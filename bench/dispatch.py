@@ -1,19 +1,22 @@
-"""What a LoRA-only decode step costs above the base step, and how much of it is dispatch.
+"""What a mixed decode step costs above the base step, and how much of it is dispatch.
 
-32 requests over 8 LoRA r8 adapters on the 7 projections (the default model, in-process), median
-decode step of each scenario, the scenarios interleaved round by round:
+32 requests (the default model, in-process) over ``--mix``: ``lora8`` (8 LoRA r8 adapters on the 7
+projections, 4 requests each; the default), ``per_family`` (32 adapters of the 5 families in their
+default configs) or ``ten_configs`` (32 over the 10 configs), the mixes of
+``server/kernels/microbench.py``. Median decode step of each scenario, the scenarios interleaved
+round by round:
 
   base      no adapter
-  lean      the kernels through ServeBinding's lean path (base GEMM + fused deltas)
+  lean      the kernels through ServeBinding's lean path (the fused hooks around the base GEMM)
   portable  the same with the hand-vectorised kernels off (``set_simd_(False)``; only where the
             build has some, e.g. AVX-512-BF16 for bf16 LoRA)
   generic   the kernels through batched_linear's general dispatch (the path before the lean one)
   noop      the lean path with the kernel calls doing nothing (what is left is dispatch)
   torch     the families' torch code
 
-    .venv/bin/python bench/lora_dispatch.py [--threads 2] [--rounds 5] [--out NAME.json]
+    .venv/bin/python bench/dispatch.py [--mix lora8] [--threads 2] [--rounds 5] [--out NAME.json]
 
-Writes bench/results/lora-dispatch.json (or NAME.json).
+Writes bench/results/dispatch-<mix>.json (or NAME.json).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from server.engine import adapted_linear  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.loader import load_base_model  # noqa: E402
 from server.engine.requests import SamplingParams  # noqa: E402
-from server.kernels.microbench import MIX, median_decode_step_ms  # noqa: E402
+from server.kernels.microbench import MIX, PER_FAMILY, TEN_CONFIGS, median_decode_step_ms  # noqa: E402
 from server.methods import Adapter, get_method  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
@@ -61,7 +64,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", default="lora-dispatch.json", help="file name under bench/results/")
+    ap.add_argument("--mix", choices=["lora8", "per_family", "ten_configs"], default="lora8")
+    ap.add_argument("--out", default=None, help="file name under bench/results/ (dispatch-<mix>.json)")
     args = ap.parse_args()
     settings = Settings(
         threads=args.threads, max_batch_size=64, merged_cache_bytes=0, device_adapter_bytes=1 << 30
@@ -71,13 +75,21 @@ def main() -> None:
     if k is None:
         raise SystemExit("the kernels cannot be built here")
     weights = {p: m.base.weight.float() for p, m in engine.base.modules.items()}
-    method = get_method("lora")
-    cfg = method.parse_config({"peft_type": method.peft_type, "target_modules": TARGETS, **MIX[0][1]})
-    for i in range(8):
-        g = torch.Generator().manual_seed(900 + i)
+
+    def add(name, family, raw, seed):
+        method = get_method(family)
+        cfg = method.parse_config({"peft_type": method.peft_type, "target_modules": TARGETS, **raw})
+        g = torch.Generator().manual_seed(seed)
         mods = {p: method.init_module_params(cfg, p, w, "random", g) for p, w in weights.items()}
-        engine.add_adapter(f"l{i}", Adapter(method, cfg, mods, dict(engine.base.module_shapes)))
-    ids = [f"l{i % 8}" for i in range(32)]
+        engine.add_adapter(name, Adapter(method, cfg, mods, dict(engine.base.module_shapes)))
+        return name
+
+    if args.mix == "lora8":
+        names = [add(f"l{i}", *MIX[0], 900 + i) for i in range(8)]
+        ids = [names[i % 8] for i in range(32)]
+    else:
+        configs = PER_FAMILY if args.mix == "per_family" else TEN_CONFIGS
+        ids = [add(f"m{i}", *configs[i % len(configs)], 300 + i) for i in range(32)]
     prompts = [[100 + (7 * i + j) % 5000 for j in range(32)] for i in range(32)]
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     scenarios = {
@@ -111,6 +123,7 @@ def main() -> None:
     result = {
         "dtype": str(engine.base.dtype).removeprefix("torch."),
         "threads": args.threads,
+        "mix": args.mix,
         "simd_paths": list(k.simd_paths),
         "step_ms_median": med,
         "step_ms_rounds": runs,
@@ -119,7 +132,7 @@ def main() -> None:
     print(f"{'scenario':>8} {'step ms':>8} {'base/step':>9}")
     for n, v in med.items():
         print(f"{n:>8} {v:8.1f} {med['base'] / v:9.3f}")
-    out = Path(__file__).parent / "results" / args.out
+    out = Path(__file__).parent / "results" / (args.out or f"dispatch-{args.mix}.json")
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 
