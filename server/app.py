@@ -29,7 +29,7 @@ from server.engine import threads
 from server.engine.engine import Engine
 from server.engine.loader import dtype_name
 from server.engine.requests import FinishEvent, SamplingParams
-from server.metrics import MetricsMiddleware, route_templates
+from server.metrics_http import MetricsMiddleware, route_templates
 from server.runtime import (  # noqa: F401 - open_store, store_limits: used by tests and tools
     Runtime,
     build_runtime,

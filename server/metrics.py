@@ -6,8 +6,9 @@ Naming follows Prometheus conventions (``facet_`` prefix, base units, ``_total``
 
 Where the numbers come from:
 
-* HTTP requests: ``MetricsMiddleware`` (pure ASGI, outermost), labelled by the matched route's
-  *path template* (``/adapters/{adapter_id}``), a fixed set of methods and the status code.
+* HTTP requests: ``MetricsMiddleware`` (``server/metrics_http.py``; pure ASGI, outermost),
+  labelled by the matched route's *path template* (``/adapters/{adapter_id}``), a fixed set of
+  methods and the status code.
   Paths that match no route are ``route="unmatched"``.
 * Generations: ``Metrics.sink`` wraps the request's event sink, so time to first token,
   inter-token latency, end-to-end latency, token counts and finish reasons are taken as the
@@ -31,7 +32,6 @@ is ``adapter="base"``). Nothing a client sends becomes a label value by itself.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -41,8 +41,6 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.routing import compile_path
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine.requests import ERROR_KINDS, Event, EventSink, FinishEvent, TokenEvent
 from server.methods import available_methods
@@ -467,60 +465,3 @@ class _StateCollector(Collector):
         for tier in TIERS:
             evictions.add_metric([tier], stats.evictions.get(tier, 0))
         yield evictions
-
-
-# ------------------------------------------------------------------------------------- HTTP
-
-
-def route_templates(app) -> list[str]:
-    """Path templates of every route of a FastAPI app: the API's (from its OpenAPI schema) and
-    the plain ones (docs, schema)."""
-    paths = list(app.openapi().get("paths", {}))
-    paths += [r.path for r in app.routes if isinstance(getattr(r, "path", None), str)]
-    return list(dict.fromkeys(paths))
-
-
-class MetricsMiddleware:
-    """Counts every HTTP request (401s and 413s from the inner middleware included) by route
-    template, method and status; times it until the response is sent.
-
-    The template is the matched route's (``scope["route"]``); a request answered before routing
-    (no key, body too large) is matched against ``templates()`` here."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics, templates: Callable[[], list[str]]):
-        self.app = app
-        self.metrics = metrics
-        self._templates = templates
-        self._compiled: list[tuple[re.Pattern, str]] | None = None
-
-    def _template(self, scope: Scope) -> str:
-        path = getattr(scope.get("route"), "path", None)
-        if isinstance(path, str):
-            return path
-        if self._compiled is None:
-            self._compiled = [(compile_path(t)[0], t) for t in self._templates()]
-        for regex, template in self._compiled:
-            if regex.match(scope["path"]):
-                return template
-        return UNMATCHED_ROUTE
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = self._template(scope)
-            method = scope["method"] if scope["method"] in METHODS else "other"
-            self.metrics.http_requests.labels(route, method, str(status)).inc()
-            self.metrics.http_duration.labels(route).observe(time.perf_counter() - t0)

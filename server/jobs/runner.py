@@ -42,18 +42,16 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from pydantic import ValidationError as PydanticValidationError
 from safetensors.torch import save as st_save
 
 from adapters_store import objects as store_objects
 from adapters_store.errors import StoreError, Unavailable
-from adapters_store.ids import check_new_id, is_valid_id
 from adapters_store.objects import ObjectStore
 from server.engine import threads
 from server.engine.loader import BaseModel
 from server.methods import Adapter, AdapterError
 
-from .data import DataError, parse_jsonl, tokenize_records
+from .data import DataError
 from .jobdb import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobDB, JobNotFound, public
 from .jobfiles import LEGACY_STATE, JobFiles
 from .lease import Heartbeat, local_runner_id
@@ -61,7 +59,8 @@ from .memory import TokenBudget
 from .recovery import finished, is_stale, recover_job
 from .spec import JobConflict, JobInvalid, JobQueueFull, JobSpec
 from .state import StateError
-from .train import Hyperparameters, TrainingError, build_config, train_adapter
+from .train import TrainingError, train_adapter
+from .validate import validate_spec
 
 RESUME_FILE = LEGACY_STATE  # where jobs of the earlier layout kept their state (<root>/<job id>/)
 DEFAULT_LEASE_S = 30.0
@@ -176,41 +175,16 @@ class JobRunner:
 
     # ---- public API ------------------------------------------------------------------------
     def validate(self, spec: JobSpec):
-        """Everything checkable before training; raises ``JobInvalid(where, message)``."""
-        if not is_valid_id(spec.adapter_id) or "@" in spec.adapter_id:
-            raise JobInvalid(
-                "adapter_id", "1-128 letters, digits, '.', '_', '-' (starting with a letter or digit)"
-            )
-        try:
-            check_new_id(spec.adapter_id, self.base.name)  # not the base model's name, in any case
-        except StoreError as e:
-            raise JobInvalid("adapter_id", e.message) from None
-        try:
-            hp = Hyperparameters.model_validate(spec.hyperparameters or {})
-        except PydanticValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise JobInvalid(f"hyperparameters.{loc}" if loc else "hyperparameters", err["msg"]) from None
-        try:
-            build_config(self.base, spec.method, dict(spec.config or {}), spec.target_modules)
-        except AdapterError as e:
-            where = "method" if e.where == "method" else f"config.{e.where}"
-            raise JobInvalid(where, str(e).split(": ", 1)[-1]) from None
-        parsed = {}
-        for field, text in (("training_data", spec.training_data), ("validation_data", spec.validation_data)):
-            if text is None:
-                continue
-            try:
-                records = parse_jsonl(text, max_records=self.max_examples)
-                examples = tokenize_records(self.tokenizer, records, hp.max_length, lock=self._tokenizer_lock)
-            except DataError as e:
-                raise JobInvalid(field, str(e)) from None
-            parsed[field] = examples
-        train, val = parsed["training_data"], parsed.get("validation_data")
-        problem = None if self.token_budget is None else self.token_budget.problem(hp.batch_size, train, val)
-        if problem is not None:
-            raise JobInvalid("hyperparameters.batch_size", problem)
-        return hp, train, val
+        """Everything checkable before training (``server.jobs.validate``); raises
+        ``JobInvalid(where, message)``, returns the hyperparameters and the tokenized examples."""
+        return validate_spec(
+            spec,
+            self.base,
+            self.tokenizer,
+            tokenizer_lock=self._tokenizer_lock,
+            max_examples=self.max_examples,
+            token_budget=self.token_budget,
+        )
 
     def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> dict:
         """Validate and queue a job. With an ``idempotency_key`` already used for the same request,
