@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cstdint>
 #include <type_traits>
+#include <unordered_map>
 #include <cstring>
 #include <vector>
 
@@ -385,6 +386,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::list simd;  // the hand-vectorised paths this build has
   if (kHaveLoraAvx512) simd.append("lora_avx512");
   m.attr("simd_paths") = py::tuple(simd);
+  m.attr("fft_backend") = fft::have_dfti() ? "mkl_dfti" : "torch";  // fft_cpu.cpp
   m.def("rfft_rows", &rfft_rows, "rfft of the given rows, zero-padded to n", release());
   m.def("circulant_apply_", &circulant_apply_, "SURM circulant delta added to y (in place)", release());
   m.def("toeplitz_apply_", &toeplitz_apply_, "SURM Toeplitz delta added to y (in place)", release());

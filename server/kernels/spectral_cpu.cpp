@@ -1,7 +1,10 @@
 // The spectral families' CPU kernels (float32 and bfloat16 activations, float32 spectra): SURM
 // circulant and Toeplitz, DCT. Not compiled on its own: adapters_cpu.cpp includes it after its
 // shared helpers (element types, checks, row loops), so the kernels stay one translation unit and
-// one build. Conventions as in adapters_cpu.cpp.
+// one build. Conventions as in adapters_cpu.cpp. The transforms are fft_cpu.cpp's (MKL's DFTI on
+// raw buffers; scratch buffers per thread), so a call makes no ATen op but the spectrum it returns.
+
+#include "fft_cpu.cpp"
 
 namespace facet {
 
@@ -75,16 +78,17 @@ Tensor rfft_rows(Tensor x, Tensor rows, int64_t n) {
   with_act_type(x, [&](auto a) {
     using A = decltype(a);
     const A* xp = ptr<A>(x);
+    float* op = out.data_ptr<float>();
     for_row_chunks(rcount, [&](int64_t begin, int64_t end) {
       SingleThreadedFFT one_thread;
       const int64_t rc = end - begin;
-      auto buf = torch::zeros({rc, n}, f32(x));
-      float* bp = buf.data_ptr<float>();
+      float* bp = fft::scratch(0, rc * n);
       for (int64_t k = 0; k < rc; ++k) {
         const A* xr = xp + rp[begin + k] * in_f;
         for (int64_t i = 0; i < in_f; ++i) bp[k * n + i] = ld(xr[i]);
+        for (int64_t i = in_f; i < n; ++i) bp[k * n + i] = 0.f;
       }
-      out.narrow(0, begin, rc).copy_(at::view_as_real(at::fft_rfft(buf, n, 1)));
+      fft::rfft(bp, n, n, rc, op + begin * 2 * m, 2 * m);
     });
   });
   return out;
@@ -105,11 +109,11 @@ void circulant_apply_(Tensor y, Tensor f, Tensor rows, Tensor slots, Tensor spec
     for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
       SingleThreadedFFT one_thread;
       const int64_t rc = end - begin;
-      Tensor prod = f.narrow(0, begin, rc).clone();  // the shared spectrum stays intact
-      float* fp = prod.data_ptr<float>();
+      float* fp = fft::scratch(0, rc * 2 * m);  // the product; the shared spectrum stays intact
+      std::memcpy(fp, f.data_ptr<float>() + begin * 2 * m, sizeof(float) * rc * 2 * m);
       for (int64_t k = 0; k < rc; ++k) cmul_(fp + k * 2 * m, cp + sp[begin + k] * 2 * m, m);
-      Tensor out = at::fft_irfft(at::view_as_complex(prod), n, 1).contiguous();  // [rc, N]
-      const float* op = out.data_ptr<float>();
+      float* op = fft::scratch(1, rc * n);
+      fft::irfft(fp, 2 * m, n, rc, op, n);
       for (int64_t k = 0; k < rc; ++k) add_row(yp + rp[begin + k] * out_f, op + k * n, out_f);
     });
   });
@@ -132,21 +136,21 @@ void toeplitz_apply_(Tensor y, Tensor f, Tensor rows, Tensor slots, Tensor spec,
     for_row_chunks(rows.numel(), [&](int64_t begin, int64_t end) {
       SingleThreadedFFT one_thread;
       const int64_t rc = end - begin;
-      Tensor cur = f.narrow(0, begin, rc).clone();
-      Tensor buf;
+      float* cur = fft::scratch(0, rc * 2 * m);
+      std::memcpy(cur, f.data_ptr<float>() + begin * 2 * m, sizeof(float) * rc * 2 * m);
+      float* buf = fft::scratch(1, rc * length);
       for (int64_t factor = 0; factor < 2; ++factor) {  // T(a) first, then T(b)
-        if (factor == 1) cur = at::view_as_real(at::fft_rfft(buf, length, 1)).contiguous();
-        float* fp = cur.data_ptr<float>();
+        if (factor == 1) fft::rfft(buf, length, length, rc, cur, 2 * m);
         for (int64_t k = 0; k < rc; ++k) {
           const W* c = cp + (sp[begin + k] * 2 + factor) * 2 * m;
-          float* fr = fp + k * 2 * m;
+          float* fr = cur + k * 2 * m;
           for (int64_t i = 0; i < 2 * m; ++i) fr[i] *= ld(c[i]);
         }
-        buf = at::fft_irfft(at::view_as_complex(cur), length, 1).contiguous();  // [rc, L]
-        if (factor == 0) buf.narrow(1, n, length - n).zero_();  // keep T(a) x: the first N entries
+        fft::irfft(cur, 2 * m, length, rc, buf, length);  // [rc, L]
+        if (factor == 0)  // keep T(a) x: the first N entries
+          for (int64_t k = 0; k < rc; ++k) std::fill(buf + k * length + n, buf + (k + 1) * length, 0.f);
       }
-      const float* op = buf.data_ptr<float>();
-      for (int64_t k = 0; k < rc; ++k) add_row(yp + rp[begin + k] * out_f, op + k * length, out_f);
+      for (int64_t k = 0; k < rc; ++k) add_row(yp + rp[begin + k] * out_f, buf + k * length, out_f);
     });
   });
 }
@@ -172,15 +176,13 @@ Tensor dct_spectrum(Tensor x, Tensor rows, Tensor perm_in, Tensor fwd_in) {
     for_row_chunks(rcount, [&](int64_t begin, int64_t end) {
       SingleThreadedFFT one_thread;
       const int64_t rc = end - begin;
-      auto buf = torch::empty({rc, in_f}, f32(x));
-      float* bp = buf.data_ptr<float>();
+      float* bp = fft::scratch(0, rc * in_f);
       for (int64_t k = 0; k < rc; ++k) {
         const A* xr = xp + rp[begin + k] * in_f;
         for (int64_t i = 0; i < in_f; ++i) bp[k * in_f + i] = ld(xr[pin[i]]);
       }
-      Tensor spec = out.narrow(0, begin, rc);
-      spec.copy_(at::view_as_real(at::fft_rfft(buf, c10::nullopt, 1)));
-      float* fp = spec.data_ptr<float>();
+      float* fp = out.data_ptr<float>() + begin * 2 * m_in;
+      fft::rfft(bp, in_f, in_f, rc, fp, 2 * m_in);
       for (int64_t k = 0; k < rc; ++k) cmul_(fp + k * 2 * m_in, fwd, m_in);
     });
   });
@@ -222,8 +224,8 @@ void dct_apply_(Tensor y, Tensor spec, Tensor rows, Tensor slots, Tensor pos, Te
       SingleThreadedFFT one_thread;
       const int64_t rc = end - begin;
       // z[u_j] += c_j x_hat[v_j] in the output spectrum's slots, then the inverse twiddle.
-      auto outs = torch::zeros({rc, m_out, 2}, f32(y));
-      float* op = outs.data_ptr<float>();
+      float* op = fft::scratch(0, rc * 2 * m_out);
+      std::fill(op, op + rc * 2 * m_out, 0.f);
       for (int64_t k = 0; k < rc; ++k) {
         const int64_t slot = sp[begin + k];
         const int64_t* pv = pp + slot * 2 * npos;
@@ -235,8 +237,8 @@ void dct_apply_(Tensor y, Tensor spec, Tensor rows, Tensor slots, Tensor pos, Te
         cmul_(dst, inv, m_out);
       }
       // irfft, back to natural order, added to y.
-      Tensor back = at::fft_irfft(at::view_as_complex(outs), out_f, 1).contiguous();  // [rc, out]
-      const float* bk = back.data_ptr<float>();
+      float* bk = fft::scratch(1, rc * out_f);
+      fft::irfft(op, 2 * m_out, out_f, rc, bk, out_f);
       for (int64_t k = 0; k < rc; ++k) {
         A* yr = yp + rp[begin + k] * out_f;
         const float* br = bk + k * out_f;
