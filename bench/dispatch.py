@@ -8,8 +8,9 @@ round by round:
 
   base      no adapter
   lean      the kernels through ServeBinding's lean path (the fused hooks around the base GEMM)
-  portable  the same with the hand-vectorised kernels off (``set_simd_(False)``; only where the
-            build has some, e.g. AVX-512-BF16 for bf16 LoRA)
+  portable  the same with the kernels' fast paths off (``set_fast_paths_(False)``: the portable
+            LoRA block instead of the AVX-512-BF16 one, torch's FFT instead of direct DFTI
+            calls; only where the build has some)
   generic   the kernels through batched_linear's general dispatch (the path before the lean one)
   noop      the lean path with the kernel calls doing nothing (what is left is dispatch)
   torch     the families' torch code
@@ -99,13 +100,13 @@ def main() -> None:
         "noop": (ids, _Kernels(k, True), LEAN),
         "torch": (ids, None, LEAN),
     }
-    if k.simd_paths:
+    if k.fast_paths:
         scenarios["portable"] = (ids, k, LEAN, False)
 
-    def step_ms(adapters, kernels, run_for, simd: bool = True) -> float:
+    def step_ms(adapters, kernels, run_for, fast: bool = True) -> float:
         engine.planner.kernels = kernels
         adapted_linear.ServeBinding._run_for = run_for
-        k.set_simd_(simd)
+        k.set_fast_paths_(fast)
         return median_decode_step_ms(engine, prompts, adapters, params)
 
     try:
@@ -118,13 +119,13 @@ def main() -> None:
             print(f"round {r + 1}: " + "  ".join(f"{n} {v[-1]:.1f}" for n, v in runs.items()), flush=True)
     finally:
         adapted_linear.ServeBinding._run_for = LEAN
-        k.set_simd_(True)
+        k.set_fast_paths_(True)
     med = {n: sorted(v)[len(v) // 2] for n, v in runs.items()}
     result = {
         "dtype": str(engine.base.dtype).removeprefix("torch."),
         "threads": args.threads,
         "mix": args.mix,
-        "simd_paths": list(k.simd_paths),
+        "fast_paths": list(k.fast_paths),
         "step_ms_median": med,
         "step_ms_rounds": runs,
         "base_step_over_scenario": {n: med["base"] / v for n, v in med.items()},

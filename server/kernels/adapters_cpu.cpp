@@ -197,14 +197,16 @@ void reflect_rows_(Tensor z, Tensor rows, Tensor slots, Tensor t) {
   });
 }
 
-// Hand-vectorised paths (lora_avx512.cpp) are used where the build has their instructions and this
-// switch is on (the default); tests turn it off to check the portable code on the same machine.
-inline std::atomic<bool>& simd_switch() {
+// Fast paths: the hand-vectorised LoRA block (lora_avx512.cpp), used where the build has its
+// instructions, and MKL's DFTI called directly by the spectral kernels (fft_cpu.cpp), used where
+// torch carries MKL. Both are on by default; this switch turns them off together, so tests and
+// benchmarks can run the portable code (and torch's FFT) on the same machine.
+inline std::atomic<bool>& fast_paths_switch() {
   static std::atomic<bool> on{true};
   return on;
 }
-inline bool simd_enabled() { return simd_switch().load(std::memory_order_relaxed); }
-bool set_simd_(bool on) { return simd_switch().exchange(on); }
+inline bool fast_paths_enabled() { return fast_paths_switch().load(std::memory_order_relaxed); }
+bool set_fast_paths_(bool on) { return fast_paths_switch().exchange(on); }
 
 }  // namespace facet
 
@@ -290,7 +292,7 @@ void lora_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor a, Tensor b
         const W* ar = ap + slot * r * in_f;
         const W* br = bp + slot * r * out_f;
         if constexpr (std::is_same_v<A, bf16> && std::is_same_v<W, bf16>) {
-          if (kHaveLoraAvx512 && simd_enabled()) {
+          if (kHaveLoraAvx512 && fast_paths_enabled()) {
             switch (count) {
               case 4: lora_block_bf16<4>(xs, ys, ar, br, r, in_f, out_f, h.data()); break;
               case 3: lora_block_bf16<3>(xs, ys, ar, br, r, in_f, out_f, h.data()); break;
@@ -382,11 +384,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_shift_rows_", &scale_shift_rows_, "HUT r1 output scale and shift (in place)", release());
   m.def("reflect_rows_", &reflect_rows_, "ETHER / ETHER+ block reflections (in place)", release());
   m.def("lora_add_", &lora_add_, "LoRA delta added to y (in place)", release());
-  m.def("set_simd_", &set_simd_, "hand-vectorised paths on (True, the default) or off; returns the previous");
-  py::list simd;  // the hand-vectorised paths this build has
-  if (kHaveLoraAvx512) simd.append("lora_avx512");
-  m.attr("simd_paths") = py::tuple(simd);
-  m.attr("fft_backend") = fft::have_dfti() ? "mkl_dfti" : "torch";  // fft_cpu.cpp
+  m.def("set_fast_paths_", &set_fast_paths_, "fast paths on (True, the default) or off; returns the previous");
+  py::list fast;  // the fast paths this build has
+  if (kHaveLoraAvx512) fast.append("lora_avx512");
+  if (fft::have_dfti()) fast.append("mkl_dfti");
+  m.attr("fast_paths") = py::tuple(fast);
   m.def("rfft_rows", &rfft_rows, "rfft of the given rows, zero-padded to n", release());
   m.def("circulant_apply_", &circulant_apply_, "SURM circulant delta added to y (in place)", release());
   m.def("toeplitz_apply_", &toeplitz_apply_, "SURM Toeplitz delta added to y (in place)", release());

@@ -1,6 +1,6 @@
 // Real FFTs of a few rows for the spectral kernels (spectral_cpu.cpp includes this file), called
 // on raw float32 buffers: MKL's DFTI directly where torch's build carries it (the x86-64 wheels do,
-// and export its C API), torch's own FFT otherwise.
+// and export its C API) and the fast paths are on (``set_fast_paths_``), torch's own FFT otherwise.
 //
 // Why not at::fft_rfft: inside a decode step every ATen op runs with cold caches (the base GEMMs
 // before it have streamed hundreds of MB of weights), and an at::fft call is several ops (plan
@@ -70,7 +70,7 @@ inline void* plan(int64_t n, bool forward) {
 // spec[k] = rfft(in[k]) for rc rows: ``in`` rows of n floats (``in_stride`` apart), ``spec`` rows of
 // n/2+1 interleaved (re, im) pairs (``spec_stride`` floats apart).
 inline void rfft(const float* in, int64_t in_stride, int64_t n, int64_t rc, float* spec, int64_t spec_stride) {
-  void* d = have_dfti() ? plan(n, true) : nullptr;
+  void* d = have_dfti() && fast_paths_enabled() ? plan(n, true) : nullptr;
   if (d != nullptr) {
     for (int64_t k = 0; k < rc; ++k) {
       const long status = DftiComputeForward(d, const_cast<float*>(in + k * in_stride), spec + k * spec_stride);
@@ -87,7 +87,7 @@ inline void rfft(const float* in, int64_t in_stride, int64_t n, int64_t rc, floa
 // out[k] = irfft(spec[k], n) (normalised by 1/n, as torch's irfft) for rc rows; layouts as rfft's.
 // ``spec`` is the caller's scratch: a complex-to-real transform may overwrite its input.
 inline void irfft(const float* spec, int64_t spec_stride, int64_t n, int64_t rc, float* out, int64_t out_stride) {
-  void* d = have_dfti() ? plan(n, false) : nullptr;
+  void* d = have_dfti() && fast_paths_enabled() ? plan(n, false) : nullptr;
   if (d != nullptr) {
     const float scale = 1.0f / float(n);
     for (int64_t k = 0; k < rc; ++k) {

@@ -1,7 +1,7 @@
 // LoRA's block kernel for bfloat16 rows and tables on CPUs with AVX-512-BF16 (Zen 4, Sapphire
 // Rapids and later). Not compiled on its own: adapters_cpu.cpp includes it before lora_add_,
 // which calls ``lora_block_bf16`` for a block when the build has these instructions
-// (``kHaveLoraAvx512``) and ``simd_enabled()`` says yes, and the portable ``lora_block``
+// (``kHaveLoraAvx512``) and ``fast_paths_enabled()`` says yes, and the portable ``lora_block``
 // otherwise. Same math and same rounding points as the portable kernel: h = A x in float32, then
 // y + Σ_j h_j Bt_j in float32, rounded to bfloat16 once (round to nearest even, NaN kept).
 //

@@ -149,14 +149,19 @@ def test_build_command_of_make_model(k):
 
 def test_the_spectral_kernels_call_mkl_where_torch_carries_it(k):
     """fft_cpu.cpp runs MKL's DFTI on raw buffers where torch's build has MKL (its x86-64 wheels),
-    torch's FFT otherwise; both give torch's FFT results (test_kernel_matches_torch)."""
-    assert k.fft_backend == ("mkl_dfti" if torch.backends.mkl.is_available() else "torch")
+    torch's FFT otherwise (or with the fast paths off); both give torch's FFT results."""
+    assert ("mkl_dfti" in k.fast_paths) == torch.backends.mkl.is_available()
     x = torch.randn(5, 30)
     rows = torch.tensor([4, 0, 2])
-    for n in (30, 31, 64):  # even, odd, zero-padded
-        got = k.rfft_rows(x, rows, n)
-        want = torch.view_as_real(torch.fft.rfft(x[rows], n))
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for fast in (True, False):
+        before = k.set_fast_paths_(fast)
+        try:
+            for n in (30, 31, 64):  # even, odd, zero-padded
+                got = k.rfft_rows(x, rows, n)
+                want = torch.view_as_real(torch.fft.rfft(x[rows], n))
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        finally:
+            k.set_fast_paths_(before)
 
 
 @pytest.mark.parametrize("case_id", ["dct-n20", "surm-circulant", "surm-toeplitz"])
@@ -335,7 +340,7 @@ def test_every_table_width_is_checked_before_it_is_read(k):
     """A table of the wrong width raises a RuntimeError naming it (never reads past its memory);
     every kernel is covered. (test_kernel_matches_torch makes the same calls with the right ones.)"""
     calls = _width_calls(k)
-    controls = {"set_simd_", "simd_paths", "fft_backend"}  # switches and build facts, no table
+    controls = {"set_fast_paths_", "fast_paths"}  # the fast paths' switch and list, no table
     assert {name for name, _, _ in calls} == {n for n in dir(k) if not n.startswith("_")} - controls
     for name, call, fragment in calls:
         with pytest.raises(RuntimeError) as e:

@@ -11,7 +11,7 @@ above that bound, so the test can tell a served adapter (or the right slot) from
 
 The kernels are plain C++ the compiler vectorises for the machine, so a CPU without AVX-512-BF16
 runs the same source, except LoRA's bf16 block, which has a hand-vectorised AVX-512-BF16 path
-where the build has those instructions; ``test_kernels_simd.py`` holds it and the portable code
+where the build has those instructions; ``test_kernels_fast_paths.py`` holds it and the portable code
 to the same bound on one machine.
 """
 

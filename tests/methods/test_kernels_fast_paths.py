@@ -1,9 +1,11 @@
-"""The hand-vectorised kernel paths (``simd_paths`` of the built module) and the portable code they
-replace, on the same inputs and the same machine.
+"""The kernels' fast paths (``fast_paths`` of the built module) and the portable code they replace,
+on the same inputs and the same machine (``set_fast_paths_`` switches them).
 
-Today that is LoRA's bf16 block kernel for AVX-512-BF16 (``server/kernels/lora_avx512.cpp``).
-A build without those instructions has no such path (``simd_paths`` is empty) and ``lora_add_``
-runs the portable code whatever the switch says; the checks below then hold it alone. Either way
+LoRA's bf16 block kernel for AVX-512-BF16 (``server/kernels/lora_avx512.cpp``): a build without
+those instructions has no such path and ``lora_add_`` runs the portable code whatever the switch
+says; the checks below then hold it alone. (The other fast path, MKL's DFTI called directly by
+the spectral kernels, is checked against torch's FFT in test_kernels.py, and every spectral
+kernel against the torch code there and in test_kernels_bf16.py.) Either way
 both settings of the switch are held to the float64 result of the same bf16 inputs within the
 bound of ``test_kernels_bf16.py``: one bf16 rounding of the result and the float32 accumulation
 over the reduction length, per value.
@@ -31,17 +33,17 @@ def k():
     module = kernels.load(Settings().kernels_build_dir)
     assert module is not None, "a C++ compiler is present, so the kernels must build"
     yield module
-    module.set_simd_(True)
+    module.set_fast_paths_(True)
 
 
-def _lora_add(k, simd: bool, y, *args):
-    before = k.set_simd_(simd)
+def _lora_add(k, fast: bool, y, *args):
+    before = k.set_fast_paths_(fast)
     try:
         out = y.clone()
         k.lora_add_(out, *args)
         return out
     finally:
-        k.set_simd_(before)
+        k.set_fast_paths_(before)
 
 
 def _case(in_f, out_f, r, n_rows, seed):
@@ -76,12 +78,12 @@ def test_lora_bf16_both_paths_match_the_exact_result(k, in_f, out_f, r, n_rows):
     summed[rows] += torch.einsum("ri,rji,rjo->ro", x64[rows].abs(), a64[slots].abs(), bt64[slots].abs())
     accumulated = (in_f + r + 1) * EPS32 * summed
     bound = EPS16 / 2 * (exact.abs() + accumulated) + accumulated
-    results = {simd: _lora_add(k, simd, y, x, rows, slots, a, bt) for simd in (True, False)}
+    results = {fast: _lora_add(k, fast, y, x, rows, slots, a, bt) for fast in (True, False)}
     others = torch.ones(y.shape[0], dtype=torch.bool)
     others[rows] = False
-    for simd, got in results.items():
+    for fast, got in results.items():
         over = (got.double() - exact).abs() - bound
-        assert float(over.max()) <= 0, f"simd={simd}: {int((over > 0).sum())} values outside the bound"
+        assert float(over.max()) <= 0, f"fast={fast}: {int((over > 0).sum())} values outside the bound"
         assert torch.equal(got[others], y[others]), "rows of no adapter are left alone"
     # the adapter moves most of its rows' values by far more than the bound
     moved = ((exact - y.double()).abs() > 4 * bound)[rows]
@@ -111,7 +113,36 @@ def test_lora_bf16_rounds_like_the_portable_path(k):
 
 
 def test_the_switch_reports_and_restores(k):
-    assert isinstance(k.simd_paths, tuple)
-    before = k.set_simd_(False)
+    assert isinstance(k.fast_paths, tuple)
+    before = k.set_fast_paths_(False)
     assert before is True
-    assert k.set_simd_(True) is False
+    assert k.set_fast_paths_(True) is False
+
+
+@pytest.mark.parametrize("case_id", ["dct-n20", "surm-circulant", "surm-toeplitz"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_spectral_kernels_agree_with_direct_and_torch_ffts(k, case_id, dtype):
+    """The spectral kernels with MKL's DFTI called directly (fast paths on) and with torch's FFT
+    (off): the same transform code, so the results agree to float32 rounding."""
+    from server.methods import batched_linear
+
+    from .test_kernels import CASES, _fused, _groups
+
+    case = next(c for c in CASES if c.id == case_id)
+    torch.manual_seed(2)
+    weight = torch.randn(24, 48) / 48**0.5
+    method, groups = _groups(case, 24, 48, weight)
+    groups = _fused(k, groups)
+    x = torch.randn(2, 7, 48)
+    outs = {}
+    with torch.inference_mode():
+        for fast in (True, False):
+            before = k.set_fast_paths_(fast)
+            try:
+                outs[fast] = batched_linear(x.to(dtype), weight.to(dtype), None, groups).float()
+            finally:
+                k.set_fast_paths_(before)
+        base = torch.nn.functional.linear(x.to(dtype), weight.to(dtype)).float()
+    tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(outs[True], outs[False], rtol=tol, atol=tol)
+    assert float((outs[True] - base).abs().max()) > 1e-3, "the adapter changes the output"
