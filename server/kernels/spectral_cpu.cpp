@@ -189,7 +189,7 @@ Tensor dct_spectrum(Tensor x, Tensor rows, Tensor perm_in, Tensor fwd_in) {
   return out;
 }
 
-// ``pos [S, 2, n]`` = flat spectrum slots of v_j (input) and u_j (output), ``coef [S, n]`` with every
+// ``pos [S, 2, n]`` (int32) = flat spectrum slots of v_j (input) and u_j (output), ``coef [S, n]`` with every
 // per-position constant folded in (see dct.py prepare).
 void dct_apply_(Tensor y, Tensor spec, Tensor rows, Tensor slots, Tensor pos, Tensor coef, Tensor inv_out,
                 Tensor unperm_out) {
@@ -199,16 +199,16 @@ void dct_apply_(Tensor y, Tensor spec, Tensor rows, Tensor slots, Tensor pos, Te
   TORCH_CHECK(spec.dim() == 3, "dct spectrum: [R, in/2+1, 2]");
   const int64_t m_in = spec.size(1);
   check_spectrum(spec, rows, m_in);
-  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.size(0) == coef.size(0) &&
-                  pos.size(1) == 2 && pos.size(2) == npos, "dct positions: contiguous int64 [S, 2, n]");
+  TORCH_CHECK(pos.scalar_type() == at::kInt && pos.is_contiguous() && pos.size(0) == coef.size(0) &&
+                  pos.size(1) == 2 && pos.size(2) == npos, "dct positions: contiguous int32 [S, 2, n]");
   TORCH_CHECK(unperm_out.scalar_type() == at::kLong && unperm_out.is_contiguous() && unperm_out.numel() == out_f &&
                   inv_out.scalar_type() == at::kFloat && inv_out.is_contiguous() && inv_out.numel() == 2 * m_out,
               "dct plan does not match the layer");
   const int64_t* unp = unperm_out.data_ptr<int64_t>();
   for (int64_t o = 0; o < out_f; ++o) TORCH_CHECK(unp[o] >= 0 && unp[o] < out_f, "dct plan permutation out of range");
-  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int32_t* pp = pos.data_ptr<int32_t>();
   for (int64_t k = 0; k < rows.numel(); ++k) {
-    const int64_t* pk = pp + sp[k] * 2 * npos;
+    const int32_t* pk = pp + sp[k] * 2 * npos;
     for (int64_t j = 0; j < npos; ++j)
       TORCH_CHECK(pk[j] >= 0 && pk[j] < 2 * m_in && pk[npos + j] >= 0 && pk[npos + j] < 2 * m_out,
                   "dct position out of range");
@@ -228,8 +228,8 @@ void dct_apply_(Tensor y, Tensor spec, Tensor rows, Tensor slots, Tensor pos, Te
       std::fill(op, op + rc * 2 * m_out, 0.f);
       for (int64_t k = 0; k < rc; ++k) {
         const int64_t slot = sp[begin + k];
-        const int64_t* pv = pp + slot * 2 * npos;
-        const int64_t* pu = pv + npos;
+        const int32_t* pv = pp + slot * 2 * npos;
+        const int32_t* pu = pv + npos;
         const W* c = cp + slot * npos;
         const float* src = fp + (begin + k) * 2 * m_in;
         float* dst = op + k * 2 * m_out;

@@ -361,8 +361,9 @@ class DCTMethod(AdapterMethod):
         self, cfg: DCTConfig, params: dict[str, torch.Tensor], weight: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Per slot: ``pos [2, n_pad]`` = (slot of v_j in the input spectrum, slot of u_j in the output
-        one) and ``coef [n_pad]`` = alpha c_j times the fixed transform factors of v_j and u_j.
-        Padding (c = 0, slots 0) is harmless."""
+        one), int32 (half the bytes of int64: positions are below 2 (N/2+1)), and ``coef [n_pad]`` =
+        alpha c_j times the fixed transform factors of v_j and u_j. Padding (c = 0, slots 0) is
+        harmless."""
         out_f, in_f = weight.shape
         dev, n_pad = weight.device, self.signature(cfg, out_f, in_f).n_pad
         coef = params["dct_coef"]
@@ -370,7 +371,7 @@ class DCTMethod(AdapterMethod):
         p_in, p_out = _plan(in_f, dev, ftype), _plan(out_f, dev, ftype)
         u, v = params["dct_rows"].to(dev, torch.long), params["dct_cols"].to(dev, torch.long)
         coef = cfg.scaling * coef.to(dev, ftype) * p_in.fwd_scale[v] * p_out.inv_scale[u]  # [n]
-        pos = torch.stack([p_in.slot[v], p_out.slot[u]])  # [2, n]
+        pos = torch.stack([p_in.slot[v], p_out.slot[u]]).to(torch.int32)  # [2, n]
         pad = n_pad - coef.shape[0]
         return {"pos": F.pad(pos, (0, pad)), "coef": F.pad(coef, (0, pad))}  # [2, n_pad], [n_pad]
 
@@ -384,7 +385,7 @@ class DCTMethod(AdapterMethod):
         rows = x.shape[0]
         dtype = compute_dtype(x.dtype)
         spec = _spectrum(x.to(dtype))  # [R, 2(in//2+1)]: the DCT of every row, shared by all slots
-        pos = per_row(table["pos"], slots).expand(rows, 2, n_pad)
+        pos = per_row(table["pos"], slots).long().expand(rows, 2, n_pad)  # gather wants int64
         terms = spec.gather(1, pos[:, 0]) * per_row(table["coef"], slots).to(dtype)  # [R, n_pad]
         out_spec = torch.zeros(rows, 2 * (out_f // 2 + 1), device=x.device, dtype=dtype)
         out_spec.scatter_add_(1, pos[:, 1], terms)  # z[u_j] += alpha c_j x_hat[v_j] (in spectrum slots)

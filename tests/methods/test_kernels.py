@@ -247,7 +247,7 @@ def _width_calls(k):
     spec_l = k.rfft_rows(x, rows, length)  # [3, 25, 2]
     perm, fwd, inv, unperm = dct_module.kernel_plan(24, 16, torch.device("cpu"))
     dct_spec = k.dct_spectrum(x, rows, perm, fwd)
-    pos, coef = torch.zeros(2, 2, 8, dtype=torch.long), torch.randn(2, 8)
+    pos, coef = torch.zeros(2, 2, 8, dtype=torch.int32), torch.randn(2, 8)
     a, bt = torch.randn(2, 4, 24), torch.randn(2, 4, 16)
     return [
         ("scale_rows_", lambda: k.scale_rows_(z, rows, slots, torch.randn(2, 23)), "HUT input scales"),
