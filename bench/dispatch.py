@@ -27,19 +27,21 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.engine import adapted_linear  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.loader import load_base_model  # noqa: E402
 from server.engine.requests import SamplingParams  # noqa: E402
-from server.kernels.microbench import MIX, PER_FAMILY, TEN_CONFIGS, median_decode_step_ms  # noqa: E402
-from server.methods import Adapter, get_method  # noqa: E402
+from server.kernels.microbench import (  # noqa: E402
+    MIX,
+    PER_FAMILY,
+    TEN_CONFIGS,
+    add_random_adapter,
+    median_decode_step_ms,
+)
 from server.settings import Settings  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LEAN = adapted_linear.ServeBinding._run_for
 
 
@@ -78,12 +80,7 @@ def main() -> None:
     weights = {p: m.base.weight.float() for p, m in engine.base.modules.items()}
 
     def add(name, family, raw, seed):
-        method = get_method(family)
-        cfg = method.parse_config({"peft_type": method.peft_type, "target_modules": TARGETS, **raw})
-        g = torch.Generator().manual_seed(seed)
-        mods = {p: method.init_module_params(cfg, p, w, "random", g) for p, w in weights.items()}
-        engine.add_adapter(name, Adapter(method, cfg, mods, dict(engine.base.module_shapes)))
-        return name
+        return add_random_adapter(engine, weights, name, family, raw, seed)
 
     if args.mix == "lora8":
         names = [add(f"l{i}", *MIX[0], 900 + i) for i in range(8)]

@@ -173,6 +173,22 @@ TEN_CONFIGS = [
 ]
 
 
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def add_random_adapter(engine, weights: dict, name: str, family: str, raw: dict, seed: int) -> str:
+    """Register a random (non-zero) adapter of ``family`` with config ``raw`` on the 7 projections
+    of ``engine``'s model (``weights``: path -> float32 base weight); returns ``name``."""
+    from server.methods import Adapter
+
+    method = get_method(family)
+    cfg = method.parse_config({"peft_type": method.peft_type, "target_modules": TARGETS, **raw})
+    g = torch.Generator().manual_seed(seed)
+    mods = {p: method.init_module_params(cfg, p, w, "random", g) for p, w in weights.items()}
+    engine.add_adapter(name, Adapter(method, cfg, mods, dict(engine.base.module_shapes)))
+    return name
+
+
 def median_decode_step_ms(engine, prompts, adapters, params) -> float:
     """Submit one request per prompt (its adapter id or None), run the engine dry, and return the
     median step time in ms of the decode steps (the first two steps prefill)."""
@@ -194,7 +210,6 @@ def engine_ab(threads: int, rounds: int, new_tokens: int, dtype: str) -> dict:
     from server.engine.engine import Engine
     from server.engine.loader import load_base_model
     from server.engine.requests import SamplingParams
-    from server.methods import Adapter
 
     settings = Settings(
         threads=threads, max_batch_size=64, merged_cache_bytes=0, device_adapter_bytes=1 << 30, dtype=dtype
@@ -204,15 +219,9 @@ def engine_ab(threads: int, rounds: int, new_tokens: int, dtype: str) -> dict:
     if k is None:
         raise SystemExit("the kernels cannot be built here")
     weights = {p: m.base.weight.float() for p, m in engine.base.modules.items()}
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
     def add(name, family, raw, seed):
-        method = get_method(family)
-        cfg = method.parse_config({"peft_type": method.peft_type, "target_modules": targets, **raw})
-        g = torch.Generator().manual_seed(seed)
-        mods = {p: method.init_module_params(cfg, p, w, "random", g) for p, w in weights.items()}
-        engine.add_adapter(name, Adapter(method, cfg, mods, dict(engine.base.module_shapes)))
-        return name
+        return add_random_adapter(engine, weights, name, family, raw, seed)
 
     mixes = {
         "per_family": [add(f"f{i}", *PER_FAMILY[i % 5], 300 + i) for i in range(32)],

@@ -7,12 +7,9 @@ rounding. Odd sizes are included because the DCT's FFT reordering differs for od
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
-from server import kernels
 from server.kernels.fast import fast_op
 from server.methods import Group, batched_linear, get_method, stack_prepared
 from server.methods import dct as dct_module
@@ -20,17 +17,6 @@ from server.methods import dct as dct_module
 from .cases import CASE_IDS, CASES
 
 SHAPES = [(24, 24), (8, 24), (48, 24), (24, 48), (21, 15), (15, 21)]
-
-
-@pytest.fixture(scope="module")
-def k(tmp_path_factory):
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler on this machine")
-    from server.settings import Settings
-
-    module = kernels.load(Settings().kernels_build_dir)
-    assert module is not None, "a C++ compiler is present, so the kernels must build"
-    return module
 
 
 def _fused(k, groups):
@@ -202,15 +188,6 @@ def test_sibling_projections_share_the_input_spectrum(k, case_id):
         groups[0].fused = {"delta": fast_op(k, method, groups[0].sig, "delta", spectra, "layers.0.self_attn")}
         torch.testing.assert_close(batched_linear(other, weight, None, groups), plain, rtol=1e-5, atol=1e-5)
     assert len(computed) == 2
-
-
-@pytest.fixture
-def two_threads():
-    """Two intra-op threads while the test runs, so ``at::parallel_for`` splits the rows."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 # 1,401 rows: past every per-row kernel's grain (32768 / row cost: at most 1,366 rows here) and 22

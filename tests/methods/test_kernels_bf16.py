@@ -17,12 +17,9 @@ to the same bound on one machine.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
-from server import kernels
 from server.kernels.fast import fast_op
 from server.methods import Group, batched_linear, get_method, stack_prepared
 
@@ -47,17 +44,6 @@ def _has_kernel(case) -> bool:
 
 KERNEL_CASES = [c for c in CASES if _has_kernel(c)]
 KERNEL_IDS = [c.id for c in KERNEL_CASES]
-
-
-@pytest.fixture(scope="module")
-def k():
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler on this machine")
-    from server.settings import Settings
-
-    module = kernels.load(Settings().kernels_build_dir)
-    assert module is not None, "a C++ compiler is present, so the kernels must build"
-    return module
 
 
 def _bf16_group(case, out_f, in_f, w16, n_slots=5, seed=0, rows=None, slots=None):
@@ -136,14 +122,6 @@ def test_bf16_kernel_matches_bf16_torch_code(k, case, shape):
         pytest.skip("config does not fit this shape")
     x16 = torch.randn(N_ROWS, in_f, generator=g).bfloat16()
     _check(k, case, group, x16, w16, b16)
-
-
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 # 65 rows: one past the FFT kernels' 64-row chunk; 401: several chunks, and LoRA's slot blocks of

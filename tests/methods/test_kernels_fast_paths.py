@@ -13,27 +13,11 @@ over the reduction length, per value.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
-from server import kernels
-
 EPS16 = torch.finfo(torch.bfloat16).eps
 EPS32 = torch.finfo(torch.float32).eps
-
-
-@pytest.fixture(scope="module")
-def k():
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler on this machine")
-    from server.settings import Settings
-
-    module = kernels.load(Settings().kernels_build_dir)
-    assert module is not None, "a C++ compiler is present, so the kernels must build"
-    yield module
-    module.set_fast_paths_(True)
 
 
 def _lora_add(k, fast: bool, y, *args):
