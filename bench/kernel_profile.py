@@ -1,0 +1,114 @@
+"""Where a mixed decode step's adapter time goes: every fused-kernel call timed in place.
+
+32 requests (the default model, in-process) over ``--mix`` (as ``bench/dispatch.py``: ``lora8``,
+``per_family``, ``ten_configs``). The engine's kernel module is wrapped so each call's time is
+added to its kernel's total (``perf_counter`` around the call, decode steps of 32 rows only);
+each round runs a no-adapter batch, then the mix, and prints per kernel: ms per decode step,
+calls per step and µs per call.
+
+    .venv/bin/python bench/kernel_profile.py [--mix per_family] [--rounds 2] [--threads 2] [--slow]
+
+``--slow``: the kernels' fast paths off (``set_fast_paths_(False)``), for a before/after.
+Printed only (the per-call figures are in docs/engine.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.loader import load_base_model  # noqa: E402
+from server.engine.requests import SamplingParams  # noqa: E402
+from server.kernels.microbench import (  # noqa: E402
+    MIX,
+    PER_FAMILY,
+    TEN_CONFIGS,
+    add_random_adapter,
+    median_decode_step_ms,
+)
+from server.settings import Settings  # noqa: E402
+
+ROWS = 32
+
+
+class TimedKernels:
+    """The kernel module, each call's time added to ``totals[name]`` on 32-row (decode) steps."""
+
+    def __init__(self, k):
+        self.k = k
+        self.totals: dict[str, float] = collections.defaultdict(float)
+        self.calls: collections.Counter = collections.Counter()
+
+    def __getattr__(self, name):
+        f = getattr(self.k, name)
+        if not callable(f):
+            return f
+
+        def timed(*args):
+            t = time.perf_counter()
+            out = f(*args)
+            if args[0].shape[0] == ROWS:
+                self.totals[name] += time.perf_counter() - t
+                self.calls[name] += 1
+            return out
+
+        return timed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mix", choices=["lora8", "per_family", "ten_configs"], default="per_family")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--slow", action="store_true", help="the kernels' fast paths off")
+    args = ap.parse_args()
+    settings = Settings(
+        threads=args.threads, max_batch_size=64, merged_cache_bytes=0, device_adapter_bytes=1 << 30
+    )
+    engine = Engine(load_base_model(settings), settings)
+    k = engine.planner.kernels
+    if k is None:
+        raise SystemExit("the kernels cannot be built here")
+    k.set_fast_paths_(not args.slow)
+    timed = TimedKernels(k)
+    engine.planner.kernels = timed
+    weights = {p: m.base.weight.float() for p, m in engine.base.modules.items()}
+    if args.mix == "lora8":
+        names = [add_random_adapter(engine, weights, f"l{i}", *MIX[0], 900 + i) for i in range(8)]
+        ids = [names[i % 8] for i in range(ROWS)]
+    else:
+        configs = PER_FAMILY if args.mix == "per_family" else TEN_CONFIGS
+        ids = [
+            add_random_adapter(engine, weights, f"m{i}", *configs[i % len(configs)], 300 + i)
+            for i in range(ROWS)
+        ]
+    prompts = [[100 + (7 * i + j) % 5000 for j in range(32)] for i in range(ROWS)]
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    steps = args.new_tokens - 1  # decode steps of 32 rows (the first step prefills)
+    print(f"{args.mix}, fast paths {k.fast_paths if not args.slow else 'off'}, {args.threads} threads")
+    for adapters in ([None] * ROWS, ids):  # warm-up: slots installed, first calls made
+        median_decode_step_ms(engine, prompts, adapters, params)
+    for r in range(args.rounds):
+        base = median_decode_step_ms(engine, prompts, [None] * ROWS, params)
+        timed.totals.clear()
+        timed.calls.clear()
+        mixed = median_decode_step_ms(engine, prompts, ids, params)
+        total = sum(timed.totals.values()) * 1e3 / steps
+        ratio = base / mixed
+        print(f"round {r + 1}: base {base:.1f} ms, mix {mixed:.1f} ms ({ratio:.3f}), kernels {total:.1f} ms")
+        for name in sorted(timed.totals, key=lambda n: -timed.totals[n]):
+            t, n = timed.totals[name], timed.calls[name]
+            per_step, per_call = t * 1e3 / steps, t / n * 1e6
+            print(f"  {name:20s} {per_step:6.2f} ms/step {n // steps:5d} calls/step {per_call:7.1f} us/call")
+    k.set_fast_paths_(True)
+
+
+if __name__ == "__main__":
+    main()
