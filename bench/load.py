@@ -56,9 +56,10 @@ class Server:
 
 
 @contextmanager
-def launch(tiny: bool, model: str | None, args: list[str]) -> Iterator[Server]:
+def launch(tiny: bool, model: str | None, args: list[str], env: dict | None = None) -> Iterator[Server]:
     """Start ``tests.api.tiny_server`` (``tiny``) or ``python -m server`` on a free loopback port
-    with a fresh data dir (the model cache stays ``var/models``); stop it with SIGTERM after."""
+    with a fresh data dir (the model cache stays ``var/models``) and ``env`` added to this
+    process's environment; stop it with SIGTERM after."""
     tmp = tempfile.TemporaryDirectory(prefix="facet-bench-")
     data = Path(tmp.name)
     port = free_port()
@@ -68,7 +69,9 @@ def launch(tiny: bool, model: str | None, args: list[str]) -> Iterator[Server]:
         cmd += ["--models-dir", str(REPO / "var" / "models")] + (["--model", model] if model else [])
     log = data / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*cmd, *args], cwd=REPO, stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            [*cmd, *args], cwd=REPO, stdout=out, stderr=out, env={**os.environ, **(env or {})}
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, 600, alive=lambda: proc.poll() is None, log=log)
@@ -217,6 +220,12 @@ async def open_loop(url: str, body: dict, rate: float, seconds: float) -> tuple[
         sending = time.perf_counter() - t0
         outcomes = list(await asyncio.gather(*tasks))
     return outcomes, {"sent_rps": round(len(tasks) / sending, 2), "max_send_lag_ms": _ms(lag)}
+
+
+async def burst(url: str, body: dict, n: int) -> list[Outcome]:
+    """``n`` requests at once, each on its own connection: every outcome."""
+    async with client_for(url, keep_alive=False) as client:
+        return list(await asyncio.gather(*(_one(client, body) for _ in range(n))))
 
 
 def _pct(values: list[float], q: float) -> float | None:

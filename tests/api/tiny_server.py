@@ -8,6 +8,7 @@ to inject the same engine and store into ``create_app``.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -78,10 +79,17 @@ def delay_steps(app, seconds: float):
     return before_each_step(app, lambda _generator: time.sleep(seconds))
 
 
+STEP_DELAY_ENV = "TINY_SERVER_STEP_DELAY_S"  # seconds every engine step sleeps first (default 0)
+
+
 def main(argv: list[str] | None = None) -> None:
     cli = settings_from_cli(argv)
     settings = tiny_settings(**cli.model_dump(exclude_unset=True))
-    uvicorn.run(create_tiny_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    app = create_tiny_app(settings)
+    delay = float(os.environ.get(STEP_DELAY_ENV, "0"))
+    if delay > 0:
+        app = delay_steps(app, delay)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
 
 
 if __name__ == "__main__":
