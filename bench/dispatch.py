@@ -30,17 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.engine import adapted_linear  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.loader import load_base_model  # noqa: E402
 from server.engine.requests import SamplingParams  # noqa: E402
 from server.kernels.microbench import (  # noqa: E402
-    MIX,
-    PER_FAMILY,
-    TEN_CONFIGS,
-    add_random_adapter,
+    MIXES,
+    STEP_PROMPTS,
+    add_mix,
+    bench_engine,
     median_decode_step_ms,
 )
-from server.settings import Settings  # noqa: E402
 
 LEAN = adapted_linear.ServeBinding._run_for
 
@@ -67,28 +64,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--mix", choices=["lora8", "per_family", "ten_configs"], default="lora8")
+    ap.add_argument("--mix", choices=MIXES, default="lora8")
     ap.add_argument("--out", default=None, help="file name under bench/results/ (dispatch-<mix>.json)")
     args = ap.parse_args()
-    settings = Settings(
-        threads=args.threads, max_batch_size=64, merged_cache_bytes=0, device_adapter_bytes=1 << 30
-    )
-    engine = Engine(load_base_model(settings), settings)
-    k = engine.planner.kernels
-    if k is None:
-        raise SystemExit("the kernels cannot be built here")
-    weights = {p: m.base.weight.float() for p, m in engine.base.modules.items()}
-
-    def add(name, family, raw, seed):
-        return add_random_adapter(engine, weights, name, family, raw, seed)
-
-    if args.mix == "lora8":
-        names = [add(f"l{i}", *MIX[0], 900 + i) for i in range(8)]
-        ids = [names[i % 8] for i in range(32)]
-    else:
-        configs = PER_FAMILY if args.mix == "per_family" else TEN_CONFIGS
-        ids = [add(f"m{i}", *configs[i % len(configs)], 300 + i) for i in range(32)]
-    prompts = [[100 + (7 * i + j) % 5000 for j in range(32)] for i in range(32)]
+    engine, k = bench_engine(args.threads)
+    ids = add_mix(engine, args.mix)
+    prompts = STEP_PROMPTS
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     scenarios = {
         "base": ([None] * 32, k, LEAN),

@@ -22,19 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.loader import load_base_model  # noqa: E402
 from server.engine.requests import SamplingParams  # noqa: E402
 from server.kernels.microbench import (  # noqa: E402
-    MIX,
-    PER_FAMILY,
-    TEN_CONFIGS,
-    add_random_adapter,
+    MIXES,
+    STEP_PROMPTS,
+    STEP_ROWS,
+    add_mix,
+    bench_engine,
     median_decode_step_ms,
 )
-from server.settings import Settings  # noqa: E402
-
-ROWS = 32
 
 
 class TimedKernels:
@@ -53,7 +49,7 @@ class TimedKernels:
         def timed(*args):
             t = time.perf_counter()
             out = f(*args)
-            if args[0].shape[0] == ROWS:
+            if args[0].shape[0] == STEP_ROWS:
                 self.totals[name] += time.perf_counter() - t
                 self.calls[name] += 1
             return out
@@ -63,40 +59,25 @@ class TimedKernels:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mix", choices=["lora8", "per_family", "ten_configs"], default="per_family")
+    ap.add_argument("--mix", choices=MIXES, default="per_family")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--slow", action="store_true", help="the kernels' fast paths off")
     args = ap.parse_args()
-    settings = Settings(
-        threads=args.threads, max_batch_size=64, merged_cache_bytes=0, device_adapter_bytes=1 << 30
-    )
-    engine = Engine(load_base_model(settings), settings)
-    k = engine.planner.kernels
-    if k is None:
-        raise SystemExit("the kernels cannot be built here")
+    engine, k = bench_engine(args.threads)
     k.set_fast_paths_(not args.slow)
     timed = TimedKernels(k)
     engine.planner.kernels = timed
-    weights = {p: m.base.weight.float() for p, m in engine.base.modules.items()}
-    if args.mix == "lora8":
-        names = [add_random_adapter(engine, weights, f"l{i}", *MIX[0], 900 + i) for i in range(8)]
-        ids = [names[i % 8] for i in range(ROWS)]
-    else:
-        configs = PER_FAMILY if args.mix == "per_family" else TEN_CONFIGS
-        ids = [
-            add_random_adapter(engine, weights, f"m{i}", *configs[i % len(configs)], 300 + i)
-            for i in range(ROWS)
-        ]
-    prompts = [[100 + (7 * i + j) % 5000 for j in range(32)] for i in range(ROWS)]
+    ids = add_mix(engine, args.mix)
+    prompts = STEP_PROMPTS
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     steps = args.new_tokens - 1  # decode steps of 32 rows (the first step prefills)
     print(f"{args.mix}, fast paths {k.fast_paths if not args.slow else 'off'}, {args.threads} threads")
-    for adapters in ([None] * ROWS, ids):  # warm-up: slots installed, first calls made
+    for adapters in ([None] * STEP_ROWS, ids):  # warm-up: slots installed, first calls made
         median_decode_step_ms(engine, prompts, adapters, params)
     for r in range(args.rounds):
-        base = median_decode_step_ms(engine, prompts, [None] * ROWS, params)
+        base = median_decode_step_ms(engine, prompts, [None] * STEP_ROWS, params)
         timed.totals.clear()
         timed.calls.clear()
         mixed = median_decode_step_ms(engine, prompts, ids, params)

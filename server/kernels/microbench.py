@@ -189,6 +189,42 @@ def add_random_adapter(engine, weights: dict, name: str, family: str, raw: dict,
     return name
 
 
+# The decode-step benchmarks' batch (this module's --engine, bench/dispatch.py,
+# bench/kernel_profile.py): 32 requests of 32 prompt tokens over one of these mixes.
+STEP_PROMPTS = [[100 + (7 * i + j) % 5000 for j in range(32)] for i in range(STEP_ROWS)]
+MIXES = ("lora8", "per_family", "ten_configs")
+
+
+def bench_engine(threads: int, dtype: str = "auto"):
+    """``(engine, kernels)``: the default model's engine for the decode-step benchmarks (room for
+    every mix's adapters, nothing merged) and its CPU kernel module; exits where none builds."""
+    from server.engine.engine import Engine
+    from server.engine.loader import load_base_model
+
+    settings = Settings(
+        threads=threads, max_batch_size=64, merged_cache_bytes=0, device_adapter_bytes=1 << 30, dtype=dtype
+    )
+    engine = Engine(load_base_model(settings), settings)
+    if engine.planner.kernels is None:
+        raise SystemExit("the kernels cannot be built here")
+    return engine, engine.planner.kernels
+
+
+def add_mix(engine, mix: str) -> list[str]:
+    """Register ``mix``'s random adapters on ``engine``; returns the adapter id of each of the
+    step's 32 requests. ``lora8``: 8 LoRA r8, 4 requests each; ``per_family``: 32 adapters of the 5
+    families' default configs; ``ten_configs``: 32 over the 10 configs."""
+    weights = {p: m.base.weight.float() for p, m in engine.base.modules.items()}
+    if mix == "lora8":
+        names = [add_random_adapter(engine, weights, f"l{i}", *MIX[0], 900 + i) for i in range(8)]
+        return [names[i % 8] for i in range(STEP_ROWS)]
+    configs, prefix, seed = {"per_family": (PER_FAMILY, "f", 300), "ten_configs": (TEN_CONFIGS, "t", 0)}[mix]
+    return [
+        add_random_adapter(engine, weights, f"{prefix}{i}", *configs[i % len(configs)], seed + i)
+        for i in range(STEP_ROWS)
+    ]
+
+
 def median_decode_step_ms(engine, prompts, adapters, params) -> float:
     """Submit one request per prompt (its adapter id or None), run the engine dry, and return the
     median step time in ms of the decode steps (the first two steps prefill)."""
@@ -207,28 +243,11 @@ def median_decode_step_ms(engine, prompts, adapters, params) -> float:
 def engine_ab(threads: int, rounds: int, new_tokens: int, dtype: str) -> dict:
     """Median decode-step time of 32 requests: no adapter, and each mix with the kernels and with
     the torch code, interleaved round by round (a drifting machine hits every scenario alike)."""
-    from server.engine.engine import Engine
-    from server.engine.loader import load_base_model
     from server.engine.requests import SamplingParams
 
-    settings = Settings(
-        threads=threads, max_batch_size=64, merged_cache_bytes=0, device_adapter_bytes=1 << 30, dtype=dtype
-    )
-    engine = Engine(load_base_model(settings), settings)
-    k = engine.planner.kernels
-    if k is None:
-        raise SystemExit("the kernels cannot be built here")
-    weights = {p: m.base.weight.float() for p, m in engine.base.modules.items()}
-
-    def add(name, family, raw, seed):
-        return add_random_adapter(engine, weights, name, family, raw, seed)
-
-    mixes = {
-        "per_family": [add(f"f{i}", *PER_FAMILY[i % 5], 300 + i) for i in range(32)],
-        "ten_configs": [add(f"t{i}", *TEN_CONFIGS[i % 10], i) for i in range(32)],
-        "lora8": [add(f"l{i % 8}", *MIX[0], 900 + i % 8) if i < 8 else f"l{i % 8}" for i in range(32)],
-    }
-    prompts = [[100 + (7 * i + j) % 5000 for j in range(32)] for i in range(32)]
+    engine, k = bench_engine(threads, dtype)
+    mixes = {mix: add_mix(engine, mix) for mix in ("per_family", "ten_configs", "lora8")}
+    prompts = STEP_PROMPTS
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
 
     def step_ms(adapters, kernels_on: bool) -> float:
