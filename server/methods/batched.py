@@ -46,6 +46,22 @@ def fusable(x2: torch.Tensor) -> bool:
     )
 
 
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` over rows of different requests, each row's result depending on that row alone.
+
+    oneDNN's bfloat16 GEMM on AMX CPUs breaks this for an odd input width: with 17 rows or more, a
+    row holding inf or NaN turns other rows' outputs into NaN (measured with torch 2.13 on a
+    Xeon with AMX, K = 7, 15, 21, 33, 575; never for an even K, nor on AVX-512-BF16 alone). The
+    packing pairs bfloat16 values along K and pads the odd tail with a neighbour's element: 0 x inf.
+    One zero column on both operands makes K even; it adds exact zeros to each dot product. Only
+    bfloat16 CPU rows with an odd width pay the copy (model widths are even; adapter-internal
+    GEMMs such as HUT's stacked rows may not be), whatever the CPU, so results never depend on it.
+    """
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.shape[-1] % 2:
+        return F.linear(F.pad(x, (0, 1)), F.pad(weight, (0, 1)), bias)
+    return F.linear(x, weight, bias)
+
+
 def batched_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: Sequence[Group]
 ) -> torch.Tensor:
@@ -53,7 +69,7 @@ def batched_linear(
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if not groups:
-        return F.linear(x, weight, bias)
+        return rows_linear(x, weight, bias)
     kernels_ok = fusable(x2)
 
     def fused(g: Group, hook: str) -> Callable | None:
@@ -74,7 +90,7 @@ def batched_linear(
                 xin.index_copy_(0, g.rows, new)
     posts = [g for g in groups if "post" in g.hooks]
     # Without output-side transforms the bias can ride in the shared GEMM (one addmm).
-    y = F.linear(xin, weight, None if posts else bias)
+    y = rows_linear(xin, weight, None if posts else bias)
     for g in posts:
         if (f := fused(g, "post")) is not None:
             f(y, x2, g)

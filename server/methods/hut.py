@@ -30,10 +30,10 @@ import math
 from typing import ClassVar, Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, StrictBool, StrictInt
 
 from .base import AdapterMethod, ConfigError, FastOp, InitMode, MethodConfig, ParamSpec, per_row
+from .batched import rows_linear
 from .registry import register_method
 
 
@@ -133,6 +133,13 @@ class HutMethod(AdapterMethod):
             return lambda y, x, g: kernels.scale_shift_rows_(y, g.rows, g.slots, g.table["post"])
         return None
 
+    def native_op(self, kernels, sig: HutSig, hook: str, g, shared):
+        if self.fast_op(kernels, sig, hook, shared) is None:
+            return None
+        if hook == "pre":
+            return kernels.op_scale_rows(g.rows, g.slots, g.table["pre"])
+        return kernels.op_scale_shift_rows(g.rows, g.slots, g.table["post"])
+
     def prepare(self, cfg: HutConfig, params, weight):
         m_a, m_b = params["hut_A"], params["hut_B"]
         if cfg.use_scale_shift:
@@ -160,7 +167,7 @@ class HutMethod(AdapterMethod):
         bk, ak = per_row(table["Bk"], slots), per_row(table["Ak"], slots)  # [R|1, r-1, in|out]
         rows, in_f = x.shape
         xs = (x.unsqueeze(1) * bk).reshape(-1, in_f)  # [R·(r-1), in]
-        ys = F.linear(xs, weight).view(rows, -1, weight.shape[0])  # [R, r-1, out]
+        ys = rows_linear(xs, weight).view(rows, -1, weight.shape[0])  # [R, r-1, out]
         return (ys * ak).sum(1)
 
 

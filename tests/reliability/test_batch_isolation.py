@@ -216,3 +216,29 @@ def test_well_formed_request_keeps_its_tokens_next_to_the_largest_accepted_adapt
         both = _run(engine, [(PROMPT_W, "well", NEW_TOKENS), (PROMPT_N, "hostile", NEW_TOKENS)])[0]
         assert both[0] == "length"
         assert_greedy_matches(both[1], alone, PROMPT_W, NEW_TOKENS, "decoding beside the hostile")
+
+
+@pytest.mark.parametrize("in_f", [15, 16, 21, 575])
+@pytest.mark.parametrize("n_rows", [14, 18, 33])
+def test_a_non_finite_row_never_reaches_other_rows_of_a_shared_gemm(in_f, n_rows):
+    """``rows_linear``, the shared GEMM of a mixed step: in bfloat16 with an odd input width and 17
+    rows or more, oneDNN's AMX GEMM spreads one row's inf to other rows (see its docstring). Here the
+    verdict is the same on every CPU: the other rows equal the all-finite run bit for bit."""
+    from server.methods.batched import rows_linear
+
+    g = torch.Generator().manual_seed(in_f + n_rows)
+    w = torch.randn(21, in_f, generator=g).bfloat16()
+    b = torch.randn(21, generator=g).bfloat16()
+    x = torch.randn(n_rows, in_f, generator=g).bfloat16()
+    with torch.inference_mode():
+        clean = rows_linear(x, w, b)
+        torch.testing.assert_close(
+            clean, torch.nn.functional.linear(x, w, b), rtol=2**-7, atol=2**-7 * in_f**0.5
+        )
+        for bad in (float("inf"), float("nan")):
+            poisoned = x.clone()
+            poisoned[1] = bad
+            y = rows_linear(poisoned, w, b)
+            keep = [i for i in range(n_rows) if i != 1]
+            assert torch.equal(y[keep], clean[keep]), f"{bad} in row 1 changed other rows"
+            assert not torch.isfinite(y[1]).all()
