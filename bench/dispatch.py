@@ -7,12 +7,14 @@ default configs) or ``ten_configs`` (32 over the 10 configs), the mixes of
 round by round:
 
   base      no adapter
-  lean      the kernels through ServeBinding's lean path (the fused hooks around the base GEMM)
+  lean      the kernels through ServeBinding's lean path: one native call per projection
+            (``Projection``, server/kernels/plan_cpu.cpp) running the kernels around the base GEMM
+  python    the same kernels called one by one from Python (``_fused_plan``)
   portable  the same with the kernels' fast paths off (``set_fast_paths_(False)``: the portable
             LoRA block instead of the AVX-512-BF16 one, torch's FFT instead of direct DFTI
             calls; only where the build has some)
   generic   the kernels through batched_linear's general dispatch (the path before the lean one)
-  noop      the lean path with the kernel calls doing nothing (what is left is dispatch)
+  noop      the python path with the kernel calls doing nothing (what is left is dispatch)
   torch     the families' torch code
 
     .venv/bin/python bench/dispatch.py [--mix lora8] [--threads 2] [--rounds 5] [--out NAME.json]
@@ -49,12 +51,15 @@ def _generic(self, path, base):
 
 
 class _Kernels:
-    """The kernels module, its in-place ops optionally doing nothing."""
+    """The kernels module without its native plans (each kernel called from Python), its in-place
+    ops optionally doing nothing."""
 
     def __init__(self, k, noop: bool):
         self.k, self.noop = k, noop
 
     def __getattr__(self, name):
+        if name == "Projection":
+            raise AttributeError(name)
         if self.noop and name.endswith("_"):
             return lambda *args, **kwargs: None
         return getattr(self.k, name)
@@ -74,6 +79,7 @@ def main() -> None:
     scenarios = {
         "base": ([None] * 32, k, LEAN),
         "lean": (ids, k, LEAN),
+        "python": (ids, _Kernels(k, False), LEAN),
         "generic": (ids, _Kernels(k, False), _generic),
         "noop": (ids, _Kernels(k, True), LEAN),
         "torch": (ids, None, LEAN),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.kernels.fast import SharedSpectra, fast_op
+from server.kernels.fast import SharedSpectra, fast_op, native_op
 from server.methods import AdapterMethod, Group, MethodConfig, adapted_forward, batched_linear
 from server.methods.batched import fusable
 
@@ -65,6 +65,7 @@ class ServeBinding(StepBinding):
     _groups: dict[str, list[Group]] = field(default_factory=dict, repr=False)
     _spectra: SharedSpectra = field(default_factory=SharedSpectra, repr=False)
     _runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict, repr=False)
+    _native_spectra: object | None = field(default=None, repr=False)
 
     def _groups_of(self, path: str) -> list[Group]:
         groups = self._groups.get(path)
@@ -98,9 +99,38 @@ class ServeBinding(StepBinding):
         merged = [m for m in self.merged if path in m.weights]
         if not groups and not merged:
             return base
-        if not merged and all(h in g.fused for g in groups for h in g.hooks):
-            return _fused_plan(base, groups)  # every hook has a kernel: the lean path
+        # The lean path: its GEMM is a plain one (see rows_linear for the widths it may not take).
+        odd_bf16 = base.weight.dtype == torch.bfloat16 and base.in_features % 2
+        if not merged and not odd_bf16 and all(h in g.fused for g in groups for h in g.hooks):
+            return self._native_plan(path, base, groups) or _fused_plan(base, groups)
         return lambda x: self._batched(path, x, base, groups, merged)
+
+    def _native_plan(self, path: str, base: nn.Linear, groups: list[Group]):
+        """``_fused_plan`` as one call into the compiled module (``Projection``: the same kernels
+        and ATen ops in the same order, bound once to the groups), or None where some group's
+        family has no native op."""
+        k = self.kernels
+        if k is None or not hasattr(k, "Projection"):
+            return None
+        if self._native_spectra is None:
+            self._native_spectra = k.Spectra()
+        scope = path.rpartition(".")[0]
+        ops: dict[str, list] = {"pre": [], "post": [], "delta": []}
+        for g in groups:
+            for hook in ("pre", "post", "delta"):
+                if hook in g.hooks:
+                    op = native_op(k, g.method, g.sig, hook, g, self._native_spectra, scope)
+                    if op is None:
+                        return None
+                    ops[hook].append(op)
+        proj = k.Projection(base.weight, base.bias, ops["pre"], ops["post"], ops["delta"])
+        weight, bias = base.weight, base.bias
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            y = proj.run(x)
+            return batched_linear(x, weight, bias, groups) if y is None else y
+
+        return run
 
     def _batched(self, path, x, base, groups: list[Group], merged: list[MergedRows]) -> torch.Tensor:
         y = batched_linear(x, base.weight, base.bias, groups)

@@ -375,6 +375,9 @@ void kronecker_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor ab, in
 // unit (one build; it uses the helpers above).
 #include "spectral_cpu.cpp"
 
+// One call per projection: the kernels above bound to their groups (Projection, NativeOp).
+#include "plan_cpu.cpp"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace facet;
   // The GIL is released while a kernel runs (they touch no Python object), so the HTTP threads
@@ -395,4 +398,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kronecker_add_", &kronecker_add_, "SURM Kronecker delta added to y (in place)", release());
   m.def("dct_spectrum", &dct_spectrum, "twiddled DCT spectrum of the given rows", release());
   m.def("dct_apply_", &dct_apply_, "DCT delta added to y (in place)", release());
+  register_plans(m);
 }

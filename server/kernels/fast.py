@@ -56,6 +56,24 @@ class SharedInputs:
         return self.spectra.get(kind, self.scope, x, rows, compute)
 
 
+@dataclass(frozen=True)
+class NativeShared:
+    """What a family's native op may share with its siblings: the binding's ``spectra`` (the
+    compiled module's ``Spectra``, the twin of ``SharedSpectra``), within ``scope``."""
+
+    spectra: object
+    scope: str = ""
+
+
+def native_op(k, method: AdapterMethod, sig: Hashable, hook: str, group, spectra, scope: str = ""):
+    """The family's kernel for ``hook`` bound to ``group`` (a ``NativeOp`` of the compiled module),
+    or None: no native plans in this module (an older build, a benchmark's wrapper), rows not
+    given as indices, or none for this signature."""
+    if k is None or not hasattr(k, "Projection") or group.rows is None or group.slots is None:
+        return None
+    return method.native_op(k, sig, hook, group, NativeShared(spectra, scope))
+
+
 def fast_op(
     k, method: AdapterMethod, sig: Hashable, hook: str, spectra: SharedSpectra | None = None, scope: str = ""
 ) -> FastOp | None:

@@ -384,3 +384,10 @@ class AdapterMethod(ABC):
         None here); ``shared`` the step's ``server.kernels.fast.SharedInputs`` (input spectra that
         sibling projections reuse). Families without kernels keep this default."""
         return None
+
+    def native_op(self, kernels: Any, sig: Hashable, hook: str, group: Any, shared: Any) -> Any | None:
+        """``fast_op``'s kernel bound to one group's rows, slots and tables: a ``NativeOp`` of the
+        compiled module (``kernels.op_*``), which a ``Projection`` runs with no Python between the
+        kernels (``server/kernels/plan_cpu.cpp``), or None: ``fast_op`` then serves the group.
+        ``shared``: ``server.kernels.fast.NativeShared`` (the binding's spectra and the scope)."""
+        return None

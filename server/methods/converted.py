@@ -75,3 +75,6 @@ class ConvertedMethod(AdapterMethod):
 
     def fast_op(self, kernels, sig, hook, shared) -> FastOp | None:
         return self.family.fast_op(kernels, sig[1], hook, shared)
+
+    def native_op(self, kernels, sig, hook, group, shared):
+        return self.family.native_op(kernels, sig[1], hook, group, shared)

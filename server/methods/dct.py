@@ -407,6 +407,15 @@ class DCTMethod(AdapterMethod):
 
         return dct
 
+    def native_op(self, kernels, sig: DctSig, hook: str, g, shared):
+        if hook != "delta":
+            return None
+        perm, fwd, inv, unperm = kernel_plan(sig.in_f, sig.out_f, g.rows.device)
+        pos, coef = g.table["pos"], g.table["coef"]
+        return kernels.op_dct(
+            g.rows, g.slots, pos, coef, perm, fwd, inv, unperm, shared.spectra, shared.scope
+        )
+
 
 @lru_cache(maxsize=64)
 def kernel_plan(in_f: int, out_f: int, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -354,5 +354,18 @@ class SurmMethod(AdapterMethod):
         f = sig.kron_factor
         return lambda y, x, g: kernels.kronecker_add_(y, x, g.rows, g.slots, g.table["AB"], f)
 
+    def native_op(self, kernels, sig: SurmSig, hook: str, g, shared):
+        if hook != "delta" or sig.variant == "ldr":
+            return None
+        n = max(sig.out_f, sig.in_f)
+        if sig.variant == "circulant":
+            return kernels.op_circulant(g.rows, g.slots, g.table["spec"], n, shared.spectra, shared.scope)
+        if sig.variant == "toeplitz":
+            length = _toeplitz_len(n)
+            return kernels.op_toeplitz(
+                g.rows, g.slots, g.table["spec"], n, length, shared.spectra, shared.scope
+            )
+        return kernels.op_kronecker_add(g.rows, g.slots, g.table["AB"], sig.kron_factor)
+
 
 register_method(SurmMethod())

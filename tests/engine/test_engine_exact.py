@@ -122,20 +122,36 @@ def _assert_each_alone(engine, reference, adapters: dict, plan, max_new: int) ->
 
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler: no kernels")
-def test_steps_whose_hooks_all_have_kernels_take_the_lean_path_and_match(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_steps_whose_hooks_all_have_kernels_take_the_lean_path_and_match(tiny_llama, monkeypatch, native):
     """Projections whose pools all have fused kernels for every hook (LoRA's delta; HUT's, ETHER's,
     DCT's and SURM's hooks in a mixed step) run the kernels around the base GEMM without
-    batched_linear's dispatch (adapted_linear._fused_plan); each request still equals its own
-    merged model alone."""
+    batched_linear's dispatch: as one native call per projection (``Projection``, bound once by
+    ServeBinding._native_plan), or with the native plans off, kernel by kernel from Python
+    (adapted_linear._fused_plan). Each request still equals its own merged model alone."""
     from server.engine import adapted_linear
 
     built = []
-    lean = adapted_linear._fused_plan
-    monkeypatch.setattr(
-        adapted_linear,
-        "_fused_plan",
-        lambda base, groups: built.append({g.method.name for g in groups}) or lean(base, groups),
-    )
+    if native:
+        plan_of = adapted_linear.ServeBinding._native_plan
+
+        def recorded(self, path, base, groups):
+            run = plan_of(self, path, base, groups)
+            if run is not None:
+                built.append({g.method.name for g in groups})
+            return run
+
+        monkeypatch.setattr(adapted_linear.ServeBinding, "_native_plan", recorded)
+    else:
+        lean = adapted_linear._fused_plan
+        monkeypatch.setattr(
+            adapted_linear.ServeBinding, "_native_plan", lambda self, path, base, groups: None
+        )
+        monkeypatch.setattr(
+            adapted_linear,
+            "_fused_plan",
+            lambda base, groups: built.append({g.method.name for g in groups}) or lean(base, groups),
+        )
     model, tok = tiny_llama
     engine, reference = make_engine(model, tok, merged_cache_bytes=0, cpu_kernels=True)
     assert engine.planner.kernels is not None
