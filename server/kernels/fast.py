@@ -68,8 +68,11 @@ class NativeShared:
 def native_op(k, method: AdapterMethod, sig: Hashable, hook: str, group, spectra, scope: str = ""):
     """The family's kernel for ``hook`` bound to ``group`` (a ``NativeOp`` of the compiled module),
     or None: no native plans in this module (an older build, a benchmark's wrapper), rows not
-    given as indices, or none for this signature."""
+    given as indices, or no kernel for this hook (the family's ``fast_op`` says which, so its
+    ``native_op`` is only asked for hooks that have one)."""
     if k is None or not hasattr(k, "Projection") or group.rows is None or group.slots is None:
+        return None
+    if method.fast_op(k, sig, hook, None) is None:
         return None
     return method.native_op(k, sig, hook, group, NativeShared(spectra, scope))
 

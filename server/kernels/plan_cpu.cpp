@@ -24,9 +24,13 @@ namespace facet {
 // input replaces the entry of its kind and rows.
 class Spectra {
  public:
+  // The entry key of one op: its spectrum kind and its (held, so never reused) rows tensor.
+  static std::string key(const std::string& kind, const Tensor& rows) {
+    return kind + "@" + std::to_string(reinterpret_cast<uintptr_t>(rows.unsafeGetTensorImpl()));
+  }
+
   template <typename F>
-  Tensor get(const std::string& kind, const std::string& scope, const Tensor& x, const Tensor& rows, const F& compute) {
-    const std::string key = kind + "@" + std::to_string(reinterpret_cast<uintptr_t>(rows.unsafeGetTensorImpl()));
+  Tensor get(const std::string& key, const std::string& scope, const Tensor& x, const Tensor& rows, const F& compute) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = entries_.find(key);
@@ -34,18 +38,17 @@ class Spectra {
     }
     Tensor spec = compute();
     std::lock_guard<std::mutex> lock(mu_);
-    entries_[key] = Entry{scope, x.data_ptr(), x.sizes().vec(), x.strides().vec(), x, rows, spec};
+    entries_[key] = Entry{scope, x, rows, spec};
     return spec;
   }
 
  private:
   struct Entry {
     std::string scope;
-    const void* ptr;
-    std::vector<int64_t> sizes, strides;
-    Tensor x, rows, spec;  // x and rows are held, not read
+    Tensor x, rows, spec;  // rows is held only so that its address (in the key) is not reused
     bool same_input(const std::string& s, const Tensor& t) const {
-      return s == scope && t.data_ptr() == ptr && t.sizes().vec() == sizes && t.strides().vec() == strides;
+      return s == scope && t.data_ptr() == x.data_ptr() && t.sizes().equals(x.sizes()) &&
+             t.strides().equals(x.strides());
     }
   };
   std::mutex mu_;
@@ -87,27 +90,27 @@ OpPtr op_kronecker_add(Tensor rows, Tensor slots, Tensor ab, int64_t f) {
 }
 
 OpPtr op_circulant(Tensor rows, Tensor slots, Tensor spec, int64_t n, std::shared_ptr<Spectra> sp, std::string scope) {
-  const std::string kind = "rfft" + std::to_string(n);
+  const std::string key = Spectra::key("rfft" + std::to_string(n), rows);
   return make_op("circulant_apply_", [=](Tensor& y, const Tensor& x) {
-    Tensor f = sp->get(kind, scope, x, rows, [&] { return rfft_rows(x, rows, n); });
+    Tensor f = sp->get(key, scope, x, rows, [&] { return rfft_rows(x, rows, n); });
     circulant_apply_(y, f, rows, slots, spec, n);
   });
 }
 
 OpPtr op_toeplitz(Tensor rows, Tensor slots, Tensor spec, int64_t n, int64_t length, std::shared_ptr<Spectra> sp,
                   std::string scope) {
-  const std::string kind = "rfft" + std::to_string(length);
+  const std::string key = Spectra::key("rfft" + std::to_string(length), rows);
   return make_op("toeplitz_apply_", [=](Tensor& y, const Tensor& x) {
-    Tensor f = sp->get(kind, scope, x, rows, [&] { return rfft_rows(x, rows, length); });
+    Tensor f = sp->get(key, scope, x, rows, [&] { return rfft_rows(x, rows, length); });
     toeplitz_apply_(y, f, rows, slots, spec, n, length);
   });
 }
 
 OpPtr op_dct(Tensor rows, Tensor slots, Tensor pos, Tensor coef, Tensor perm_in, Tensor fwd_in, Tensor inv_out,
              Tensor unperm_out, std::shared_ptr<Spectra> sp, std::string scope) {
-  const std::string kind = "dct" + std::to_string(perm_in.numel());
+  const std::string key = Spectra::key("dct" + std::to_string(perm_in.numel()), rows);
   return make_op("dct_apply_", [=](Tensor& y, const Tensor& x) {
-    Tensor f = sp->get(kind, scope, x, rows, [&] { return dct_spectrum(x, rows, perm_in, fwd_in); });
+    Tensor f = sp->get(key, scope, x, rows, [&] { return dct_spectrum(x, rows, perm_in, fwd_in); });
     dct_apply_(y, f, rows, slots, pos, coef, inv_out, unperm_out);
   });
 }

@@ -389,5 +389,6 @@ class AdapterMethod(ABC):
         """``fast_op``'s kernel bound to one group's rows, slots and tables: a ``NativeOp`` of the
         compiled module (``kernels.op_*``), which a ``Projection`` runs with no Python between the
         kernels (``server/kernels/plan_cpu.cpp``), or None: ``fast_op`` then serves the group.
-        ``shared``: ``server.kernels.fast.NativeShared`` (the binding's spectra and the scope)."""
+        ``shared``: ``server.kernels.fast.NativeShared`` (the binding's spectra and the scope).
+        Asked only for a hook whose ``fast_op`` is not None (``server.kernels.fast.native_op``)."""
         return None

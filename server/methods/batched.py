@@ -54,8 +54,10 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Xeon with AMX, K = 7, 15, 21, 33, 575; never for an even K, nor on AVX-512-BF16 alone). The
     packing pairs bfloat16 values along K and pads the odd tail with a neighbour's element: 0 x inf.
     One zero column on both operands makes K even; it adds exact zeros to each dot product. Only
-    bfloat16 CPU rows with an odd width pay the copy (model widths are even; adapter-internal
-    GEMMs such as HUT's stacked rows may not be), whatever the CPU, so results never depend on it.
+    bfloat16 CPU rows with an odd width pay the copy, on every CPU, so results never depend on it.
+    Not covered: the other bfloat16 GEMMs over several requests' rows, which an odd width would
+    expose the same way (the base linear and merged adapters, and ``torch.bmm`` with an odd
+    reduction, e.g. LoRA's segmented torch path at an odd rank; see docs/engine.md).
     """
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.shape[-1] % 2:
         return F.linear(F.pad(x, (0, 1)), F.pad(weight, (0, 1)), bias)

@@ -408,8 +408,6 @@ class DCTMethod(AdapterMethod):
         return dct
 
     def native_op(self, kernels, sig: DctSig, hook: str, g, shared):
-        if hook != "delta":
-            return None
         perm, fwd, inv, unperm = kernel_plan(sig.in_f, sig.out_f, g.rows.device)
         pos, coef = g.table["pos"], g.table["coef"]
         return kernels.op_dct(

@@ -285,8 +285,7 @@ class EtherMethod(AdapterMethod):
         return lambda z, x, g: kernels.reflect_rows_(z, g.rows, g.slots, g.table[side])
 
     def native_op(self, kernels, sig: EtherSig, hook: str, g, shared):
-        side = {"pre": "in", "post": "out"}.get(hook)
-        return kernels.op_reflect_rows(g.rows, g.slots, g.table[side]) if side in sig.sides else None
+        return kernels.op_reflect_rows(g.rows, g.slots, g.table["in" if hook == "pre" else "out"])
 
     def pre(self, sig: Hashable, x: torch.Tensor, table: dict, slots: torch.Tensor | None):
         return _transform(x, per_row(table["in"], slots)) if "in" in table else None

@@ -134,8 +134,6 @@ class HutMethod(AdapterMethod):
         return None
 
     def native_op(self, kernels, sig: HutSig, hook: str, g, shared):
-        if self.fast_op(kernels, sig, hook, shared) is None:
-            return None
         if hook == "pre":
             return kernels.op_scale_rows(g.rows, g.slots, g.table["pre"])
         return kernels.op_scale_shift_rows(g.rows, g.slots, g.table["post"])

@@ -288,7 +288,7 @@ class LoraMethod(AdapterMethod):
         return lambda y, x, g: kernels.lora_add_(y, x, g.rows, g.slots, g.table["A"], g.table["Bt"])
 
     def native_op(self, kernels, sig: Hashable, hook: str, g, shared):
-        return kernels.op_lora_add(g.rows, g.slots, g.table["A"], g.table["Bt"]) if hook == "delta" else None
+        return kernels.op_lora_add(g.rows, g.slots, g.table["A"], g.table["Bt"])
 
     def delta(self, sig, x, table, slots, weight):
         a, bt = table["A"], table["Bt"]  # [S, r, in], [S, r, out]

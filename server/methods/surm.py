@@ -355,8 +355,6 @@ class SurmMethod(AdapterMethod):
         return lambda y, x, g: kernels.kronecker_add_(y, x, g.rows, g.slots, g.table["AB"], f)
 
     def native_op(self, kernels, sig: SurmSig, hook: str, g, shared):
-        if hook != "delta" or sig.variant == "ldr":
-            return None
         n = max(sig.out_f, sig.in_f)
         if sig.variant == "circulant":
             return kernels.op_circulant(g.rows, g.slots, g.table["spec"], n, shared.spectra, shared.scope)

@@ -15,36 +15,28 @@ import torch
 
 from server.engine.adapted_linear import ServeBinding, _fused_plan
 from server.kernels.fast import fast_op
-from server.methods import Group, batched_linear, get_method, stack_prepared
+from server.methods import Group, batched_linear
 
 from .cases import CASE_IDS, CASES
+from .test_kernels import _groups
 from .test_kernels_bf16 import KERNEL_CASES, KERNEL_IDS
 
 SHAPES = [(24, 24), (8, 24), (21, 15), (15, 21)]
-ROWS = torch.tensor([0, 2, 3, 7, 8, 11, 12])  # gaps: rows 1, 4-6, 9, 10 have no adapter
-SLOTS = torch.tensor([4, 0, 4, 2, 1, 0, 3])  # repeated and unordered slots
 
 
-def _group(k, case, out_f, in_f, dtype, rows=ROWS, slots=SLOTS, seed=0) -> Group | None:
-    """A group of 5 random adapters of ``case`` with every hook's kernel, or None (the config does
-    not fit the shape, or some hook has no kernel: such projections never take the lean path)."""
-    method = get_method(case.family)
-    cfg = method.parse_config(case.raw_config())
-    try:
-        cfg.check_shape("m", out_f, in_f)
-        method.param_specs(cfg, out_f, in_f)
-    except Exception:
-        return None
+def _group(k, case, out_f, in_f, dtype, rows=None, slots=None, seed=0) -> Group | None:
+    """``test_kernels``' group of 5 random adapters of ``case`` (its rows and slots unless given),
+    tables in ``dtype``, with every hook's kernel; or None (the config does not fit the shape, or
+    some hook has no kernel: such projections never take the lean path)."""
     gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(out_f, in_f, generator=gen) / in_f**0.5
-    prepared = []
-    for _ in range(5):
-        out = method.prepare(cfg, method.init_params(cfg, weight, "random", gen), weight)
-        prepared.append(
-            {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in out.items()}
-        )
-    g = Group(method, method.signature(cfg, out_f, in_f), stack_prepared(prepared), rows, slots)
-    g.fused = {h: f for h in g.hooks if (f := fast_op(k, method, g.sig, h)) is not None}
+    made = _groups(case, out_f, in_f, torch.randn(out_f, in_f, generator=gen) / in_f**0.5, seed=seed)
+    if made is None:
+        return None
+    g = made[1][0]
+    g.table = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in g.table.items()}
+    g.rows = g.rows if rows is None else rows
+    g.slots = g.slots if slots is None else slots
+    g.fused = {h: f for h in g.hooks if (f := fast_op(k, g.method, g.sig, h)) is not None}
     return g if g.fused and set(g.fused) == set(g.hooks) else None
 
 
