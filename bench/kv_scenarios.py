@@ -8,7 +8,10 @@
   prefix cache (the same adapter version computed it just before) against one whose system prompt
   is new; median of ``--trials`` pairs.
 
-    .venv/bin/python bench/kv_scenarios.py [--threads 2] [--step-tokens 256]
+``--engines`` takes ``bench/workload.py``'s names (``paged-floor200``: the paged engine with
+``prefill_itl_floor_ms`` 200), so pacing settings are compared in one run.
+
+    .venv/bin/python bench/kv_scenarios.py [--threads 2] [--step-tokens 256] [--engines padded,paged]
 
 Writes bench/results/kv-scenarios.json (``--out``: another name there).
 """
@@ -29,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.serve import ALL_TYPES, make_adapter  # noqa: E402
-from bench.workload import pct  # noqa: E402
+from bench.workload import engine_kind, pct  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.loader import load_base_model  # noqa: E402
 from server.engine.requests import SamplingParams, TokenEvent  # noqa: E402
@@ -37,9 +40,11 @@ from server.settings import Settings  # noqa: E402
 
 
 def build(args, kind: str) -> Engine:
-    overrides = {"threads": args.threads, "dtype": args.dtype, "kv_cache": kind, "max_batch_size": 32}
-    if kind == "paged":
+    cache, pacing = engine_kind(kind)
+    overrides = {"threads": args.threads, "dtype": args.dtype, "kv_cache": cache, "max_batch_size": 32}
+    if cache == "paged":
         overrides |= {"max_tokens_per_step": args.step_tokens, "kv_cache_bytes": args.kv_cache_bytes}
+        overrides |= pacing
     settings = Settings(**overrides)
     engine = Engine(load_base_model(settings), settings)
     family, raw = ALL_TYPES[0]
@@ -131,11 +136,12 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--step-tokens", type=int, default=256)
     ap.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    ap.add_argument("--engines", default="padded,paged", help="as bench/workload.py's, comma-separated")
     ap.add_argument("--out", default="kv-scenarios.json", help="results file name under bench/results/")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = {"meta": {"args": vars(args), "torch": torch.__version__, "machine": platform.machine()}}
-    for kind in ("padded", "paged"):
+    for kind in args.engines.split(","):
         engine = build(args, kind)
         rng = random.Random(0)
         ttft(engine, [1, 2, 3])  # warm-up: slots, kernels
@@ -143,7 +149,7 @@ def main() -> None:
         results[kind] = row
         lo, ca = row["long"], row["cached"]
         print(
-            f"{kind:>6}: streams' ITL while a {args.long_prompt}-token prompt is admitted: "
+            f"{kind:>14}: streams' ITL while a {args.long_prompt}-token prompt is admitted: "
             f"p50 {lo['itl_p50_s'] * 1e3:.0f} ms, p99 {lo['itl_p99_s'] * 1e3:.0f} ms "
             f"(p99/p50 {lo['p99_over_p50']:.2f}, p99/steady p50 {lo['p99_over_steady_p50']:.2f}); "
             f"its TTFT {lo['long_ttft_s']:.2f} s | {args.system_tokens}-token system prompt TTFT: "

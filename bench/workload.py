@@ -17,8 +17,14 @@ rate (full prompt blocks found in the paged cache's prefix cache).
 
 ``--engines paged,padded`` runs both engines (two copies of the model) on the same arrivals, rate
 by rate, one after the other: the ratios of one run compare them under the same machine load.
-``paged-share<K>`` is the paged engine with ``prefill_max_share`` K (``paged``: the default), so
-pacing policies can be compared in one run too.
+``paged-share<K>``, ``paged-floor<MS>`` and ``paged-factor<F>`` (combinable:
+``paged-share4-floor200``) are the paged engine with ``prefill_max_share`` K,
+``prefill_itl_floor_ms`` MS or ``prefill_itl_factor`` F (``paged``: the defaults), so pacing
+policies can be compared in one run too.
+
+Capacity under a latency objective (Sarathi-Serve's measure): for each ITL p99 bound of
+``--itl-bounds``, the best tokens/s an engine reached at a rate whose ITL p99 stayed within the
+bound, and that against the padded engine's ("none": no rate met the bound).
 
     .venv/bin/python bench/workload.py [--rates 0.5,1,2,4] [--requests 24] [--threads 2] [--quick]
 
@@ -196,13 +202,16 @@ def main() -> None:
     ap.add_argument("--system-share", type=float, default=0.5)
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument(
-        "--engines", default="padded,paged", help="padded, paged and/or paged-share<K>, comma-separated"
+        "--engines",
+        default="padded,paged",
+        help="padded, paged and/or paged-<options>, comma-separated",
     )
     ap.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="the paged cache's budget")
     ap.add_argument("--step-tokens", type=int, default=512, help="the paged engine's tokens per step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="short prompts and outputs, few requests")
     ap.add_argument("--out", default=None, help="results file name under bench/results/")
+    ap.add_argument("--itl-bounds", default="0.25,0.5,1,2,4", help="ITL p99 bounds (s) for capacity")
     args = ap.parse_args()
     if args.quick:
         args.max_prompt, args.max_output, args.requests, args.rates = 256, 32, 8, "1,4"
@@ -227,13 +236,14 @@ def main() -> None:
             "engines": {
                 "padded": "left-padded running batch (server/engine/kv_batch.py)",
                 "paged": f"paged KV (server/engine/paged/), {args.step_tokens} tokens per step",
-                "paged-share<K>": "the paged engine with prefill_max_share K",
+                "paged-share<K>-floor<MS>-factor<F>": "the paged engine with prefill_max_share K,"
+                " prefill_itl_floor_ms MS, prefill_itl_factor F",
             },
         },
         "rates": {},
     }
     head = ("rate", "engine", "tok/s", "TTFT p50", "p99", "ITL p50", "p99", "KV ratio", "hits", "err")
-    widths = (6, 13, 7, 9, 7, 8, 7, 9, 5, 4)
+    widths = (6, 22, 7, 9, 7, 8, 7, 9, 5, 4)
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)))
     for k, rate in enumerate(float(r) for r in args.rates.split(",")):
         arrivals = make_arrivals(args, rate, vocab, adapters, seed=args.seed + k)
@@ -244,24 +254,77 @@ def main() -> None:
             row["prefix_hit_rate"] = (hits - hits0) / (queried - queried0) if queried > queried0 else 0.0
             results["rates"].setdefault(str(rate), {})[kind] = row
             print(
-                f"{rate:6.2f} {kind:>13} {row['tokens_per_s']:7.1f} {ms(row['ttft_p50_s'])}ms "
+                f"{rate:6.2f} {kind:>22} {row['tokens_per_s']:7.1f} {ms(row['ttft_p50_s'])}ms "
                 f"{ms(row['ttft_p99_s'])} {ms(row['itl_p50_s'])}ms {ms(row['itl_p99_s'])} "
                 f"{row['kv_ratio_mean'] or 0:9.2f} {row['prefix_hit_rate']:5.2f} {row['errors']:4d}",
                 flush=True,
             )
+    bounds = [float(b) for b in args.itl_bounds.split(",")]
+    results["capacity"] = capacity(results["rates"], kinds, bounds)
+    print_capacity(results["capacity"], kinds)
     name = args.out or ("workload-quick.json" if args.quick else "workload.json")
     out = Path(__file__).parent / "results" / name
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
 
 
+def capacity(rates: dict, kinds: list[str], bounds: list[float]) -> dict:
+    """Per ITL p99 bound and engine: the best tokens/s over the rates that met the bound (None if
+    none did), and its ratio to the padded engine's."""
+    out: dict = {}
+    for bound in bounds:
+        best = {}
+        for kind in kinds:
+            met = [r[kind]["tokens_per_s"] for r in rates.values() if (r[kind]["itl_p99_s"] or 0) <= bound]
+            best[kind] = max(met) if met else None
+        ref = best.get("padded")
+        out[str(bound)] = {
+            kind: {"tokens_per_s": v, "vs_padded": v / ref if v is not None and ref else None}
+            for kind, v in best.items()
+        }
+    return out
+
+
+def print_capacity(cap: dict, kinds: list[str]) -> None:
+    print("\ncapacity: best tokens/s at a rate whose ITL p99 met the bound (x padded)")
+    print(f"{'bound':>7} " + " ".join(f"{k:>22}" for k in kinds))
+    for bound, row in cap.items():
+        cells = []
+        for kind in kinds:
+            v, x = row[kind]["tokens_per_s"], row[kind]["vs_padded"]
+            cells.append(f"{'none' if v is None else f'{v:.1f}':>14} ({'-' if x is None else f'{x:.2f}x'})")
+        print(f"{float(bound):6.2f}s " + " ".join(f"{c:>22}" for c in cells))
+
+
 def ms(v):
     return f"{v * 1000:7.0f}" if v is not None else "      -"
 
 
+PACING_OPTIONS = {
+    "share": ("prefill_max_share", int),
+    "floor": ("prefill_itl_floor_ms", float),
+    "factor": ("prefill_itl_factor", float),
+}
+
+
+def engine_kind(kind: str) -> tuple[str, dict]:
+    """``padded`` / ``paged`` / ``paged-share4-floor200``...: the cache and the pacing settings."""
+    cache, *options = kind.split("-")
+    if cache not in ("padded", "paged") or (options and cache != "paged"):
+        raise SystemExit(f"unknown engine {kind!r}")
+    overrides = {}
+    for opt in options:
+        key = next((k for k in PACING_OPTIONS if opt.startswith(k)), None)
+        if key is None:
+            raise SystemExit(f"unknown engine option {opt!r} in {kind!r}")
+        setting, cast = PACING_OPTIONS[key]
+        overrides[setting] = cast(opt[len(key) :])
+    return cache, overrides
+
+
 def build_engine(args, kind: str) -> Engine:
     """An engine of ``kind`` on its own copy of the model, with the bench's adapters registered."""
-    cache, _, share = kind.partition("-share")
+    cache, pacing = engine_kind(kind)
     overrides = {
         "threads": args.threads,
         "dtype": args.dtype,
@@ -270,9 +333,7 @@ def build_engine(args, kind: str) -> Engine:
         "kv_cache_bytes": args.kv_cache_bytes,
     }
     if cache == "paged":
-        overrides["max_tokens_per_step"] = args.step_tokens
-        if share:
-            overrides["prefill_max_share"] = int(share)
+        overrides |= {"max_tokens_per_step": args.step_tokens, **pacing}
     if args.model:
         overrides["model"] = args.model
     settings = Settings(**overrides)

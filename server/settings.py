@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         description="paged: with k prompts waiting or part prefilled, a step's prefill allowance is"
         " min(k, this) times prefill_itl_factor's (1 = one prompt's share whatever the queue)",
     )
+    prefill_itl_floor_ms: float = Field(
+        0.0,
+        ge=0,
+        description="paged: while sequences decode, a step with prefill may always take this long"
+        " (ms), whatever the decode step; the larger of this and prefill_itl_factor's allowance"
+        " applies (0 = relative pacing only)",
+    )
     static_decode: str = Field(
         "off",
         pattern="^(off|eager|compiled)$",

@@ -103,6 +103,7 @@ class Engine:
                 kv_budget_bytes=settings.kv_cache_bytes,
                 prefill_itl_factor=settings.prefill_itl_factor,
                 prefill_max_share=settings.prefill_max_share,
+                prefill_itl_floor_s=settings.prefill_itl_floor_ms / 1000.0,
                 **common,
             )
         else:

@@ -31,6 +31,27 @@ def test_factor_zero_turns_pacing_off():
     assert off.allowance(True).limit(4096, 0) == 4096
 
 
+def test_an_absolute_floor_raises_a_short_steps_allowance_and_never_lowers_a_long_ones():
+    """``floor_s``: a step with prefill may take that long whatever the decode step; where the
+    relative allowance is larger already, it stands."""
+    short = ChunkPacer(factor=2.0, floor_s=0.200, max_share=4)
+    short.observe(0.050, [], 1)  # one row decoding: 50 ms
+    short.observe(0.050 + 0.002 * 20, [(20, 0)], 1)  # 2 ms a token
+    assert _close(short.allowance(True).seconds, 0.150)  # 200 - 50 ms, not (2 - 1) x 50 ms
+    assert short.allowance(True).limit(1000, 0) == 75
+    assert short.allowance(False).seconds is None  # nobody decodes: no limit, floor or not
+    assert short.allowance(True, prompts=4).seconds == pytest.approx(0.200)  # 4 x 50 ms > 150 ms
+    long = ChunkPacer(factor=2.0, floor_s=0.200, max_share=4)
+    long.observe(0.480, [], 32)  # 32 rows: 480 ms, past the floor on its own
+    long.observe(0.480 + 0.002 * 20, [(20, 0)], 32)
+    assert _close(long.allowance(True).seconds, 0.480)  # the relative allowance
+    assert _close(long.allowance(True, prompts=3).seconds, 3 * 0.480)
+    off = ChunkPacer(factor=0.0, floor_s=0.200)  # factor 0: no pacing at all, the floor included
+    off.observe(0.050, [], 1)
+    off.observe(0.090, [(20, 0)], 1)
+    assert off.allowance(True).seconds is None
+
+
 def test_the_first_chunk_gets_the_floor_and_later_ones_only_what_is_left():
     pacer = ChunkPacer(factor=1.5, min_chunk=16)
     pacer.observe(0.010, [], 4)

@@ -272,6 +272,26 @@ def test_prompts_in_line_share_a_larger_allowance(tiny_llama, max_share):
         assert_greedy_matches(ids, merged_copy(reference, None), _prompt(150, seed), 2)
 
 
+def test_an_itl_floor_from_the_settings_widens_a_short_steps_chunk(tiny_llama):
+    """``prefill_itl_floor_ms`` reaches the pacer: beside a 10 ms decode step, a 60 ms floor
+    leaves 50 ms of prefill (factor 2 alone: 10 ms); the tokens stay those of one-shot prefill."""
+    engine, reference = _engine(
+        tiny_llama, max_tokens_per_step=4096, prefill_itl_factor=2.0, prefill_itl_floor_ms=60.0
+    )
+    gen = engine.generator
+    short = engine.submit(_prompt(5, 1), SamplingParams(max_new_tokens=4, temperature=0))
+    gen.step()
+    pacer = gen.pacer  # frozen estimates, as above
+    pacer.decode_s, pacer.token_s, pacer.pair_s, pacer.context_s = 0.010, 0.001, 1e-5, 0.0
+    pacer.observe = lambda *args, **kwargs: None
+    long = engine.submit(_prompt(150, 2), SamplingParams(max_new_tokens=2, temperature=0))
+    stats = gen.step()
+    assert stats.decode_tokens == 1
+    assert stats.prefill_tokens == pacer.tokens_within(0.050, 0) > 2 * pacer.tokens_within(0.010, 0)
+    (_, toks), _ = _drain(engine, [long, short])
+    assert_greedy_matches([t.token_id for t in toks], merged_copy(reference, None), _prompt(150, 2), 2)
+
+
 def test_no_unwritten_slot_is_ever_read(tiny_llama):
     """The cache starts uninitialised: NaN in every slot must never reach a result (decode rows of
     different lengths are padded, prefixes are shared and reused)."""

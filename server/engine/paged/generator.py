@@ -66,8 +66,8 @@ class PagedGenerator(BatchingBase):
 
     ``forward_paged`` runs one packed step (see ``PagedForward``; the engine's plans the step's
     adapters per token first). ``kv_budget_bytes`` is only named in refusals.
-    ``prefill_itl_factor``, ``prefill_max_share``: see ``pacing.ChunkPacer`` (factor 0 = no
-    pacing). The other keyword arguments are ``BatchingBase``'s.
+    ``prefill_itl_factor``, ``prefill_max_share``, ``prefill_itl_floor_s``: see ``pacing.ChunkPacer``
+    (factor 0 = no pacing). The other keyword arguments are ``BatchingBase``'s.
     """
 
     def __init__(
@@ -81,6 +81,7 @@ class PagedGenerator(BatchingBase):
         kv_budget_bytes: int | None = None,
         prefill_itl_factor: float = 0.0,
         prefill_max_share: int = 1,
+        prefill_itl_floor_s: float = 0.0,
         **kwargs,
     ):
         super().__init__(tokenizer, eos_token_ids, **kwargs)
@@ -93,7 +94,7 @@ class PagedGenerator(BatchingBase):
         self._forget: set[Hashable] = set()
         self._forget_lock = threading.Lock()
         self.preemptions = 0
-        self.pacer = ChunkPacer(prefill_itl_factor, max_share=prefill_max_share)
+        self.pacer = ChunkPacer(prefill_itl_factor, max_share=prefill_max_share, floor_s=prefill_itl_floor_s)
 
     # ------------------------------------------------------------------------------ public API
 
@@ -195,7 +196,7 @@ class PagedGenerator(BatchingBase):
                 budget -= 1
         budget = max(budget, 0)
         prompts = self.num_waiting + len(self._seqs) - len(work)  # work: this step's decode rows
-        allowance = self.pacer.allowance(bool(work), prompts)  # running streams keep their pace
+        allowance = self.pacer.allowance(len(work), prompts)  # running streams keep their pace
         for seq in list(self._seqs):  # unfinished prefills, as far as budget and blocks allow
             st = self._state[seq]
             need = self._total(seq) - st.computed

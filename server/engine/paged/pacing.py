@@ -13,6 +13,13 @@ then drains instead of growing while one or two streams decode at full pace (one
 gets ``factor - 1`` decode steps per step, as before). Running streams pay for it with a longer
 step, at most ``1 + max_share * (factor - 1)`` decode-only steps.
 
+A relative allowance is small where a decode step is short: one or two rows on a CPU, or any
+batch on a GPU, leave a prompt a few tokens a step and its first token waits for dozens of steps.
+``floor_s`` is an absolute inter-token latency that steps with prefill may always reach, whatever
+the decode step (the allowance is at least ``floor_s`` minus a decode-only step). It is what a
+deployment's latency objective says ("streams keep at least 5 tokens/s": 0.2 s), in the manner of
+Sarathi-Serve's token budget derived from its time-between-tokens objective. 0 turns it off.
+
 What a chunk costs depends on its context, not only on its length. Each of its ``n`` tokens runs
 through the linear layers (``token_s`` each; the step already streams the weights for its decode
 rows), attends to the ``context`` keys before the chunk and to the chunk's own earlier tokens
@@ -50,6 +57,7 @@ class ChunkPacer:
     factor: float  # a step with prefill costs at most this many decode-only steps; 0 = no pacing
     min_chunk: int = 4  # the first chunk of a paced step gets at least this many tokens
     max_share: int = 1  # the allowance grows with the prompts in line, up to this many times
+    floor_s: float = 0.0  # steps with prefill may always take this long (0 = relative only)
     alpha: float = 0.25  # weight of the newest decode-only measurement
     fit_alpha: float = 0.1  # weight of the newest prefill measurement in the fit
     decode_s: float | None = None  # a decode-only forward
@@ -109,7 +117,8 @@ class ChunkPacer:
         if not decoding or self.factor <= 0 or self.decode_s is None or self.token_s is None:
             return StepAllowance(self, None)
         share = min(max(prompts, 1), max(self.max_share, 1))
-        return StepAllowance(self, share * (self.factor - 1.0) * self.decode_s)
+        relative = share * (self.factor - 1.0) * self.decode_s
+        return StepAllowance(self, max(relative, self.floor_s - self.decode_s))
 
 
 def _fit(xx: list[list[float]], xy: list[float]) -> tuple[float, float, float]:
