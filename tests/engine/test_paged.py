@@ -221,14 +221,21 @@ def test_cancelled_and_failed_sequences_give_their_blocks_back(tiny_llama):
     assert fa.finish_reason == "cancelled" and fb.finish_reason == "error"
 
 
+def _frozen_pacer(gen):
+    """The generator's pacer with frozen estimates: 10 ms a decode step, 1 ms a token, 10 us a
+    query-key pair (the steps' composition then follows from the settings alone)."""
+    pacer = gen.pacer
+    pacer.decode_s, pacer.token_s, pacer.pair_s, pacer.context_s = 0.010, 0.001, 1e-5, 0.0
+    pacer.observe = lambda *args, **kwargs: None
+    return pacer
+
+
 def test_prefill_is_paced_to_the_decode_step_while_rows_decode(tiny_llama):
     engine, reference = _engine(tiny_llama, max_tokens_per_step=4096, prefill_itl_factor=3.0)
     gen = engine.generator
     short = engine.submit(_prompt(5, 1), SamplingParams(max_new_tokens=6, temperature=0))
     gen.step()
-    pacer = gen.pacer  # frozen estimates: 10 ms a decode step, 1 ms a token, 10 us a query-key pair
-    pacer.decode_s, pacer.token_s, pacer.pair_s, pacer.context_s = 0.010, 0.001, 1e-5, 0.0
-    pacer.observe = lambda *args, **kwargs: None
+    pacer = _frozen_pacer(gen)
     long = engine.submit(_prompt(150, 2), SamplingParams(max_new_tokens=3, temperature=0))
     chunks = []
     while gen.num_running or gen.num_waiting:
@@ -258,9 +265,7 @@ def test_prompts_in_line_share_a_larger_allowance(tiny_llama, max_share):
     gen = engine.generator
     short = engine.submit(_prompt(5, 1), SamplingParams(max_new_tokens=8, temperature=0))
     gen.step()
-    pacer = gen.pacer  # frozen estimates, as above
-    pacer.decode_s, pacer.token_s, pacer.pair_s, pacer.context_s = 0.010, 0.001, 1e-5, 0.0
-    pacer.observe = lambda *args, **kwargs: None
+    pacer = _frozen_pacer(gen)
     longs = [engine.submit(_prompt(150, s), SamplingParams(max_new_tokens=2, temperature=0)) for s in (2, 3)]
     stats = gen.step()
     shares = min(2, max_share)
@@ -281,9 +286,7 @@ def test_an_itl_floor_from_the_settings_widens_a_short_steps_chunk(tiny_llama):
     gen = engine.generator
     short = engine.submit(_prompt(5, 1), SamplingParams(max_new_tokens=4, temperature=0))
     gen.step()
-    pacer = gen.pacer  # frozen estimates, as above
-    pacer.decode_s, pacer.token_s, pacer.pair_s, pacer.context_s = 0.010, 0.001, 1e-5, 0.0
-    pacer.observe = lambda *args, **kwargs: None
+    pacer = _frozen_pacer(gen)
     long = engine.submit(_prompt(150, 2), SamplingParams(max_new_tokens=2, temperature=0))
     stats = gen.step()
     assert stats.decode_tokens == 1
