@@ -270,12 +270,17 @@ def main() -> None:
 
 def capacity(rates: dict, kinds: list[str], bounds: list[float]) -> dict:
     """Per ITL p99 bound and engine: the best tokens/s over the rates that met the bound (None if
-    none did), and its ratio to the padded engine's."""
+    none did; a rate with no inter-token gap measured meets none), and its ratio to the padded
+    engine's."""
     out: dict = {}
     for bound in bounds:
         best = {}
         for kind in kinds:
-            met = [r[kind]["tokens_per_s"] for r in rates.values() if (r[kind]["itl_p99_s"] or 0) <= bound]
+            met = [
+                r[kind]["tokens_per_s"]
+                for r in rates.values()
+                if r[kind]["itl_p99_s"] is not None and r[kind]["itl_p99_s"] <= bound
+            ]
             best[kind] = max(met) if met else None
         ref = best.get("padded")
         out[str(bound)] = {

@@ -196,7 +196,7 @@ class PagedGenerator(BatchingBase):
                 budget -= 1
         budget = max(budget, 0)
         prompts = self.num_waiting + len(self._seqs) - len(work)  # work: this step's decode rows
-        allowance = self.pacer.allowance(len(work), prompts)  # running streams keep their pace
+        allowance = self.pacer.allowance(bool(work), prompts)  # running streams keep their pace
         for seq in list(self._seqs):  # unfinished prefills, as far as budget and blocks allow
             st = self._state[seq]
             need = self._total(seq) - st.computed
