@@ -13,11 +13,14 @@ round by round:
   portable  the same with the kernels' fast paths off (``set_fast_paths_(False)``: the portable
             LoRA block instead of the AVX-512-BF16 one, torch's FFT instead of direct DFTI
             calls; only where the build has some)
+  thread1   the lean path with every kernel on the calling thread (``set_kernel_threads_(False)``:
+            how the kernels ran before they were built with OpenMP, 2026-12-03)
   generic   the kernels through batched_linear's general dispatch (the path before the lean one)
   noop      the python path with the kernel calls doing nothing (what is left is dispatch)
   torch     the families' torch code
 
-    .venv/bin/python bench/dispatch.py [--mix lora8] [--threads 2] [--rounds 5] [--out NAME.json]
+    .venv/bin/python bench/dispatch.py [--mix lora8] [--threads 2] [--rounds 5] [--only base,lean,...]
+                                       [--out NAME.json]
 
 Writes bench/results/dispatch-<mix>.json (or NAME.json).
 """
@@ -71,6 +74,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--mix", choices=MIXES, default="lora8")
     ap.add_argument("--out", default=None, help="file name under bench/results/ (dispatch-<mix>.json)")
+    ap.add_argument("--only", default=None, help="comma-separated scenarios to run (base is always run)")
     args = ap.parse_args()
     engine, k = bench_engine(args.threads)
     ids = add_mix(engine, args.mix)
@@ -86,11 +90,19 @@ def main() -> None:
     }
     if k.fast_paths:
         scenarios["portable"] = (ids, k, LEAN, False)
+    scenarios["thread1"] = (ids, k, LEAN, True, False)
+    if args.only:
+        keep = {"base", *args.only.split(",")}
+        unknown = keep - set(scenarios)
+        if unknown:
+            ap.error(f"unknown scenarios {sorted(unknown)}; known: {sorted(scenarios)}")
+        scenarios = {n: s for n, s in scenarios.items() if n in keep}
 
-    def step_ms(adapters, kernels, run_for, fast: bool = True) -> float:
+    def step_ms(adapters, kernels, run_for, fast: bool = True, threads: bool = True) -> float:
         engine.planner.kernels = kernels
         adapted_linear.ServeBinding._run_for = run_for
         k.set_fast_paths_(fast)
+        k.set_kernel_threads_(threads)
         return median_decode_step_ms(engine, prompts, adapters, params)
 
     try:
@@ -104,6 +116,7 @@ def main() -> None:
     finally:
         adapted_linear.ServeBinding._run_for = LEAN
         k.set_fast_paths_(True)
+        k.set_kernel_threads_(True)
     med = {n: sorted(v)[len(v) // 2] for n, v in runs.items()}
     result = {
         "dtype": str(engine.base.dtype).removeprefix("torch."),

@@ -9,6 +9,8 @@ calls per step and µs per call.
     .venv/bin/python bench/kernel_profile.py [--mix per_family] [--rounds 2] [--threads 2] [--slow]
 
 ``--slow``: the kernels' fast paths off (``set_fast_paths_(False)``), for a before/after.
+``--thread1``: each round also runs the mix with every kernel on the calling thread
+(``set_kernel_threads_(False)``), then prints both, kernel by kernel.
 Printed only (the per-call figures are in docs/engine.md).
 """
 
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--slow", action="store_true", help="the kernels' fast paths off")
+    ap.add_argument("--thread1", action="store_true", help="also run with every kernel on one thread")
     args = ap.parse_args()
     engine, k = bench_engine(args.threads)
     k.set_fast_paths_(not args.slow)
@@ -80,19 +83,28 @@ def main() -> None:
     print(f"{args.mix}, fast paths {k.fast_paths if not args.slow else 'off'}, {args.threads} threads")
     for adapters in ([None] * STEP_ROWS, ids):  # warm-up: slots installed, first calls made
         median_decode_step_ms(engine, prompts, adapters, params)
+    splits = (True, False) if args.thread1 else (True,)
     for r in range(args.rounds):
         base = median_decode_step_ms(engine, prompts, [None] * STEP_ROWS, params)
-        timed.totals.clear()
-        timed.calls.clear()
-        mixed = median_decode_step_ms(engine, prompts, ids, params)
-        total = sum(timed.totals.values()) * 1e3 / steps
-        ratio = base / mixed
-        print(f"round {r + 1}: base {base:.1f} ms, mix {mixed:.1f} ms ({ratio:.3f}), kernels {total:.1f} ms")
-        for name in sorted(timed.totals, key=lambda n: -timed.totals[n]):
-            t, n = timed.totals[name], timed.calls[name]
-            per_step, per_call = t * 1e3 / steps, t / n * 1e6
-            print(f"  {name:20s} {per_step:6.2f} ms/step {n // steps:5d} calls/step {per_call:7.1f} us/call")
+        for split in splits:
+            k.set_kernel_threads_(split)
+            timed.totals.clear()
+            timed.calls.clear()
+            mixed = median_decode_step_ms(engine, prompts, ids, params)
+            total = sum(timed.totals.values()) * 1e3 / steps
+            label = "" if len(splits) == 1 else (" (kernel threads)" if split else " (one thread)")
+            print(
+                f"round {r + 1}{label}: base {base:.1f} ms, mix {mixed:.1f} ms ({base / mixed:.3f}), "
+                f"kernels {total:.1f} ms"
+            )
+            for name in sorted(timed.totals, key=lambda n: -timed.totals[n]):
+                t, n = timed.totals[name], timed.calls[name]
+                per_step, per_call = t * 1e3 / steps, t / n * 1e6
+                print(
+                    f"  {name:20s} {per_step:6.2f} ms/step {n // steps:5d} calls/step {per_call:7.1f} us/call"
+                )
     k.set_fast_paths_(True)
+    k.set_kernel_threads_(True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,11 @@ log = logging.getLogger("facet.kernels")
 
 SOURCE = Path(__file__).with_name("adapters_cpu.cpp")
 # -O3 vectorises the row loops; the reassociation flags let it vectorise the dot products too
-# (the summation order then differs from torch's, within float32 rounding).
+# (the summation order then differs from torch's, within float32 rounding). -fopenmp: ATen's
+# ``at::parallel_for`` is a header template that runs serially unless the extension itself is
+# built with OpenMP (without it every kernel ran on one thread, however many torch had). The
+# module then needs libgomp.so.1, the soname of the libgomp torch's wheel bundles and has already
+# loaded, so both share torch's one OpenMP runtime and thread pool.
 CFLAGS = [
     "-O3",
     "-march=native",
@@ -36,7 +40,9 @@ CFLAGS = [
     "-fassociative-math",
     "-fno-signed-zeros",
     "-fno-trapping-math",
+    "-fopenmp",
 ]
+LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
 _loaded: dict[Path, object] = {}
@@ -75,6 +81,7 @@ def load(build_root: Path, verbose: bool = False):
                 name="facet_adapters_cpu",
                 sources=[str(SOURCE)],
                 extra_cflags=CFLAGS,
+                extra_ldflags=LDFLAGS,
                 build_directory=str(folder),
                 verbose=verbose,
             )

@@ -107,10 +107,30 @@ inline void check_same_type(const Tensor& x, const Tensor& y) {
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y: the same dtype");
 }
 
-// Rows are independent: split them over threads when there are enough of them (prefill).
+// Threads. A kernel splits its rows (or LoRA blocks) over torch's threads with ``at::parallel_for``
+// once they are worth a thread each (about 32k multiply-adds: a prefill's rows, LoRA's blocks),
+// and runs a decode step's few cheap rows on the calling thread. The threads are real only because
+// the module is built with -fopenmp (server/kernels/__init__.py); before that every kernel ran on
+// one thread. Spreading even a decode pool's 6 rows over 2 threads was measured (2026-12-03,
+// docs/engine.md) and not kept: the rows' cold reads overlap, but the fork costs as much.
+// ``set_kernel_threads_(False)`` puts every kernel on the calling thread, for benchmarks; each
+// row being computed alone, the results are the same either way.
+inline std::atomic<bool>& threads_switch() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+bool set_kernel_threads_(bool on) { return threads_switch().exchange(on); }
+
+// The grain of ``n`` independent items (a thread takes ``grain`` at least); all of them on the
+// calling thread with the switch off.
+inline int64_t work_grain(int64_t n, int64_t grain) {
+  return threads_switch().load(std::memory_order_relaxed) ? std::max<int64_t>(1, grain) : std::max<int64_t>(1, n);
+}
+
+// Rows are independent: split them over threads (``work_grain``).
 template <typename F>
 void for_rows(int64_t n_rows, int64_t row_cost, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_cost));
+  const int64_t grain = work_grain(n_rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_cost)));
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) f(k);
   });
@@ -276,7 +296,7 @@ void lora_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor a, Tensor b
     const A* xp = ptr<A>(x);
     const W* ap = ptr<W>(a);
     const W* bp = ptr<W>(bt);
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, block_cost));
+    const int64_t grain = work_grain(n_blocks, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, block_cost)));
     at::parallel_for(0, n_blocks, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> h(kLoraBlock * r), acc(kLoraBlock * out_f);
       for (int64_t blk = begin; blk < end; ++blk) {
@@ -388,6 +408,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reflect_rows_", &reflect_rows_, "ETHER / ETHER+ block reflections (in place)", release());
   m.def("lora_add_", &lora_add_, "LoRA delta added to y (in place)", release());
   m.def("set_fast_paths_", &set_fast_paths_, "fast paths on (True, the default) or off; returns the previous");
+  m.def("set_kernel_threads_", &set_kernel_threads_,
+        "kernels split their rows over torch's threads (True, the default) or run on the calling thread; "
+        "returns the previous");
   py::list fast;  // the fast paths this build has
   if (kHaveLoraAvx512) fast.append("lora_avx512");
   if (fft::have_dfti()) fast.append("mkl_dfti");

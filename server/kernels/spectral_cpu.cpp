@@ -35,7 +35,8 @@ constexpr int64_t kRowsPerChunk = 64;
 template <typename F>
 void for_row_chunks(int64_t n_rows, const F& f) {
   if (n_rows == 0) return;
-  at::parallel_for(0, n_rows, std::min(n_rows, kRowsPerChunk), [&](int64_t begin, int64_t end) { f(begin, end); });
+  at::parallel_for(0, n_rows, work_grain(n_rows, std::min(n_rows, kRowsPerChunk)),
+                   [&](int64_t begin, int64_t end) { f(begin, end); });
 }
 
 // torch's CPU FFT is MKL's, which splits even a 6-row transform over every thread: measured on

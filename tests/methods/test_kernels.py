@@ -317,7 +317,7 @@ def test_every_table_width_is_checked_before_it_is_read(k):
     """A table of the wrong width raises a RuntimeError naming it (never reads past its memory);
     every kernel is covered. (test_kernel_matches_torch makes the same calls with the right ones.)"""
     calls = _width_calls(k)
-    controls = {"set_fast_paths_", "fast_paths"}  # the fast paths' switch and list, no table
+    controls = {"set_fast_paths_", "fast_paths", "set_kernel_threads_"}  # switches and a list, no table
     # The native plans (op_* factories, Projection) call these same kernels, checks included, on
     # every run (test_kernels_native.py).
     native = {"NativeOp", "Projection", "Spectra"} | {n for n in dir(k) if n.startswith("op_")}

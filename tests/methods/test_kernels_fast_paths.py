@@ -130,3 +130,60 @@ def test_spectral_kernels_agree_with_direct_and_torch_ffts(k, case_id, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(torch.bfloat16).eps
     torch.testing.assert_close(outs[True], outs[False], rtol=tol, atol=tol)
     assert float((outs[True] - base).abs().max()) > 1e-3, "the adapter changes the output"
+
+
+# A prefill's rows over two threads (the module is built with OpenMP; ``set_kernel_threads_`` puts
+# every kernel on the calling thread): each row is computed alone by the same code, so the loop
+# kernels give the same bits; the FFT kernels run one MKL plan per thread, equal to float32 rounding.
+@pytest.mark.parametrize(
+    "case_id",
+    [
+        "lora-r4",
+        "hut-r1-scale-shift",
+        "etherplus-both-4",
+        "surm-kronecker-4",
+        "dct-n20",
+        "surm-circulant",
+        "surm-toeplitz",
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernels_give_the_same_rows_on_one_thread_and_on_two(k, two_threads, case_id, dtype):
+    from server.methods import batched_linear
+
+    from .test_kernels import CASES, _fused, _groups
+
+    case = next(c for c in CASES if c.id == case_id)
+    out_f, in_f, n_rows = (
+        192,
+        576,
+        300,
+    )  # past every kernel's grain at these widths (rows, LoRA blocks, chunks)
+    torch.manual_seed(4)
+    weight = torch.randn(out_f, in_f) / in_f**0.5
+    method, groups = _groups(case, out_f, in_f, weight)
+    g = torch.Generator().manual_seed(7)
+    groups[0].rows = torch.randperm(n_rows + 20, generator=g)[:n_rows]
+    groups[0].slots = torch.randint(0, 5, (n_rows,), generator=g)
+    groups = _fused(k, groups)
+    x = torch.randn(n_rows + 20, in_f, generator=g).to(dtype)
+    outs = {}
+    with torch.inference_mode():
+        for threads in (True, False):
+            before = k.set_kernel_threads_(threads)
+            try:
+                outs[threads] = batched_linear(x, weight.to(dtype), None, groups)
+            finally:
+                k.set_kernel_threads_(before)
+        base = torch.nn.functional.linear(x, weight.to(dtype))
+    if case.family in ("dct",) or case_id in ("surm-circulant", "surm-toeplitz"):
+        tol = 1e-5 if dtype == torch.float32 else 2 * EPS16
+        torch.testing.assert_close(outs[True], outs[False], rtol=tol, atol=tol)
+    else:
+        assert torch.equal(outs[True], outs[False])
+    assert float((outs[True].float() - base.float()).abs().max()) > 1e-3, "the adapter changes the output"
+
+
+def test_the_threads_switch_reports_and_restores(k):
+    assert k.set_kernel_threads_(False) is True
+    assert k.set_kernel_threads_(True) is False
