@@ -5,7 +5,8 @@ translation unit; torch's C++ extension builder, about 30 s the first time on a 
 later starts load the cached library in well under a second)
 and returns a ``CpuKernels`` handle, or ``None`` when no compiler is available or the build
 fails: the engine then serves with the plain torch code of ``server/methods`` (same results,
-slower on CPU). The build folder is keyed by the CPU's instruction-set flags, because the code
+slower on CPU). A compiler without OpenMP gets a single-threaded build (the same results) rather
+than none. The build folder is keyed by the CPU's instruction-set flags, because the code
 is compiled for the machine it runs on (``-march=native``). An edited source is rebuilt, not a
 stale library loaded: torch's builder runs ninja, which tracks the sources and the files they
 include (compiler depfiles) against the library.
@@ -72,22 +73,33 @@ def load(build_root: Path, verbose: bool = False):
             return _loaded[folder]
         module = None
         try:
-            from torch.utils.cpp_extension import load as build
-
             folder.mkdir(parents=True, exist_ok=True)
             if not any(folder.glob("*.so")):
                 log.info("compiling the CPU adapter kernels once (about 30 s on 2 cores) into %s", folder)
-            module = build(
-                name="facet_adapters_cpu",
-                sources=[str(SOURCE)],
-                extra_cflags=CFLAGS,
-                extra_ldflags=LDFLAGS,
-                build_directory=str(folder),
-                verbose=verbose,
-            )
+            try:
+                module = _build(folder, CFLAGS, LDFLAGS, verbose)
+            except Exception as e:  # e.g. a compiler without OpenMP (clang without libomp)
+                log.warning(
+                    "CPU adapter kernels: the OpenMP build failed (%s); building them single-threaded",
+                    str(e).splitlines()[0][:200],
+                )
+                module = _build(folder, [f for f in CFLAGS if f != "-fopenmp"], [], verbose)
         except Exception as e:  # no compiler, headers missing, ...: serve with the torch code
             log.warning(
                 "CPU adapter kernels unavailable (%s); using the torch code", str(e).splitlines()[0][:200]
             )
         _loaded[folder] = module
         return module
+
+
+def _build(folder: Path, cflags: list[str], ldflags: list[str], verbose: bool):
+    from torch.utils.cpp_extension import load as build
+
+    return build(
+        name="facet_adapters_cpu",
+        sources=[str(SOURCE)],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
+        build_directory=str(folder),
+        verbose=verbose,
+    )
