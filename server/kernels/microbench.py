@@ -12,6 +12,9 @@ and three mixes (the 5 families, the 10 configs, 8 LoRA r8 over 32 requests), ea
 kernels and with the torch code, interleaved round by round; the median step times and
 ``base step / scenario step`` (the tokens/s ratio vs no adapter).
 
+``--prefill``: each of the 10 configs at prefill size (256 of 512 rows over 8 slots, bf16), the
+torch code against the kernels, summed over the projection shapes.
+
 ``--lora``: 8 LoRA r8 slots on all 32 rows instead of the mix (issue 13's PEFT LoRA scenario),
 and a masked "segmented GEMM pair" in torch (``x Aᵀ`` for every slot's factors at once, masked to
 each row's slot, then ``· Bt``) for comparison with the kernel.
@@ -44,8 +47,9 @@ SHAPES = {"q": (576, 576), "k": (192, 576), "gate": (1536, 576), "down": (576, 1
 STEP_ROWS = 32
 
 
-def make_group(family, raw, shape, dtype, n_rows, n_slots, seed=0):
-    """A group of ``n_rows`` of the step's rows over ``n_slots`` random adapters (tables in ``dtype``)."""
+def make_group(family, raw, shape, dtype, n_rows, n_slots, seed=0, step_rows=STEP_ROWS):
+    """A group of ``n_rows`` of the step's ``step_rows`` rows over ``n_slots`` random adapters
+    (tables in ``dtype``)."""
     out_f, in_f = shape
     method = get_method(family)
     cfg = method.parse_config({"peft_type": method.peft_type, "target_modules": ["m"], **raw})
@@ -57,7 +61,7 @@ def make_group(family, raw, shape, dtype, n_rows, n_slots, seed=0):
         prepared.append(
             {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in out.items()}
         )
-    rows = torch.randperm(STEP_ROWS, generator=g)[:n_rows].sort().values
+    rows = torch.randperm(step_rows, generator=g)[:n_rows].sort().values
     slots = torch.randint(0, n_slots, (n_rows,), generator=g)
     sig = method.signature(cfg, out_f, in_f)
     return Group(method, sig, stack_prepared(prepared), rows, slots), w.to(dtype)
@@ -113,6 +117,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lora", action="store_true", help="8 LoRA r8 slots on all 32 rows")
     ap.add_argument("--engine", action="store_true", help="whole decode steps, kernels on vs off")
+    ap.add_argument("--prefill", action="store_true", help="each config at prefill size, torch vs kernels")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--dtype", default="auto")
@@ -128,6 +133,9 @@ def main() -> None:
     k = kernels.load(Settings().kernels_build_dir)
     if k is None:
         raise SystemExit("the kernels cannot be built here")
+    if args.prefill:
+        prefill_table(k)
+        return
     configs = MIX[:1] if args.lora else MIX
     n_rows, n_slots = (STEP_ROWS, 8) if args.lora else (6, 6)
     print(f"{n_rows} of {STEP_ROWS} rows, {n_slots} slots, {args.threads} thread(s): us above the base GEMM")
@@ -152,6 +160,27 @@ def main() -> None:
                         cols[f"{d} seg-GEMM"] = best_us(lora_segmented(x, y, g))
             label = f"{family}:{raw.get('variant', '')}"[:16]
             print(f"{label:16s} {name:5s} " + "  ".join(f"{c} {v:6.1f}" for c, v in cols.items()), flush=True)
+
+
+def prefill_table(k, step_rows: int = 512) -> None:
+    """``--prefill``: each of the 10 configs on half of a ``step_rows``-row bf16 step over 8 slots,
+    summed over the 4 projection shapes: µs above the base GEMMs, torch code and kernels."""
+    print(
+        f"{step_rows // 2} of {step_rows} rows, 8 slots, {torch.get_num_threads()} thread(s), bf16: "
+        "us above the base GEMMs, 4 shapes summed"
+    )
+    for family, raw in TEN_CONFIGS:
+        total = {"torch": 0.0, "kernels": 0.0}
+        for shape in SHAPES.values():
+            g, w = make_group(family, raw, shape, torch.bfloat16, step_rows // 2, 8, step_rows=step_rows)
+            x = torch.randn(step_rows, shape[1]).bfloat16()
+            with torch.inference_mode():
+                base = best_us(lambda w=w, x=x: F.linear(x, w), reps=3, trials=10)
+                for what, grp in {"torch": g, "kernels": with_kernels(k, g)}.items():
+                    run = lambda x=x, w=w, grp=grp: batched_linear(x, w, None, [grp])  # noqa: E731
+                    total[what] += best_us(run, reps=3, trials=10) - base
+        label = f"{family} {raw}"[:64]
+        print(f"{label:64s} " + "  ".join(f"{n} {v:7.0f}" for n, v in total.items()), flush=True)
 
 
 # ---- --engine: whole decode steps, kernels on and off in one process --------------------------------
