@@ -41,6 +41,7 @@ from server.kernels.microbench import (  # noqa: E402
     STEP_PROMPTS,
     add_mix,
     bench_engine,
+    interleaved,
     median_decode_step_ms,
 )
 
@@ -106,18 +107,11 @@ def main() -> None:
         return median_decode_step_ms(engine, prompts, adapters, params)
 
     try:
-        for s in scenarios.values():  # warm-up: slots, first calls
-            step_ms(*s)
-        runs: dict[str, list[float]] = {name: [] for name in scenarios}
-        for r in range(args.rounds):
-            for name, s in scenarios.items():
-                runs[name].append(step_ms(*s))
-            print(f"round {r + 1}: " + "  ".join(f"{n} {v[-1]:.1f}" for n, v in runs.items()), flush=True)
+        runs, med = interleaved(scenarios, step_ms, args.rounds)
     finally:
         adapted_linear.ServeBinding._run_for = LEAN
         k.set_fast_paths_(True)
         k.set_kernel_threads_(True)
-    med = {n: sorted(v)[len(v) // 2] for n, v in runs.items()}
     result = {
         "dtype": str(engine.base.dtype).removeprefix("torch."),
         "threads": args.threads,

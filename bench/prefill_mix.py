@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.engine.requests import SamplingParams  # noqa: E402
-from server.kernels.microbench import MIXES, add_mix, bench_engine  # noqa: E402
+from server.kernels.microbench import MIXES, add_mix, bench_engine, interleaved  # noqa: E402
 
 PROMPTS, PROMPT_TOKENS = 8, 256
 
@@ -66,17 +66,10 @@ def main() -> None:
         "torch": (adapters, None, True),
     }
     try:
-        for s in scenarios.values():  # warm-up: slots installed, first calls made
-            prefill_ms(*s)
-        runs: dict[str, list[float]] = {n: [] for n in scenarios}
-        for r in range(args.rounds):
-            for name, s in scenarios.items():
-                runs[name].append(prefill_ms(*s))
-            print(f"round {r + 1}: " + "  ".join(f"{n} {v[-1]:.0f}" for n, v in runs.items()), flush=True)
+        runs, med = interleaved(scenarios, prefill_ms, args.rounds, digits=0)
     finally:
         engine.planner.kernels = k
         k.set_kernel_threads_(True)
-    med = {n: sorted(v)[len(v) // 2] for n, v in runs.items()}
     result = {
         "dtype": str(engine.base.dtype).removeprefix("torch."),
         "threads": args.threads,

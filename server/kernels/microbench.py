@@ -254,6 +254,20 @@ def add_mix(engine, mix: str) -> list[str]:
     ]
 
 
+def interleaved(scenarios: dict, measure, rounds: int, digits: int = 1) -> tuple[dict, dict]:
+    """``measure(*scenario)`` for every scenario once (warm-up), then ``rounds`` rounds of all of
+    them in turn (a drifting machine hits every scenario alike), each round printed. Returns the
+    runs per scenario and their medians."""
+    for s in scenarios.values():
+        measure(*s)
+    runs: dict[str, list[float]] = {name: [] for name in scenarios}
+    for r in range(rounds):
+        for name, s in scenarios.items():
+            runs[name].append(measure(*s))
+        print(f"round {r + 1}: " + "  ".join(f"{n} {v[-1]:.{digits}f}" for n, v in runs.items()), flush=True)
+    return runs, {n: sorted(v)[len(v) // 2] for n, v in runs.items()}
+
+
 def median_decode_step_ms(engine, prompts, adapters, params) -> float:
     """Submit one request per prompt (its adapter id or None), run the engine dry, and return the
     median step time in ms of the decode steps (the first two steps prefill)."""
