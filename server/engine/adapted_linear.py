@@ -78,7 +78,8 @@ class ServeBinding(StepBinding):
             scope = path.rpartition(".")[0]  # q/k/v (and gate/up) share their input's spectra
             for g in groups:
                 for hook in g.hooks:
-                    f = fast_op(self.kernels, g.method, g.sig, hook, self._spectra, scope)
+                    rows = None if g.rows is None else g.rows.numel()
+                    f = fast_op(self.kernels, g.method, g.sig, hook, self._spectra, scope, rows)
                     if f is not None:
                         g.fused[hook] = f
         return groups

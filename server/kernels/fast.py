@@ -72,18 +72,28 @@ def native_op(k, method: AdapterMethod, sig: Hashable, hook: str, group, spectra
     ``native_op`` is only asked for hooks that have one)."""
     if k is None or not hasattr(k, "Projection") or group.rows is None or group.slots is None:
         return None
-    if method.fast_op(k, sig, hook, None) is None:
+    if fast_op(k, method, sig, hook, rows=group.rows.numel()) is None:
         return None
     return method.native_op(k, sig, hook, group, NativeShared(spectra, scope))
 
 
 def fast_op(
-    k, method: AdapterMethod, sig: Hashable, hook: str, spectra: SharedSpectra | None = None, scope: str = ""
+    k,
+    method: AdapterMethod,
+    sig: Hashable,
+    hook: str,
+    spectra: SharedSpectra | None = None,
+    scope: str = "",
+    rows: int | None = None,
 ) -> FastOp | None:
-    """The fused in-place op for one group's hook, or None (no kernels built, or none for this
-    signature). ``spectra``/``scope``: where input spectra are shared, and the parent module path of
-    the projection (siblings share it)."""
+    """The fused in-place op for one group's hook, or None (no kernels built, none for this
+    signature, or the group's ``rows`` past the family's ``kernel_max_rows``; None: not checked).
+    ``spectra``/``scope``: where input spectra are shared, and the parent module path of the
+    projection (siblings share it)."""
     if k is None:
+        return None
+    limit = method.kernel_max_rows(sig, hook)
+    if rows is not None and limit is not None and rows > limit:
         return None
     return method.fast_op(
         k, sig, hook, SharedInputs(spectra if spectra is not None else SharedSpectra(), scope)

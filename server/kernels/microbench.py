@@ -83,7 +83,7 @@ def with_kernels(k, g: Group, upcast: bool = False) -> Group:
     out = Group(g.method, g.sig, g.table, g.rows, g.slots)
     t32 = {n: (t.float() if t.is_floating_point() else t) for n, t in g.table.items()}
     for hook in out.hooks:
-        f = fast_op(k, g.method, g.sig, hook, SharedSpectra())
+        f = fast_op(k, g.method, g.sig, hook, SharedSpectra(), rows=g.rows.numel())
         if f is None:
             continue
         if upcast:  # float32 kernels on upcast rows and tables, result cast back

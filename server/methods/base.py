@@ -385,6 +385,11 @@ class AdapterMethod(ABC):
         sibling projections reuse). Families without kernels keep this default."""
         return None
 
+    def kernel_max_rows(self, sig: Hashable, hook: str) -> int | None:
+        """The most rows of one group for which ``fast_op``'s kernel beats the torch hook (measured;
+        a larger group, a prefill's, then gets the torch code), or None: any number of rows."""
+        return None
+
     def native_op(self, kernels: Any, sig: Hashable, hook: str, group: Any, shared: Any) -> Any | None:
         """``fast_op``'s kernel bound to one group's rows, slots and tables: a ``NativeOp`` of the
         compiled module (``kernels.op_*``), which a ``Projection`` runs with no Python between the

@@ -76,5 +76,8 @@ class ConvertedMethod(AdapterMethod):
     def fast_op(self, kernels, sig, hook, shared) -> FastOp | None:
         return self.family.fast_op(kernels, sig[1], hook, shared)
 
+    def kernel_max_rows(self, sig, hook) -> int | None:
+        return self.family.kernel_max_rows(sig[1], hook)
+
     def native_op(self, kernels, sig, hook, group, shared):
         return self.family.native_op(kernels, sig[1], hook, group, shared)

@@ -59,7 +59,8 @@ Variant = Literal["circulant", "toeplitz", "kronecker", "ldr"]
 # The Kronecker kernel's rows per group: its per-row products beat the torch code's batched ones
 # for a decode step's few rows and lose past about a dozen (bf16, 2 threads, 8 slots, the 4
 # SmolLM2 projection shapes summed, µs above the GEMMs: 6 rows 235 against 412, 16 rows 524
-# against 452, 256 rows 7,039 against 3,522), so a larger group is served by the torch code.
+# against 452, 256 rows 7,039 against 3,522), so a larger group is served by the torch code
+# (``kernel_max_rows``).
 KRON_KERNEL_MAX_ROWS = 12
 
 
@@ -358,14 +359,10 @@ class SurmMethod(AdapterMethod):
 
             return toeplitz
         f = sig.kron_factor
+        return lambda y, x, g: kernels.kronecker_add_(y, x, g.rows, g.slots, g.table["AB"], f)
 
-        def kronecker(y, x, g):
-            if g.rows.numel() > KRON_KERNEL_MAX_ROWS:  # a prefill's rows: torch's batched products
-                y.index_add_(0, g.rows, self.delta(sig, x.index_select(0, g.rows), g.table, g.slots, None))
-            else:
-                kernels.kronecker_add_(y, x, g.rows, g.slots, g.table["AB"], f)
-
-        return kronecker
+    def kernel_max_rows(self, sig: SurmSig, hook: str) -> int | None:
+        return KRON_KERNEL_MAX_ROWS if sig.variant == "kronecker" else None
 
     def native_op(self, kernels, sig: SurmSig, hook: str, g, shared):
         n = max(sig.out_f, sig.in_f)
@@ -376,8 +373,6 @@ class SurmMethod(AdapterMethod):
             return kernels.op_toeplitz(
                 g.rows, g.slots, g.table["spec"], n, length, shared.spectra, shared.scope
             )
-        if g.rows.numel() > KRON_KERNEL_MAX_ROWS:
-            return None  # the Python plan runs ``fast_op``'s kronecker, which gives these rows to torch
         return kernels.op_kronecker_add(g.rows, g.slots, g.table["AB"], sig.kron_factor)
 
 

@@ -31,12 +31,3 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def kernels_take_every_row(monkeypatch):
-    """The kernels serve groups of any size: SURM Kronecker's gives groups of more than
-    ``KRON_KERNEL_MAX_ROWS`` rows to the torch code, which many-row kernel tests must not test."""
-    from server.methods import surm
-
-    monkeypatch.setattr(surm, "KRON_KERNEL_MAX_ROWS", 1 << 40)

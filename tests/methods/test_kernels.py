@@ -195,7 +195,7 @@ def test_sibling_projections_share_the_input_spectrum(k, case_id):
 # the cheap kernels; 65: one row past a chunk.
 @pytest.mark.parametrize("n_rows", [65, 401, 1401])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_many_rows_over_chunks_and_threads_match_torch(k, two_threads, kernels_take_every_row, case, n_rows):
+def test_many_rows_over_chunks_and_threads_match_torch(k, two_threads, case, n_rows):
     out_f, in_f = 21, 24  # odd output width: the DCT's odd-length reordering on the output side
     if case.family in ("ether", "c3a") or case.id == "surm-kronecker-4":
         out_f = 24  # block and factor sizes must divide both widths
@@ -331,7 +331,7 @@ def test_every_table_width_is_checked_before_it_is_read(k):
 @pytest.mark.parametrize("n_rows", [12, 13, 300])
 def test_kronecker_groups_past_a_dozen_rows_go_to_the_torch_code(k, n_rows):
     """SURM Kronecker's kernel takes a decode step's few rows; larger groups (a prefill) get the
-    torch code's batched products (``KRON_KERNEL_MAX_ROWS``, measured), in both plans."""
+    torch code's batched products (``kernel_max_rows``, measured), in both plans."""
     from server.kernels.fast import native_op
     from server.methods import surm
 
@@ -345,13 +345,15 @@ def test_kronecker_groups_past_a_dozen_rows_go_to_the_torch_code(k, n_rows):
     g.slots = torch.randint(0, 5, (n_rows,), generator=gen)
     x = torch.randn(n_rows + 5, in_f, generator=gen)
     small = n_rows <= surm.KRON_KERNEL_MAX_ROWS
-    with torch.inference_mode():
-        y = torch.nn.functional.linear(x, weight)
-        fused = y.clone()
-        fast_op(k, method, g.sig, "delta")(fused, x, g)
-        kernel = y.clone()
-        k.kronecker_add_(kernel, x, g.rows, g.slots, g.table["AB"], 4)
-        torch_code = y.index_add(0, g.rows, method.delta(g.sig, x[g.rows], g.table, g.slots, weight))
-    assert torch.equal(fused, kernel if small else torch_code)
-    torch.testing.assert_close(kernel, torch_code, rtol=1e-5, atol=1e-5)  # both right either way
+    op = fast_op(k, method, g.sig, "delta", rows=n_rows)
+    assert (op is not None) == small
     assert (native_op(k, method, g.sig, "delta", g, k.Spectra()) is not None) == small
+    with torch.inference_mode():
+        g.fused = {"delta": op} if op is not None else {}
+        served = batched_linear(x, weight, None, [g])
+        g.fused = {"delta": fast_op(k, method, g.sig, "delta")}  # no row count: the kernel
+        kernel = batched_linear(x, weight, None, [g])
+        g.fused = {}
+        torch_code = batched_linear(x, weight, None, [g])
+    assert torch.equal(served, kernel if small else torch_code)
+    torch.testing.assert_close(kernel, torch_code, rtol=1e-5, atol=1e-5)  # both right either way

@@ -128,7 +128,7 @@ def test_bf16_kernel_matches_bf16_torch_code(k, case, shape):
 # up to 4 rows split over the threads.
 @pytest.mark.parametrize("n_rows", [65, 401])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=KERNEL_IDS)
-def test_bf16_many_rows_over_chunks_and_threads(k, two_threads, kernels_take_every_row, case, n_rows):
+def test_bf16_many_rows_over_chunks_and_threads(k, two_threads, case, n_rows):
     out_f, in_f = 21, 24
     if case.family in ("ether", "c3a") or case.id == "surm-kronecker-4":
         out_f = 24  # block and factor sizes must divide both widths

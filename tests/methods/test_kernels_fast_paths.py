@@ -148,9 +148,7 @@ def test_spectral_kernels_agree_with_direct_and_torch_ffts(k, case_id, dtype):
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernels_give_the_same_rows_on_one_thread_and_on_two(
-    k, two_threads, kernels_take_every_row, case_id, dtype
-):
+def test_kernels_give_the_same_rows_on_one_thread_and_on_two(k, two_threads, case_id, dtype):
     from server.methods import batched_linear
 
     from .test_kernels import CASES, _fused, _groups
