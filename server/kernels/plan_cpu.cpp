@@ -10,6 +10,8 @@
 // ``server/engine/adapted_linear.py`` in the same order with the same ATen ops and kernels.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -57,41 +59,47 @@ class Spectra {
 
 // One group's hook, bound: ``run(target, x)`` does it in place on ``target`` (the pre-transformed
 // input for ``pre``, the base output for ``post`` and ``delta``); ``x`` is the projection's input.
+// ``rows`` are the rows it touches; ``cost`` a rough size of its work (for spreading a projection's
+// ops over threads: ``Lanes``).
 struct NativeOp {
   std::string name;
+  Tensor rows;
+  double cost;
   std::function<void(Tensor&, const Tensor&)> run;
 };
 using OpPtr = std::shared_ptr<NativeOp>;
 
-OpPtr make_op(std::string name, std::function<void(Tensor&, const Tensor&)> f) {
-  return std::make_shared<NativeOp>(NativeOp{std::move(name), std::move(f)});
+// ``per_row``: the kernel's relative cost per row, from the decode-step kernel profile
+// (bench/kernel_profile.py, µs per row at the default model's widths); only an ordering hint.
+OpPtr make_op(std::string name, const Tensor& rows, double per_row, std::function<void(Tensor&, const Tensor&)> f) {
+  return std::make_shared<NativeOp>(NativeOp{std::move(name), rows, per_row * double(rows.numel()), std::move(f)});
 }
 
 // ---- the ops, one factory per kernel ----------------------------------------------------------
 
 OpPtr op_scale_rows(Tensor rows, Tensor slots, Tensor t) {
-  return make_op("scale_rows_", [=](Tensor& z, const Tensor&) { scale_rows_(z, rows, slots, t); });
+  return make_op("scale_rows_", rows, 1.0, [=](Tensor& z, const Tensor&) { scale_rows_(z, rows, slots, t); });
 }
 
 OpPtr op_scale_shift_rows(Tensor rows, Tensor slots, Tensor t) {
-  return make_op("scale_shift_rows_", [=](Tensor& y, const Tensor&) { scale_shift_rows_(y, rows, slots, t); });
+  return make_op("scale_shift_rows_", rows, 1.2, [=](Tensor& y, const Tensor&) { scale_shift_rows_(y, rows, slots, t); });
 }
 
 OpPtr op_reflect_rows(Tensor rows, Tensor slots, Tensor t) {
-  return make_op("reflect_rows_", [=](Tensor& z, const Tensor&) { reflect_rows_(z, rows, slots, t); });
+  return make_op("reflect_rows_", rows, 1.0, [=](Tensor& z, const Tensor&) { reflect_rows_(z, rows, slots, t); });
 }
 
 OpPtr op_lora_add(Tensor rows, Tensor slots, Tensor a, Tensor bt) {
-  return make_op("lora_add_", [=](Tensor& y, const Tensor& x) { lora_add_(y, x, rows, slots, a, bt); });
+  return make_op("lora_add_", rows, 4.0, [=](Tensor& y, const Tensor& x) { lora_add_(y, x, rows, slots, a, bt); });
 }
 
 OpPtr op_kronecker_add(Tensor rows, Tensor slots, Tensor ab, int64_t f) {
-  return make_op("kronecker_add_", [=](Tensor& y, const Tensor& x) { kronecker_add_(y, x, rows, slots, ab, f); });
+  return make_op("kronecker_add_", rows, 8.0, [=](Tensor& y, const Tensor& x) { kronecker_add_(y, x, rows, slots, ab, f); });
 }
 
 OpPtr op_circulant(Tensor rows, Tensor slots, Tensor spec, int64_t n, std::shared_ptr<Spectra> sp, std::string scope) {
   const std::string key = Spectra::key("rfft" + std::to_string(n), rows);
-  return make_op("circulant_apply_", [=](Tensor& y, const Tensor& x) {
+  return make_op("circulant_apply_", rows, 4.0, [=](Tensor& y, const Tensor& x) {
     Tensor f = sp->get(key, scope, x, rows, [&] { return rfft_rows(x, rows, n); });
     circulant_apply_(y, f, rows, slots, spec, n);
   });
@@ -100,7 +108,7 @@ OpPtr op_circulant(Tensor rows, Tensor slots, Tensor spec, int64_t n, std::share
 OpPtr op_toeplitz(Tensor rows, Tensor slots, Tensor spec, int64_t n, int64_t length, std::shared_ptr<Spectra> sp,
                   std::string scope) {
   const std::string key = Spectra::key("rfft" + std::to_string(length), rows);
-  return make_op("toeplitz_apply_", [=](Tensor& y, const Tensor& x) {
+  return make_op("toeplitz_apply_", rows, 10.0, [=](Tensor& y, const Tensor& x) {
     Tensor f = sp->get(key, scope, x, rows, [&] { return rfft_rows(x, rows, length); });
     toeplitz_apply_(y, f, rows, slots, spec, n, length);
   });
@@ -109,7 +117,7 @@ OpPtr op_toeplitz(Tensor rows, Tensor slots, Tensor spec, int64_t n, int64_t len
 OpPtr op_dct(Tensor rows, Tensor slots, Tensor pos, Tensor coef, Tensor perm_in, Tensor fwd_in, Tensor inv_out,
              Tensor unperm_out, std::shared_ptr<Spectra> sp, std::string scope) {
   const std::string key = Spectra::key("dct" + std::to_string(perm_in.numel()), rows);
-  return make_op("dct_apply_", [=](Tensor& y, const Tensor& x) {
+  return make_op("dct_apply_", rows, 6.0, [=](Tensor& y, const Tensor& x) {
     Tensor f = sp->get(key, scope, x, rows, [&] { return dct_spectrum(x, rows, perm_in, fwd_in); });
     dct_apply_(y, f, rows, slots, pos, coef, inv_out, unperm_out);
   });
@@ -117,12 +125,84 @@ OpPtr op_dct(Tensor rows, Tensor slots, Tensor pos, Tensor coef, Tensor perm_in,
 
 // ---- the projection ---------------------------------------------------------------------------
 
+// A projection's ops of one side (the input-side ``pre`` ops, or the ``post`` and ``delta`` ops on
+// its output) in lanes: ops that share a row are in one lane, in their order; ops in different
+// lanes touch disjoint rows (every row is one request's, with one adapter), so lanes may run at
+// once, each on one thread. A decode pool has a few rows per group, too few for a kernel to split
+// them well (see ``threads_switch``), but a mixed step's groups are several: spreading the groups
+// puts both cores to work on the adapters. Every row's values are computed by the same code
+// whichever thread runs it, so the output does not depend on the threads.
+class Lanes {
+ public:
+  explicit Lanes(const std::vector<OpPtr>& ops) {
+    std::unordered_map<int64_t, size_t> lane_of;  // row -> lane
+    for (const auto& op : ops) {
+      const Tensor rows = op->rows.to(at::kLong).contiguous();
+      const int64_t* rp = rows.data_ptr<int64_t>();
+      std::vector<size_t> touched;
+      for (int64_t i = 0; i < rows.numel(); ++i) {
+        auto it = lane_of.find(rp[i]);
+        if (it != lane_of.end() && std::find(touched.begin(), touched.end(), it->second) == touched.end())
+          touched.push_back(it->second);
+      }
+      size_t into;
+      if (touched.empty()) {
+        into = lanes_.size();
+        lanes_.emplace_back();
+      } else {  // join every lane it shares a row with (their ops commute with one another)
+        std::sort(touched.begin(), touched.end());
+        into = touched[0];
+        for (size_t j = 1; j < touched.size(); ++j) {
+          auto& from = lanes_[touched[j]];
+          lanes_[into].ops.insert(lanes_[into].ops.end(), from.ops.begin(), from.ops.end());
+          lanes_[into].cost += from.cost;
+          from = Lane{};
+          for (auto& kv : lane_of)
+            if (kv.second == touched[j]) kv.second = into;
+        }
+      }
+      lanes_[into].ops.push_back(op.get());
+      lanes_[into].cost += op->cost;
+      for (int64_t i = 0; i < rows.numel(); ++i) lane_of[rp[i]] = into;
+      ops_.push_back(op);
+    }
+    lanes_.erase(std::remove_if(lanes_.begin(), lanes_.end(), [](const Lane& l) { return l.ops.empty(); }),
+                 lanes_.end());
+    // Costliest first: threads take the next lane as they finish one (longest processing time first).
+    std::stable_sort(lanes_.begin(), lanes_.end(), [](const Lane& a, const Lane& b) { return a.cost > b.cost; });
+  }
+
+  size_t size() const { return lanes_.size(); }
+
+  void run(Tensor& target, const Tensor& x) const {
+    const int64_t threads = threads_switch().load(std::memory_order_relaxed) ? at::get_num_threads() : 1;
+    if (lanes_.size() < 2 || threads < 2 || at::in_parallel_region()) {
+      for (const auto& lane : lanes_)
+        for (const NativeOp* op : lane.ops) op->run(target, x);
+      return;
+    }
+    std::atomic<size_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(threads, int64_t(lanes_.size())), 1, [&](int64_t, int64_t) {
+      for (size_t i = next.fetch_add(1); i < lanes_.size(); i = next.fetch_add(1))
+        for (const NativeOp* op : lanes_[i].ops) op->run(target, x);
+    });
+  }
+
+ private:
+  struct Lane {
+    std::vector<const NativeOp*> ops;
+    double cost = 0;
+  };
+  std::vector<OpPtr> ops_;  // owned here; the lanes point into them
+  std::vector<Lane> lanes_;
+};
+
 class Projection {
  public:
-  Projection(Tensor weight, std::optional<Tensor> bias, std::vector<OpPtr> pres, std::vector<OpPtr> posts,
-             std::vector<OpPtr> deltas)
-      : weight_(std::move(weight)), bias_(std::move(bias)), pres_(std::move(pres)), posts_(std::move(posts)),
-        deltas_(std::move(deltas)) {}
+  Projection(Tensor weight, std::optional<Tensor> bias, const std::vector<OpPtr>& pres, const std::vector<OpPtr>& posts,
+             const std::vector<OpPtr>& deltas)
+      : weight_(std::move(weight)), bias_(std::move(bias)), has_pres_(!pres.empty()), has_posts_(!posts.empty()),
+        pres_(pres), outs_(concat(posts, deltas)) {}
 
   // y = the adapted projection of x [..., in]; None where the kernels do not take these rows
   // (autograd, another dtype or device, a strided input): the caller's torch code serves them.
@@ -130,22 +210,29 @@ class Projection {
     const Tensor x2 = x.reshape({-1, x.size(-1)});
     if (!x2.device().is_cpu() || !is_served(x2) || !x2.is_contiguous() || at::GradMode::is_enabled())
       return std::nullopt;
-    Tensor xin = pres_.empty() ? x2 : x2.clone();
-    for (const auto& op : pres_) op->run(xin, x2);
-    const bool bias_last = !posts_.empty() && bias_.has_value();
+    Tensor xin = has_pres_ ? x2.clone() : x2;
+    pres_.run(xin, x2);
+    const bool bias_last = has_posts_ && bias_.has_value();
     Tensor y = at::linear(xin, weight_, bias_last ? std::nullopt : bias_);
-    for (const auto& op : posts_) op->run(y, x2);
-    for (const auto& op : deltas_) op->run(y, x2);
+    outs_.run(y, x2);  // a group's post ops before its delta ops: one lane, in that order
     if (bias_last) y = y + *bias_;
     std::vector<int64_t> shape = x.sizes().vec();
     shape.back() = weight_.size(0);
     return y.reshape(shape);
   }
 
+  // The number of lanes of the input side and of the output side (for tests).
+  std::pair<size_t, size_t> lanes() const { return {pres_.size(), outs_.size()}; }
+
  private:
+  static std::vector<OpPtr> concat(std::vector<OpPtr> a, const std::vector<OpPtr>& b) {
+    a.insert(a.end(), b.begin(), b.end());
+    return a;
+  }
   Tensor weight_;
   std::optional<Tensor> bias_;
-  std::vector<OpPtr> pres_, posts_, deltas_;
+  bool has_pres_, has_posts_;
+  Lanes pres_, outs_;
 };
 
 void register_plans(py::module& m) {
@@ -157,7 +244,8 @@ void register_plans(py::module& m) {
       .def("__call__", [](const NativeOp& op, Tensor target, Tensor x) { op.run(target, x); }, release());
   py::class_<Projection, std::shared_ptr<Projection>>(m, "Projection", "one projection's kernels around its GEMM")
       .def(py::init<Tensor, std::optional<Tensor>, std::vector<OpPtr>, std::vector<OpPtr>, std::vector<OpPtr>>())
-      .def("run", &Projection::run, release());
+      .def("run", &Projection::run, release())
+      .def_property_readonly("lanes", &Projection::lanes);
   m.def("op_scale_rows", &op_scale_rows);
   m.def("op_scale_shift_rows", &op_scale_shift_rows);
   m.def("op_reflect_rows", &op_reflect_rows);

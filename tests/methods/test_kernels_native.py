@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from server.engine.adapted_linear import ServeBinding, _fused_plan
-from server.kernels.fast import fast_op
+from server.kernels.fast import fast_op, native_op
 from server.methods import Group, batched_linear
 
 from .cases import CASE_IDS, CASES
@@ -22,6 +22,8 @@ from .test_kernels import _groups
 from .test_kernels_bf16 import KERNEL_CASES, KERNEL_IDS
 
 SHAPES = [(24, 24), (8, 24), (21, 15), (15, 21)]
+HOOKS = ("pre", "post", "delta")
+EPS16 = torch.finfo(torch.bfloat16).eps
 
 
 def _group(k, case, out_f, in_f, dtype, rows=None, slots=None, seed=0) -> Group | None:
@@ -75,25 +77,119 @@ def test_native_projection_equals_the_python_lean_path(k, case, shape, dtype):
     )
 
 
-def test_several_families_in_one_projection_equal_the_python_lean_path(k):
-    """Pools of HUT (pre and post), ETHER+ (pre and post), LoRA, DCT and SURM in one projection, on
-    disjoint rows, as the engine builds them."""
+MIXED = ["hut-r1", "etherplus-both-4", "lora-r4", "dct-n20", "surm-circulant", "surm-kronecker-4"]
+FFT_CASES = {"dct-n20", "surm-circulant", "surm-toeplitz"}
+
+
+def _mixed_groups(k, dtype, chosen=MIXED, width=24, per_group=3):
+    """One pool per case of ``chosen`` in one projection, on disjoint rows, as the engine builds
+    them; returns the groups and each group's rows."""
     by_id = dict(zip(CASE_IDS, CASES, strict=True))
-    chosen = ["hut-r1", "etherplus-both-4", "lora-r4", "dct-n20", "surm-circulant", "surm-kronecker-4"]
+    n = len(chosen)
     groups = []
     for i, cid in enumerate(chosen):
-        rows = torch.tensor([i, i + 6, i + 12])
-        g = _group(k, by_id[cid], 24, 24, torch.float32, rows=rows, slots=torch.tensor([1, 0, 1]), seed=i)
+        rows = torch.arange(per_group) * n + i
+        slots = torch.arange(per_group) % 2
+        g = _group(k, by_id[cid], width, width, dtype, rows=rows, slots=slots, seed=i)
         assert g is not None, cid
         groups.append(g)
+    return groups
+
+
+def test_several_families_in_one_projection_equal_the_python_lean_path(k):
+    """Pools of HUT (pre and post), ETHER+ (pre and post), LoRA, DCT and SURM in one projection, on
+    disjoint rows, as the engine builds them; the ops on the calling thread, in the Python path's
+    order (the lanes on threads: the next test)."""
+    groups = _mixed_groups(k, torch.float32)
     base = _linear(24, 24, torch.float32)
     x = torch.randn(18, 24)
-    with torch.inference_mode():
-        want = _fused_plan(base, groups)(x)
-        got = _native(k, "layers.0.self_attn.q_proj", base, groups)(x)
-        plain = batched_linear(x, base.weight, base.bias, groups)
+    before = k.set_kernel_threads_(False)
+    try:
+        with torch.inference_mode():
+            want = _fused_plan(base, groups)(x)
+            got = _native(k, "layers.0.self_attn.q_proj", base, groups)(x)
+            plain = batched_linear(x, base.weight, base.bias, groups)
+    finally:
+        k.set_kernel_threads_(before)
     assert torch.equal(got, want)
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_a_projections_groups_on_two_threads_give_the_rows_of_one_thread(k, two_threads, dtype):
+    """A projection's groups touch disjoint rows, so ``Projection`` runs them in lanes spread over
+    the threads (plan_cpu.cpp, ``Lanes``): one lane per group on each side (a group's post op and
+    delta op stay in one lane). Every row is computed by the same kernel either way: the loop
+    kernels' rows are equal bit for bit, the FFT kernels' (an MKL plan per thread) to float32
+    rounding."""
+    chosen = [*MIXED, "surm-toeplitz", "hut-r1-scale-shift", "lora-r4-rslora"]
+    groups = _mixed_groups(k, dtype, chosen, width=48, per_group=4)
+    base = _linear(48, 48, dtype)
+    x = torch.randn(4 * len(chosen), 48).to(dtype)
+    run = _native(k, "layers.0.mlp.up_proj", base, groups)
+    outs = {}
+    with torch.inference_mode():
+        for threads in (True, False):
+            before = k.set_kernel_threads_(threads)
+            try:
+                outs[threads] = run(x)
+            finally:
+                k.set_kernel_threads_(before)
+        plain = torch.nn.functional.linear(x, base.weight, base.bias)
+    tol = 1e-5 if dtype == torch.float32 else 2 * EPS16
+    for cid, g in zip(chosen, groups, strict=True):
+        on, off = outs[True][g.rows], outs[False][g.rows]
+        assert not torch.equal(on, plain[g.rows]), f"{cid} changed nothing"
+        if cid in FFT_CASES:
+            torch.testing.assert_close(on, off, rtol=tol, atol=tol)
+        else:
+            assert torch.equal(on, off), cid
+
+
+def _lanes(k, groups, base):
+    spectra = k.Spectra()
+    ops = {h: [native_op(k, g.method, g.sig, h, g, spectra) for g in groups if h in g.hooks] for h in HOOKS}
+    return k.Projection(base.weight, base.bias, ops["pre"], ops["post"], ops["delta"]).lanes
+
+
+def test_lanes_join_the_ops_that_share_a_row(k):
+    """Disjoint groups: a lane each (HUT and ETHER+ both sides have a pre op and a post op: one
+    lane per side). Groups sharing a row (never built by the engine, but a binding could) join one
+    lane, in their order, and then give the rows of the Python path exactly."""
+    by_id = dict(zip(CASE_IDS, CASES, strict=True))
+    base = _linear(24, 24, torch.float32)
+    groups = _mixed_groups(k, torch.float32)
+    assert _lanes(k, groups, base) == (2, len(MIXED))
+
+    def group(cid, rows, seed):
+        rows = torch.tensor(rows)
+        return _group(k, by_id[cid], 24, 24, torch.float32, rows=rows, slots=rows % 2, seed=seed)
+
+    a = group("lora-r4", [0, 1, 2], 1)
+    b = group("lora-r4-rslora", [5, 2, 7], 2)
+    c = group("surm-kronecker-4", [9, 10, 11], 3)
+    d = group("surm-kronecker-4", [7, 12, 13], 4)
+    e = group("lora-r4", [3, 4, 6], 5)
+    assert _lanes(k, [a, c, b], base) == (0, 2), "b shares row 2 with a"
+    assert _lanes(k, [a, c, d, e, b], base) == (0, 3), "b joins a's lane and d's"
+    assert _lanes(k, [a, c, d, e, b, group("lora-r4", [11, 3, 0], 6)], base) == (0, 1)
+    x = torch.randn(14, 24)
+    with torch.inference_mode():
+        want = _fused_plan(base, [a, c, d, e, b])(x)
+        got = _native(k, "layers.0.mlp.up_proj", base, [a, c, d, e, b])(x)
+    assert torch.equal(got, want)
+
+
+def test_a_failing_op_on_a_lane_fails_the_call_not_the_process(k, two_threads):
+    """One group's bad table among several: its kernel raises on whichever thread runs its lane,
+    and the call raises it (the other lanes' rows are the caller's to discard)."""
+    groups = _mixed_groups(k, torch.float32)
+    lora = groups[MIXED.index("lora-r4")]
+    lora.table = {**lora.table, "A": lora.table["A"][:, :, :20].contiguous()}
+    run = _native(k, "layers.0.mlp.up_proj", _linear(24, 24, torch.float32), groups)
+    for _ in range(3):
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="LoRA A"):
+            run(torch.randn(18, 24))
 
 
 @pytest.mark.parametrize("cid", ["dct-n20", "surm-circulant", "surm-toeplitz"])
@@ -133,8 +229,6 @@ def test_rows_the_kernels_do_not_take_go_through_the_torch_code(k):
 
 def test_a_native_op_is_the_python_kernel_call(k):
     g = _group(k, dict(zip(CASE_IDS, CASES, strict=True))["hut-r1"], 24, 24, torch.float32)
-    from server.kernels.fast import native_op
-
     op = native_op(k, g.method, g.sig, "pre", g, k.Spectra())
     assert op.name == "scale_rows_"
     z1 = torch.randn(14, 24)
