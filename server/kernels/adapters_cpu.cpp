@@ -335,6 +335,88 @@ void lora_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor a, Tensor b
 
 // ---- SURM Kronecker ---------------------------------------------------------------------------------
 
+// Kronecker's two products for one row: t[q, r] = sum_s X[q, s] A[r, s] (``at`` = A transposed,
+// [ia, f]), then acc[p, r] += sum_q B[p, q] t[q, r]. ``F`` > 0 fixes f at compile time: the inner
+// loop over r is then a few whole vectors, and four rows of each product are computed together so
+// every load of ``at`` or ``t`` feeds four FMAs: measured 3x the plain loops at f = 32, bf16, one
+// thread (2026-12-03, AVX-512-BF16). Each value sums its terms in the plain
+// loops' order (F = 0).
+template <int F, typename A, typename W>
+inline void kron_products(const A* xr, const float* __restrict__ at, const W* b, float* __restrict__ t,
+                          float* __restrict__ acc, int64_t ia, int64_t ob, int64_t f_dyn = 0) {
+  const int64_t f = F > 0 ? F : f_dyn;
+  int64_t q = 0;
+  if constexpr (F > 0) {
+    for (; q + 4 <= f; q += 4) {
+      float t0[F] = {}, t1[F] = {}, t2[F] = {}, t3[F] = {};
+      for (int64_t s2 = 0; s2 < ia; ++s2) {
+        const float* __restrict__ as = at + s2 * F;
+        const float x0 = ld(xr[q * ia + s2]), x1 = ld(xr[(q + 1) * ia + s2]);
+        const float x2 = ld(xr[(q + 2) * ia + s2]), x3 = ld(xr[(q + 3) * ia + s2]);
+        for (int r = 0; r < F; ++r) {
+          t0[r] += x0 * as[r];
+          t1[r] += x1 * as[r];
+          t2[r] += x2 * as[r];
+          t3[r] += x3 * as[r];
+        }
+      }
+      for (int r = 0; r < F; ++r) {
+        t[q * F + r] = t0[r];
+        t[(q + 1) * F + r] = t1[r];
+        t[(q + 2) * F + r] = t2[r];
+        t[(q + 3) * F + r] = t3[r];
+      }
+    }
+  }
+  for (; q < f; ++q) {
+    float* __restrict__ tq = t + q * f;
+    for (int64_t r = 0; r < f; ++r) tq[r] = 0.f;
+    for (int64_t s2 = 0; s2 < ia; ++s2) {
+      const float xv = ld(xr[q * ia + s2]);
+      const float* __restrict__ as = at + s2 * f;
+      for (int64_t r = 0; r < f; ++r) tq[r] += xv * as[r];
+    }
+  }
+  int64_t p = 0;
+  if constexpr (F > 0) {
+    for (; p + 4 <= ob; p += 4) {
+      float* __restrict__ a0 = acc + p * F;
+      float c0[F], c1[F], c2[F], c3[F];
+      for (int r = 0; r < F; ++r) {
+        c0[r] = a0[r];
+        c1[r] = a0[F + r];
+        c2[r] = a0[2 * F + r];
+        c3[r] = a0[3 * F + r];
+      }
+      for (int64_t qq = 0; qq < F; ++qq) {
+        const float* __restrict__ tq = t + qq * F;
+        const float b0 = ld(b[p * F + qq]), b1 = ld(b[(p + 1) * F + qq]);
+        const float b2 = ld(b[(p + 2) * F + qq]), b3 = ld(b[(p + 3) * F + qq]);
+        for (int r = 0; r < F; ++r) {
+          c0[r] += b0 * tq[r];
+          c1[r] += b1 * tq[r];
+          c2[r] += b2 * tq[r];
+          c3[r] += b3 * tq[r];
+        }
+      }
+      for (int r = 0; r < F; ++r) {
+        a0[r] = c0[r];
+        a0[F + r] = c1[r];
+        a0[2 * F + r] = c2[r];
+        a0[3 * F + r] = c3[r];
+      }
+    }
+  }
+  for (; p < ob; ++p) {
+    float* __restrict__ ap = acc + p * f;
+    for (int64_t qq = 0; qq < f; ++qq) {
+      const float bpq = ld(b[p * f + qq]);
+      const float* __restrict__ tq = t + qq * f;
+      for (int64_t r = 0; r < f; ++r) ap[r] += bpq * tq[r];
+    }
+  }
+}
+
 // SURM Kronecker: y[row] += ((B ⊗ A) x[row]); with X = x[row] viewed [f, in/f], the update is
 // B (X Aᵀ) flattened [out/f, f]. ``ab [S, in + out]`` = [A.flatten(), alpha * B.flatten()].
 void kronecker_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor ab, int64_t f) {
@@ -366,23 +448,12 @@ void kronecker_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor ab, in
       float* __restrict__ acc = t + f * f;
       for (int64_t r = 0; r < f; ++r)
         for (int64_t s2 = 0; s2 < ia; ++s2) at[s2 * f + r] = ld(a[r * ia + s2]);
-      for (int64_t q = 0; q < f; ++q) {
-        float* __restrict__ tq = t + q * f;
-        for (int64_t r = 0; r < f; ++r) tq[r] = 0.f;
-        for (int64_t s2 = 0; s2 < ia; ++s2) {
-          const float xv = ld(xr[q * ia + s2]);
-          const float* __restrict__ as = at + s2 * f;
-          for (int64_t r = 0; r < f; ++r) tq[r] += xv * as[r];
-        }
-      }
       for (int64_t o = 0; o < out_f; ++o) acc[o] = ld(yr[o]);
-      for (int64_t p = 0; p < ob; ++p) {
-        float* __restrict__ ap = acc + p * f;
-        for (int64_t q = 0; q < f; ++q) {
-          const float bpq = ld(b[p * f + q]);
-          const float* __restrict__ tq = t + q * f;
-          for (int64_t r = 0; r < f; ++r) ap[r] += bpq * tq[r];
-        }
+      switch (f) {  // the widths the configs use, unrolled; any other f as written
+        case 16: kron_products<16>(xr, at, b, t, acc, ia, ob); break;
+        case 32: kron_products<32>(xr, at, b, t, acc, ia, ob); break;
+        case 64: kron_products<64>(xr, at, b, t, acc, ia, ob); break;
+        default: kron_products<0>(xr, at, b, t, acc, ia, ob, f); break;
       }
       for (int64_t o = 0; o < out_f; ++o) st(yr[o], acc[o]);
     });

@@ -187,3 +187,37 @@ def test_kernels_give_the_same_rows_on_one_thread_and_on_two(k, two_threads, cas
 def test_the_threads_switch_reports_and_restores(k):
     assert k.set_kernel_threads_(False) is True
     assert k.set_kernel_threads_(True) is False
+
+
+# SURM Kronecker at the factors its kernel unrolls (16, 32, 64; any other f runs the plain loops):
+# output blocks (out / f) on and off its 4-block step, against the float64 result.
+KRON = [(16, 48, 80), (32, 64, 96), (32, 576, 1536), (32, 1536, 576), (64, 128, 320), (8, 24, 40)]
+
+
+@pytest.mark.parametrize("f,in_f,out_f", KRON, ids=[f"f{f}-{i}to{o}" for f, i, o in KRON])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kronecker_matches_the_exact_result_at_every_factor(k, f, in_f, out_f, dtype):
+    g = torch.Generator().manual_seed(f * 7 + in_f)
+    n_slots, total = 3, 9
+    x = torch.randn(total, in_f, generator=g).to(dtype)
+    y = torch.randn(total, out_f, generator=g).to(dtype)
+    ab = (torch.randn(n_slots, in_f + out_f, generator=g) / f**0.5).to(dtype)
+    rows, slots = torch.tensor([7, 0, 3, 5, 8]), torch.tensor([2, 0, 1, 2, 0])
+    got = y.clone()
+    k.kronecker_add_(got, x, rows, slots, ab, f)
+
+    def update(xs, tables):  # [n, in], [n, in + out] -> [n, out]: B (X Aᵀ), flattened
+        a = tables[:, :in_f].reshape(-1, f, in_f // f)
+        b = tables[:, in_f:].reshape(-1, out_f // f, f)
+        return (b @ (xs.reshape(-1, f, in_f // f) @ a.transpose(1, 2))).reshape(-1, out_f)
+
+    exact, summed = y.double().clone(), y.double().abs().clone()
+    exact[rows] += update(x.double()[rows], ab.double()[slots])
+    summed[rows] += update(x.double().abs()[rows], ab.double().abs()[slots])
+    accumulated = (in_f // f + f + 1) * EPS32 * summed
+    bound = torch.finfo(dtype).eps / 2 * (exact.abs() + accumulated) + accumulated
+    assert float(((got.double() - exact).abs() - bound).max()) <= 0
+    others = torch.ones(total, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(got[others], y[others])
+    assert float((got.double() - y.double()).abs().max()) > 0.1, "the update changed the rows"
