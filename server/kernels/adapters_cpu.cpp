@@ -112,8 +112,9 @@ inline void check_same_type(const Tensor& x, const Tensor& y) {
 // and runs a decode step's few cheap rows on the calling thread. The threads are real only because
 // the module is built with -fopenmp (server/kernels/__init__.py); before that every kernel ran on
 // one thread. Spreading even a decode pool's 6 rows over 2 threads was measured (2026-12-03,
-// docs/engine.md) and not kept: the rows' cold reads overlap, but the fork costs as much.
-// ``set_kernel_threads_(False)`` puts every kernel on the calling thread, for benchmarks; each
+// docs/engine.md) and not kept: the rows' cold reads overlap, but the fork costs as much. What a
+// decode step spreads instead is a projection's groups (plan_cpu.cpp, ``Lanes``).
+// ``set_kernel_threads_(False)`` puts every kernel and lane on the calling thread, for benchmarks; each
 // row being computed alone, the results are the same either way.
 inline std::atomic<bool>& threads_switch() {
   static std::atomic<bool> on{true};
@@ -480,7 +481,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_add_", &lora_add_, "LoRA delta added to y (in place)", release());
   m.def("set_fast_paths_", &set_fast_paths_, "fast paths on (True, the default) or off; returns the previous");
   m.def("set_kernel_threads_", &set_kernel_threads_,
-        "kernels split their rows over torch's threads (True, the default) or run on the calling thread; "
+        "kernels split their rows, and a projection its groups, over torch's threads (True, the default) "
+        "or run on the calling thread; "
         "returns the previous");
   py::list fast;  // the fast paths this build has
   if (kHaveLoraAvx512) fast.append("lora_avx512");
