@@ -161,10 +161,9 @@ class Lanes {
             if (kv.second == touched[j]) kv.second = into;
         }
       }
-      lanes_[into].ops.push_back(op.get());
+      lanes_[into].ops.push_back(op);
       lanes_[into].cost += op->cost;
       for (int64_t i = 0; i < rows.numel(); ++i) lane_of[rp[i]] = into;
-      ops_.push_back(op);
     }
     lanes_.erase(std::remove_if(lanes_.begin(), lanes_.end(), [](const Lane& l) { return l.ops.empty(); }),
                  lanes_.end());
@@ -178,22 +177,21 @@ class Lanes {
     const int64_t threads = threads_switch().load(std::memory_order_relaxed) ? at::get_num_threads() : 1;
     if (lanes_.size() < 2 || threads < 2 || at::in_parallel_region()) {
       for (const auto& lane : lanes_)
-        for (const NativeOp* op : lane.ops) op->run(target, x);
+        for (const auto& op : lane.ops) op->run(target, x);
       return;
     }
     std::atomic<size_t> next{0};
     at::parallel_for(0, std::min<int64_t>(threads, int64_t(lanes_.size())), 1, [&](int64_t, int64_t) {
       for (size_t i = next.fetch_add(1); i < lanes_.size(); i = next.fetch_add(1))
-        for (const NativeOp* op : lanes_[i].ops) op->run(target, x);
+        for (const auto& op : lanes_[i].ops) op->run(target, x);
     });
   }
 
  private:
   struct Lane {
-    std::vector<const NativeOp*> ops;
+    std::vector<OpPtr> ops;
     double cost = 0;
   };
-  std::vector<OpPtr> ops_;  // owned here; the lanes point into them
   std::vector<Lane> lanes_;
 };
 
