@@ -23,7 +23,8 @@ namespace facet {
 // A binding's input spectra, shared by sibling projections (q/k/v, gate/up read the same
 // activations): the C++ twin of ``SharedSpectra`` in ``server/kernels/fast.py``. An entry holds its
 // input and rows, so that memory cannot be reused by another tensor while the entry exists; a new
-// input replaces the entry of its kind and rows.
+// input replaces the entry of its kind and rows, and ``compute(reuse)`` is handed the old entry's
+// spectrum to write into when nothing else holds it (the next layer's spectrum has its shape).
 class Spectra {
  public:
   // The entry key of one op: its spectrum kind and its (held, so never reused) rows tensor.
@@ -33,12 +34,17 @@ class Spectra {
 
   template <typename F>
   Tensor get(const std::string& key, const std::string& scope, const Tensor& x, const Tensor& rows, const F& compute) {
+    Tensor reuse;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = entries_.find(key);
-      if (it != entries_.end() && it->second.same_input(scope, x)) return it->second.spec;
+      if (it != entries_.end()) {
+        if (it->second.same_input(scope, x)) return it->second.spec;
+        reuse = std::move(it->second.spec);
+        entries_.erase(it);  // stale: its spectrum is about to be overwritten
+      }
     }
-    Tensor spec = compute();
+    Tensor spec = compute(reuse);
     std::lock_guard<std::mutex> lock(mu_);
     entries_[key] = Entry{scope, x, rows, spec};
     return spec;
@@ -100,7 +106,7 @@ OpPtr op_kronecker_add(Tensor rows, Tensor slots, Tensor ab, int64_t f) {
 OpPtr op_circulant(Tensor rows, Tensor slots, Tensor spec, int64_t n, std::shared_ptr<Spectra> sp, std::string scope) {
   const std::string key = Spectra::key("rfft" + std::to_string(n), rows);
   return make_op("circulant_apply_", rows, 4.0, [=](Tensor& y, const Tensor& x) {
-    Tensor f = sp->get(key, scope, x, rows, [&] { return rfft_rows(x, rows, n); });
+    Tensor f = sp->get(key, scope, x, rows, [&](const Tensor& r) { return rfft_rows_into(r, x, rows, n); });
     circulant_apply_(y, f, rows, slots, spec, n);
   });
 }
@@ -109,7 +115,7 @@ OpPtr op_toeplitz(Tensor rows, Tensor slots, Tensor spec, int64_t n, int64_t len
                   std::string scope) {
   const std::string key = Spectra::key("rfft" + std::to_string(length), rows);
   return make_op("toeplitz_apply_", rows, 10.0, [=](Tensor& y, const Tensor& x) {
-    Tensor f = sp->get(key, scope, x, rows, [&] { return rfft_rows(x, rows, length); });
+    Tensor f = sp->get(key, scope, x, rows, [&](const Tensor& r) { return rfft_rows_into(r, x, rows, length); });
     toeplitz_apply_(y, f, rows, slots, spec, n, length);
   });
 }
@@ -118,7 +124,8 @@ OpPtr op_dct(Tensor rows, Tensor slots, Tensor pos, Tensor coef, Tensor perm_in,
              Tensor unperm_out, std::shared_ptr<Spectra> sp, std::string scope) {
   const std::string key = Spectra::key("dct" + std::to_string(perm_in.numel()), rows);
   return make_op("dct_apply_", rows, 6.0, [=](Tensor& y, const Tensor& x) {
-    Tensor f = sp->get(key, scope, x, rows, [&] { return dct_spectrum(x, rows, perm_in, fwd_in); });
+    Tensor f = sp->get(key, scope, x, rows,
+                      [&](const Tensor& r) { return dct_spectrum_into(r, x, rows, perm_in, fwd_in); });
     dct_apply_(y, f, rows, slots, pos, coef, inv_out, unperm_out);
   });
 }
@@ -208,7 +215,7 @@ class Projection {
     const Tensor x2 = x.reshape({-1, x.size(-1)});
     if (!x2.device().is_cpu() || !is_served(x2) || !x2.is_contiguous() || at::GradMode::is_enabled())
       return std::nullopt;
-    Tensor xin = has_pres_ ? x2.clone() : x2;
+    Tensor xin = has_pres_ ? input_copy(x2) : x2;
     pres_.run(xin, x2);
     const bool bias_last = has_posts_ && bias_.has_value();
     Tensor y = at::linear(xin, weight_, bias_last ? std::nullopt : bias_);
@@ -223,6 +230,19 @@ class Projection {
   std::pair<size_t, size_t> lanes() const { return {pres_.size(), outs_.size()}; }
 
  private:
+  // A copy of x2 for the input-side ops to transform: into the previous call's copy where it has
+  // the shape and nothing else holds it (a binding runs a projection once per decode step with the
+  // same row count), saving an allocation per call. ``at::linear`` keeps no reference to it.
+  Tensor input_copy(const Tensor& x2) const {
+    std::unique_lock<std::mutex> lock(copy_mu_, std::try_to_lock);
+    if (!lock.owns_lock()) return x2.clone();  // another thread runs this projection right now
+    if (!(copy_.defined() && copy_.sizes().equals(x2.sizes()) && copy_.scalar_type() == x2.scalar_type() &&
+          copy_.device() == x2.device() && copy_.use_count() == 1 && copy_.storage().use_count() == 1))
+      copy_ = at::empty_like(x2, at::MemoryFormat::Contiguous);
+    copy_.copy_(x2);
+    return copy_;
+  }
+
   static std::vector<OpPtr> concat(std::vector<OpPtr> a, const std::vector<OpPtr>& b) {
     a.insert(a.end(), b.begin(), b.end());
     return a;
@@ -231,6 +251,8 @@ class Projection {
   std::optional<Tensor> bias_;
   bool has_pres_, has_posts_;
   Lanes pres_, outs_;
+  mutable std::mutex copy_mu_;
+  mutable Tensor copy_;
 };
 
 void register_plans(py::module& m) {

@@ -211,6 +211,29 @@ def test_shared_spectra_answer_only_for_the_same_input(k, cid):
             torch.testing.assert_close(run(inp), want, rtol=1e-5, atol=1e-5)
 
 
+def test_buffers_reused_across_layers_and_steps_leave_every_output_intact(k):
+    """A binding runs each projection once per decode step: the input copy for the input-side ops
+    and the spectra are written into the previous call's buffers. Two layers' q and k (sharing
+    the spectra) over three steps of new inputs: every output equals the torch code's, and the
+    outputs kept from earlier steps are unchanged by the later ones."""
+    groups = _mixed_groups(k, torch.float32, ["hut-r1", "etherplus-both-4", "dct-n20", "surm-circulant"])
+    binding = ServeBinding(kernels=k)
+    paths = [f"l.{i}.attn.{p}" for i in range(2) for p in ("q_proj", "k_proj")]
+    bases = {p: _linear(24, 24, torch.float32, seed=i) for i, p in enumerate(paths)}
+    runs = {p: binding._native_plan(p, bases[p], groups) for p in paths}
+    kept = []
+    with torch.inference_mode():
+        for _step in range(3):
+            for layer in range(2):
+                x = torch.randn(12, 24)
+                for p in paths[2 * layer : 2 * layer + 2]:
+                    got = runs[p](x)
+                    want = batched_linear(x, bases[p].weight, bases[p].bias, groups)
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                    kept.append((got, got.clone()))
+    assert all(torch.equal(got, copy) for got, copy in kept)
+
+
 def test_rows_the_kernels_do_not_take_go_through_the_torch_code(k):
     """With autograd on, or a strided input, ``Projection.run`` answers None and the torch code
     serves the rows: same result, and gradients flow."""
