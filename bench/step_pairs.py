@@ -24,6 +24,7 @@ Writes bench/results/step-pairs-<mix>.json (or NAME.json).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -62,6 +63,7 @@ def main() -> None:
     for _ in range(4):  # the prefill steps and a warm-up decode step
         timed_step(base)
         timed_step(mixed)
+    gc.freeze()  # as the server does once the model is loaded (server/app.py)
     steps: dict[str, list[float]] = {"base": [], **{s: [] for s in switches}}
     pairs: dict[str, list[float]] = {s: [] for s in switches}
     names = list(switches)

@@ -292,10 +292,20 @@ void lora_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor a, Tensor b
               "LoRA Bt: table must be [S, r, out] with the S, r and dtype of A and out = the output width");
   const int64_t r = a.size(1), n_rows = rows.numel();
   // The pool's rows ordered by slot (stable), cut into blocks of one slot and <= kLoraBlock rows.
-  std::vector<int64_t> order(n_rows);
+  // Into the thread's buffers, sorted by insertion for a decode pool's few rows: inside a step a
+  // heap allocation meets a cold arena (this kernel runs 210 times a step).
+  thread_local std::vector<int64_t> order_buffer, starts_buffer;
+  std::vector<int64_t>& order = order_buffer;  // named references: the lambda below, which may run
+  std::vector<int64_t>& starts = starts_buffer;  // on other threads, captures this thread's buffers
+  order.resize(n_rows);
   for (int64_t k = 0; k < n_rows; ++k) order[k] = k;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return sp[p] < sp[q]; });
-  std::vector<int64_t> starts;
+  if (n_rows <= 64) {
+    for (int64_t k = 1; k < n_rows; ++k)
+      for (int64_t j = k; j > 0 && sp[order[j]] < sp[order[j - 1]]; --j) std::swap(order[j], order[j - 1]);
+  } else {
+    std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return sp[p] < sp[q]; });
+  }
+  starts.clear();
   for (int64_t k = 0; k < n_rows; ++k)
     if (k == 0 || sp[order[k]] != sp[order[k - 1]] || k - starts.back() == kLoraBlock) starts.push_back(k);
   starts.push_back(n_rows);
@@ -310,7 +320,8 @@ void lora_add_(Tensor y, Tensor x, Tensor rows, Tensor slots, Tensor a, Tensor b
     const W* bp = ptr<W>(bt);
     const int64_t grain = work_grain(n_blocks, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, block_cost)));
     at::parallel_for(0, n_blocks, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> h(kLoraBlock * r), acc(kLoraBlock * out_f);
+      thread_local std::vector<float> h, acc;  // each thread's own (chunks run on several)
+      h.resize(size_t(kLoraBlock * r)), acc.resize(size_t(kLoraBlock * out_f));
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t first = starts[blk], count = starts[blk + 1] - first;
         const A* xs[kLoraBlock];

@@ -47,12 +47,15 @@ void for_row_chunks(int64_t n_rows, const F& f) {
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 struct SingleThreadedFFT {
+  // Only torch's FFT needs telling: DFTI's plans here are single-threaded (fft_cpu.cpp), and the
+  // call is not free inside a step (MKL's thread-local service state is cold there).
+  const bool needed = MKL_Set_Num_Threads_Local != nullptr && !(fft::have_dfti() && fast_paths_enabled());
   int previous = 0;
   SingleThreadedFFT() {
-    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+    if (needed) previous = MKL_Set_Num_Threads_Local(1);
   }
   ~SingleThreadedFFT() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+    if (needed) MKL_Set_Num_Threads_Local(previous);
   }
 };
 

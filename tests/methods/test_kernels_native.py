@@ -127,6 +127,7 @@ def test_a_projections_groups_on_two_threads_give_the_rows_of_one_thread(k, two_
     base = _linear(48, 48, dtype)
     x = torch.randn(4 * len(chosen), 48).to(dtype)
     run = _native(k, "layers.0.mlp.up_proj", base, groups)
+    assert _projection(k, groups, base).spread[1], "the output side's lanes must spread here"
     outs = {}
     with torch.inference_mode():
         for threads in (True, False):
@@ -146,10 +147,50 @@ def test_a_projections_groups_on_two_threads_give_the_rows_of_one_thread(k, two_
             assert torch.equal(on, off), cid
 
 
-def _lanes(k, groups, base):
+def _projection(k, groups, base):
     spectra = k.Spectra()
     ops = {h: [native_op(k, g.method, g.sig, h, g, spectra) for g in groups if h in g.hooks] for h in HOOKS}
-    return k.Projection(base.weight, base.bias, ops["pre"], ops["post"], ops["delta"]).lanes
+    return k.Projection(base.weight, base.bias, ops["pre"], ops["post"], ops["delta"])
+
+
+def _lanes(k, groups, base):
+    return _projection(k, groups, base).lanes
+
+
+def test_cheap_lanes_run_in_order_costly_ones_spread(k, two_threads):
+    """Waking a second thread costs about what two row scalings of a few rows do, so lanes that
+    would spare the calling thread little run in order on it; a side with more work spreads.
+    Either way every row equals the one-thread result bit for bit."""
+    by_id = dict(zip(CASE_IDS, CASES, strict=True))
+    base = _linear(24, 24, torch.float32)
+
+    def group(cid, rows, seed):
+        rows = torch.tensor(rows)
+        return _group(k, by_id[cid], 24, 24, torch.float32, rows=rows, slots=rows % 2, seed=seed)
+
+    few = [group("hut-r1", [0, 1], 1), group("etherplus-both-4", [2, 3], 2), group("lora-r4", [4, 5], 3)]
+    many = [
+        group("hut-r1", list(range(0, 12)), 1),
+        group("etherplus-both-4", list(range(12, 24)), 2),
+        group("lora-r4", list(range(24, 36)), 3),
+        group("dct-n20", list(range(36, 48)), 4),
+    ]
+    assert _projection(k, few, base).spread == (False, False)
+    assert _projection(k, many, base).spread == (True, True)
+    for groups, n in ((few, 6), (many, 48)):
+        x = torch.randn(n, 24)
+        run = _native(k, "layers.0.mlp.up_proj", base, groups)
+        outs = {}
+        with torch.inference_mode():
+            for threads in (True, False):
+                before = k.set_kernel_threads_(threads)
+                try:
+                    outs[threads] = run(x)
+                finally:
+                    k.set_kernel_threads_(before)
+        torch.testing.assert_close(outs[True], outs[False], rtol=1e-6, atol=1e-6)
+        plain = torch.nn.functional.linear(x, base.weight, base.bias)
+        assert not torch.equal(outs[True], plain)
 
 
 def test_lanes_join_the_ops_that_share_a_row(k):
