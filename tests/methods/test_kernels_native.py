@@ -115,6 +115,19 @@ def test_several_families_in_one_projection_equal_the_python_lean_path(k):
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
 
 
+def _on_and_off_threads(k, run, x) -> dict[bool, torch.Tensor]:
+    """``run(x)`` with the kernels' threads switch on (True) and off (False)."""
+    outs = {}
+    with torch.inference_mode():
+        for threads in (True, False):
+            before = k.set_kernel_threads_(threads)
+            try:
+                outs[threads] = run(x)
+            finally:
+                k.set_kernel_threads_(before)
+    return outs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_a_projections_groups_on_two_threads_give_the_rows_of_one_thread(k, two_threads, dtype):
     """A projection's groups touch disjoint rows, so ``Projection`` runs them in lanes spread over
@@ -128,14 +141,8 @@ def test_a_projections_groups_on_two_threads_give_the_rows_of_one_thread(k, two_
     x = torch.randn(4 * len(chosen), 48).to(dtype)
     run = _native(k, "layers.0.mlp.up_proj", base, groups)
     assert _projection(k, groups, base).spread[1], "the output side's lanes must spread here"
-    outs = {}
+    outs = _on_and_off_threads(k, run, x)
     with torch.inference_mode():
-        for threads in (True, False):
-            before = k.set_kernel_threads_(threads)
-            try:
-                outs[threads] = run(x)
-            finally:
-                k.set_kernel_threads_(before)
         plain = torch.nn.functional.linear(x, base.weight, base.bias)
     tol = 1e-5 if dtype == torch.float32 else 2 * EPS16
     for cid, g in zip(chosen, groups, strict=True):
@@ -180,14 +187,7 @@ def test_cheap_lanes_run_in_order_costly_ones_spread(k, two_threads):
     for groups, n in ((few, 6), (many, 48)):
         x = torch.randn(n, 24)
         run = _native(k, "layers.0.mlp.up_proj", base, groups)
-        outs = {}
-        with torch.inference_mode():
-            for threads in (True, False):
-                before = k.set_kernel_threads_(threads)
-                try:
-                    outs[threads] = run(x)
-                finally:
-                    k.set_kernel_threads_(before)
+        outs = _on_and_off_threads(k, run, x)
         torch.testing.assert_close(outs[True], outs[False], rtol=1e-6, atol=1e-6)
         plain = torch.nn.functional.linear(x, base.weight, base.bias)
         assert not torch.equal(outs[True], plain)
