@@ -6,10 +6,11 @@ later starts load the cached library in well under a second)
 and returns a ``CpuKernels`` handle, or ``None`` when no compiler is available or the build
 fails: the engine then serves with the plain torch code of ``server/methods`` (same results,
 slower on CPU). A compiler without OpenMP gets a single-threaded build (the same results) rather
-than none. The build folder is keyed by the CPU's instruction-set flags, because the code
-is compiled for the machine it runs on (``-march=native``). An edited source is rebuilt, not a
-stale library loaded: torch's builder runs ninja, which tracks the sources and the files they
-include (compiler depfiles) against the library.
+than none. The build folder is keyed by the CPU's instruction-set flags (the code is compiled for
+the machine it runs on, ``-march=native``), torch's version and the sources' contents, so two
+checkouts or versions of Facet on one machine (a test run beside a server, an upgrade) each build
+and keep their own library instead of rebuilding over the other's. Within one folder ninja still
+tracks the sources and the files they include (compiler depfiles) against the library.
 
 The kernels serve float32 and bfloat16 activations (tables of either dtype), with float32
 arithmetic and accumulation throughout.
@@ -49,20 +50,33 @@ _lock = threading.Lock()
 _loaded: dict[Path, object] = {}
 
 
-def _cpu_key() -> str:
-    flags = ""
+def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                flags = line
-                break
+                return line
     except OSError:
         pass
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+    return ""
 
 
-def build_dir(build_root: Path) -> Path:
-    return Path(build_root) / f"adapters_cpu-{_cpu_key()}"
+def _sources_digest(folder: Path) -> str:
+    """The contents of every C++ source here (the main file includes the others)."""
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.cpp")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _build_key(sources: Path) -> str:
+    import torch
+
+    key = f"{platform.machine()} {_cpu_flags()} torch {torch.__version__} {_sources_digest(sources)}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def build_dir(build_root: Path, sources: Path = SOURCE.parent) -> Path:
+    return Path(build_root) / f"adapters_cpu-{_build_key(sources)}"
 
 
 def load(build_root: Path, verbose: bool = False):
