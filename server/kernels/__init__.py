@@ -7,10 +7,11 @@ and returns a ``CpuKernels`` handle, or ``None`` when no compiler is available o
 fails: the engine then serves with the plain torch code of ``server/methods`` (same results,
 slower on CPU). A compiler without OpenMP gets a single-threaded build (the same results) rather
 than none. The build folder is keyed by the CPU's instruction-set flags (the code is compiled for
-the machine it runs on, ``-march=native``), torch's version and the sources' contents, so two
-checkouts or versions of Facet on one machine (a test run beside a server, an upgrade) each build
-and keep their own library instead of rebuilding over the other's. Within one folder ninja still
-tracks the sources and the files they include (compiler depfiles) against the library.
+the machine it runs on, ``-march=native``), torch's version, the sources' folder and their
+contents, so two checkouts or versions of Facet on one machine (a test run beside a server, an
+upgrade) each build and keep their own library instead of rebuilding over the other's. Within
+one folder ninja still tracks the sources and the files they include (compiler depfiles) against
+the library.
 
 The kernels serve float32 and bfloat16 activations (tables of either dtype), with float32
 arithmetic and accumulation throughout.
@@ -71,7 +72,8 @@ def _sources_digest(folder: Path) -> str:
 def _build_key(sources: Path) -> str:
     import torch
 
-    key = f"{platform.machine()} {_cpu_flags()} torch {torch.__version__} {_sources_digest(sources)}"
+    where = Path(sources).resolve()  # a checkout of its own: builds never race over one folder
+    key = f"{platform.machine()} {_cpu_flags()} torch {torch.__version__} {where} {_sources_digest(sources)}"
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

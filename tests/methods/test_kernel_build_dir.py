@@ -1,4 +1,5 @@
-"""The kernels' build folder is keyed by the sources' contents: two versions never share one."""
+"""The kernels' build folder is keyed by the sources' folder and contents: two checkouts or
+versions never build into one."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def test_the_build_folder_follows_the_sources_contents(tmp_path: Path):
     shutil.copytree(kernels.SOURCE.parent, copy, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
     root = tmp_path / "cache"
     same = kernels.build_dir(root, copy)
-    assert same == kernels.build_dir(root, kernels.SOURCE.parent), "same contents, same folder"
+    assert same == kernels.build_dir(root, copy)
+    assert same != kernels.build_dir(root, kernels.SOURCE.parent), "another checkout, another folder"
     included = copy / "spectral_cpu.cpp"  # an included file counts as much as the main one
     included.write_text(included.read_text() + "\n// edited\n")
     assert kernels.build_dir(root, copy) != same
