@@ -167,7 +167,8 @@ def _lanes(k, groups, base):
 def test_cheap_lanes_run_in_order_costly_ones_spread(k, two_threads):
     """Waking a second thread costs about what two row scalings of a few rows do, so lanes that
     would spare the calling thread little run in order on it; a side with more work spreads.
-    Either way every row equals the one-thread result bit for bit."""
+    Either way every row equals the one-thread result (to float32 rounding: the DCT group's FFTs
+    use a plan per thread)."""
     by_id = dict(zip(CASE_IDS, CASES, strict=True))
     base = _linear(24, 24, torch.float32)
 
